@@ -1,0 +1,1 @@
+"""Shipped YAML recipes (package data); ``--config NAME`` loads ``NAME.yaml`` from here."""

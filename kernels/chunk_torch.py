@@ -1,0 +1,397 @@
+"""The chunkwise algorithm for the gated linear families, in torch: the CPU path.
+
+One engine serves ``linear_attn`` (no gate), ``simple_gla`` (a scalar log decay per head
+and token) and ``gla`` (a log decay per key channel). Per head, with state S [K, V]::
+
+    S_t = Diag(exp(g_t)) S_{t-1} + k_t^T v_t        o_t = scale * q_t S_t
+
+Legend: B batch, T tokens, H heads, K key dim, V value dim, P sequences in the chunked
+layout (B, or 1 when packed), N chunks per layout row, C chunk length, S sub-chunks per
+chunk, c sub-chunk length (C = S * c), D documents.
+
+Within a chunk, b is the inclusive cumulative log decay (fp32, <= 0, non-increasing),
+b_L its value at the chunk's end, h the state entering the chunk:
+
+    o_i = scale * ( sum_{j <= i} (q_i . k_j exp(b_i - b_j)) v_j + (q_i exp(b_i)) h )
+    h'  = exp(b_L) h + sum_j (k_j exp(b_L - b_j))^T v_j
+
+Every exponent is <= 0. For a per-channel decay the intra-chunk term factors through a
+reference r = the first position of the query's sub-chunk, exp(b_i - b_j) =
+exp(b_i - b_r) exp(b_r - b_j), so blocks below the diagonal are matmuls; diagonal
+blocks are formed elementwise over K. A scalar decay needs no such care: its C x C
+decay matrix is formed directly. Never form exp(b) and exp(-b) separately: at a log
+decay of -20 per token that is exp(1280).
+
+Memory: the forward keeps only its inputs; the backward recomputes the chunk states and
+works through the sequence in groups of chunks, so peak memory does not grow with the
+square of the chunk or with every intermediate of every chunk.
+
+Gate gradient: per document, for every key channel,
+    dg_t = sum_{s >= t} (q_s dq_s - k_s dk_s) + sum_V (h_T * dh_T),
+because each term of the output (and of the final state h_T) carries exp(sum of the
+gates between its key and its query); that sum covers g_t exactly when the key is before
+t and the query (or the end) at or after it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+CHUNK = 64
+SUB_CHUNK = 8
+GROUP_TOKENS = 512  # tokens per group of chunks: their states and blocks stay in cache
+
+
+@dataclass
+class Layout:
+    """How tokens [B, T] map to chunks [P, N, C]; documents restart the state."""
+
+    P: int
+    N: int
+    C: int
+    index: torch.Tensor | None  # packed: [P * N * C] source token per slot, -1 for padding
+    doc_first: list[int]  # packed: first chunk of each document (row 0); fixed: [0]
+    doc_last: list[int]  # the chunk each document ends in
+    offsets: list[int] | None = None  # packed: document offsets into T
+
+    def __post_init__(self):
+        self.start_doc = {n: d for d, n in enumerate(self.doc_first)}
+        self.end_doc = {n: d for d, n in enumerate(self.doc_last)}
+
+    @property
+    def docs(self) -> int:
+        return len(self.doc_first) if self.packed else self.P
+
+    @property
+    def packed(self) -> bool:
+        return self.index is not None
+
+
+def make_layout(B: int, T: int, C: int, offsets: list[int] | None) -> Layout:
+    if offsets is None:
+        N = -(-T // C)
+        return Layout(B, N, C, None, [0], [N - 1])
+    firsts, lasts, pieces, n = [], [], [], 0
+    for s, e in itertools.pairwise(offsets):
+        chunks = -(-(e - s) // C)
+        idx = torch.full((chunks * C,), -1, dtype=torch.long)
+        idx[: e - s] = torch.arange(s, e)
+        pieces.append(idx)
+        firsts.append(n)
+        n += chunks
+        lasts.append(n - 1)
+    return Layout(1, n, C, torch.cat(pieces), firsts, lasts, offsets)
+
+
+def to_chunks(x: torch.Tensor, lay: Layout) -> torch.Tensor:
+    """[B, T, H, *] -> [P, N, C, H, *], zero-padded."""
+    if lay.packed:
+        x = x[0]
+        pad = torch.zeros_like(x[:1])
+        x = torch.cat([x, pad])[lay.index.to(x.device)]  # -1 reads the zero pad row
+        return x.view(1, lay.N, lay.C, *x.shape[1:])
+    pad = lay.N * lay.C - x.shape[1]
+    if pad:
+        x = F.pad(x, (0,) * (2 * (x.dim() - 2)) + (0, pad))
+    return x.view(x.shape[0], lay.N, lay.C, *x.shape[2:])
+
+
+def from_chunks(x: torch.Tensor, lay: Layout, T: int) -> torch.Tensor:
+    """[P, N, C, H, *] -> [B, T, H, *] (the inverse of :func:`to_chunks`)."""
+    flat = x.reshape(x.shape[0], lay.N * lay.C, *x.shape[3:])
+    if not lay.packed:
+        return flat[:, :T]
+    keep = lay.index >= 0
+    out = flat.new_zeros(1, T, *flat.shape[2:])
+    out[0, lay.index[keep].to(x.device)] = flat[0, keep.to(x.device)]
+    return out
+
+
+def _gate_cumsum(g: torch.Tensor | None, lay: Layout, K: int, ref: torch.Tensor) -> torch.Tensor:
+    """Within-chunk inclusive cumsum of the log decay, fp32: [P, N, C, H, 1 or K]."""
+    if g is None:
+        return ref.new_zeros(lay.P, lay.N, lay.C, ref.shape[-2], 1, dtype=torch.float32)
+    if g.dim() == 3:
+        g = g.unsqueeze(-1)
+    return to_chunks(g.float(), lay).cumsum(dim=2)
+
+
+def _initial(h0: torch.Tensor | None, P: int, H: int, K: int, V: int, ref: torch.Tensor):
+    return ref.new_zeros(P, H, K, V, dtype=torch.float32) if h0 is None else h0.float()
+
+
+def _writes(kc, vc, b):
+    """A group's chunk writes from a zero state and decays: k_dec [P,G,C,H,K], writes [P,G,H,K,V], decay [P,G,H,K|1,1]."""
+    b_last = b[:, :, -1:]
+    k_dec = kc * (b_last - b).exp()  # exponent <= 0
+    writes = torch.einsum("pnchk,pnchv->pnhkv", k_dec.to(vc.dtype), vc).float()
+    return k_dec, writes, b_last.squeeze(2).exp().unsqueeze(-1)
+
+
+def _scan_forward(writes, decay, n0, state, h0, lay: Layout, finals: list):
+    """States entering chunks n0.. of a group [P,G,H,K,V]; the carried state goes on.
+
+    Documents restart from their row of h0; the state leaving a document's last chunk is
+    appended to ``finals``.
+    """
+    entering = []
+    for i in range(writes.shape[1]):
+        n = n0 + i
+        if n in lay.start_doc:
+            d = lay.start_doc[n]
+            state = h0 if not lay.packed else h0[d : d + 1]
+        entering.append(state)
+        state = decay[:, i] * state + writes[:, i]
+        if n in lay.end_doc:
+            finals.append(state)
+    return torch.stack(entering, dim=1), state
+
+
+def _scan_backward(q_dec_do, decay, n0, grad, dht, lay: Layout, dh0: list):
+    """Reverse pass over a group. q_dec_do [P,G,H,K,V] = (q exp(b))^T dO per chunk.
+
+    Returns the gradients w.r.t. the states LEAVING the group's chunks [P,G,H,K,V] and the
+    carried gradient; a document's first chunk appends d(its initial state) to ``dh0``.
+    """
+    leaving = [None] * q_dec_do.shape[1]
+    for i in reversed(range(q_dec_do.shape[1])):
+        n = n0 + i
+        if n in lay.end_doc:
+            d = lay.end_doc[n]
+            grad = dht if not lay.packed else dht[d : d + 1]
+        leaving[i] = grad
+        grad = decay[:, i] * grad + q_dec_do[:, i]  # w.r.t. the state entering chunk n
+        if n in lay.start_doc:
+            dh0.append(grad)
+    return torch.stack(leaving, dim=1), grad
+
+
+def _decay_matrix(b_i, b_j):
+    """exp(b_i - b_j) for j <= i, else 0: [.., C, C] from scalar cumsums [.., C]."""
+    C = b_i.shape[-1]
+    causal = torch.ones(C, C, dtype=torch.bool, device=b_i.device).tril()
+    diff = (b_i.unsqueeze(-1) - b_j.unsqueeze(-2)).masked_fill(~causal, float("-inf"))
+    return diff.exp()
+
+
+def _channel_blocks(q, k, b, sub):
+    """Pieces of the per-channel intra-chunk product, all exponents <= 0.
+
+    q, k, b: [.., C, K] with b fp32. Returns (q_rel, k_fac, within) where, with sub-chunks
+    of length c, q_rel = q exp(b - b_r(I)), k_fac(d) = k_J exp(b_r(J+d) - b_J) for query
+    sub-chunk I = J + d, and within [.., S, c, c, K] = exp(b_i - b_j) inside a sub-chunk.
+    """
+    *lead, C, K = q.shape
+    S = C // sub
+    q = q.reshape(*lead, S, sub, K)
+    k = k.reshape(*lead, S, sub, K)
+    b = b.reshape(*lead, S, sub, K)
+    b_ref = b[..., :1, :]  # [.., S, 1, K]
+    q_rel = q * (b - b_ref).exp()
+    causal = torch.ones(sub, sub, dtype=torch.bool, device=q.device).tril()
+    rel = (b.unsqueeze(-2) - b.unsqueeze(-3)).masked_fill(~causal[:, :, None], float("-inf"))
+    return q, k, b, b_ref, q_rel, rel.exp()
+
+
+def _intra_scores_channel(qs, k, b, sub):
+    """A[i, j] = sum_K qs_i k_j exp(b_i - b_j), j <= i: [.., C, C] for per-channel decays."""
+    *lead, C, _K = qs.shape
+    S = C // sub
+    q, k, b, b_ref, q_rel, within = _channel_blocks(qs, k, b, sub)
+    A = qs.new_zeros(*lead, S, sub, S, sub, dtype=torch.float32)
+    idx = torch.arange(S, device=qs.device)
+    diag = torch.einsum("...xik,...xijk->...xij", q.float(), within * k.float().unsqueeze(-3))
+    A[..., idx, :, idx, :] = diag.movedim(-3, 0).float()
+    for d in range(1, S):  # key sub-chunk J = I - d
+        k_fac = k[..., : S - d, :, :] * (b_ref[..., d:, :, :] - b[..., : S - d, :, :]).exp()
+        A[..., idx[d:], :, idx[:-d], :] = (
+            (q_rel[..., d:, :, :] @ k_fac.transpose(-1, -2)).movedim(-3, 0).float()
+        )
+    return A.reshape(*lead, C, C)
+
+
+def _intra_grads_channel(qs, k, b, dA, sub):
+    """d(qs) and dk of A = _intra_scores_channel(qs, k, b) given dA [.., C, C]."""
+    *lead, C, K = qs.shape
+    S = C // sub
+    q, k_s, b_s, b_ref, q_rel, within = _channel_blocks(qs.float(), k.float(), b, sub)
+    dA = dA.reshape(*lead, S, sub, S, sub)
+    idx = torch.arange(S, device=qs.device)
+    dA_diag = dA[..., idx, :, idx, :].movedim(0, -3)  # [.., S, c, c]
+    dq = torch.einsum("...xij,...xijk->...xik", dA_diag, within * k_s.unsqueeze(-3))
+    dk = torch.einsum("...xij,...xijk->...xjk", dA_diag, within * q.unsqueeze(-2))
+    for d in range(1, S):
+        dA_off = dA[..., idx[d:], :, idx[:-d], :].movedim(0, -3)  # [.., S-d, c_i, c_j]
+        to_ref = (b_ref[..., d:, :, :] - b_s[..., : S - d, :, :]).exp()  # exp(b_r(J+d) - b_J)
+        k_fac = k_s[..., : S - d, :, :] * to_ref
+        dq_rel = dA_off @ k_fac  # d(q_rel) of query sub-chunks I = d..S-1
+        dq[..., d:, :, :] += dq_rel * (b_s[..., d:, :, :] - b_ref[..., d:, :, :]).exp()
+        dk[..., : S - d, :, :] += (dA_off.transpose(-1, -2) @ q_rel[..., d:, :, :]) * to_ref
+    return dq.reshape(*lead, C, K), dk.reshape(*lead, C, K)
+
+
+def _groups(N: int, C: int):
+    size = max(1, GROUP_TOKENS // C)
+    return [slice(s, min(N, s + size)) for s in range(0, N, size)]
+
+
+def _forward(q, k, v, g, scale, h0, lay: Layout, sub: int):
+    """In the chunked layout: o [P,N,C,H,V] and the final states [D,H,K,V]."""
+    H, K, V = q.shape[-2], q.shape[-1], v.shape[-1]
+    b = _gate_cumsum(g, lay, K, q)  # [P,N,C,H,K|1]
+    qc, kc, vc = to_chunks(q, lay), to_chunks(k, lay), to_chunks(v, lay)
+    h0 = _initial(h0, lay.docs, H, K, V, q)
+    o = torch.empty(*qc.shape[:-1], V, dtype=vc.dtype, device=q.device)
+    state, finals = None, []
+    for grp in _groups(lay.N, lay.C):  # the group's states stay in cache
+        _, writes, decay = _writes(kc[:, grp], vc[:, grp], b[:, grp])
+        entering, state = _scan_forward(writes, decay, grp.start, state, h0, lay, finals)
+        o[:, grp] = _output_group(
+            qc[:, grp] * scale, kc[:, grp], vc[:, grp], b[:, grp], entering, sub
+        )
+    return o, _stack_states(finals, lay)
+
+
+def _stack_states(states: list, lay: Layout) -> torch.Tensor:
+    return states[0] if not lay.packed else torch.cat(states)
+
+
+def _heads_first(x):
+    """[P,N,C,H,*] -> [P,N,H,C,*]."""
+    return x.transpose(2, 3)
+
+
+def _output_group(qs, kc, vc, b, h, sub):
+    qh, kh, vh, bh = (_heads_first(x) for x in (qs, kc, vc, b))  # [P,G,H,C,*]
+    if bh.shape[-1] == 1:
+        A = (qh @ kh.transpose(-1, -2)).float() * _decay_matrix(bh[..., 0], bh[..., 0])
+    else:
+        A = _intra_scores_channel(qh, kh, bh, sub)
+    o = A.to(vh.dtype) @ vh + (qh * bh.exp()).to(vh.dtype) @ h.to(vh.dtype)
+    return _heads_first(o)
+
+
+class ChunkGated(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, h0, scale, lay, sub, T):
+        o, finals = _forward(q, k, v, g, scale, h0, lay, sub)
+        ctx.save_for_backward(q, k, v, g, h0)
+        ctx.meta = (scale, lay, sub, T)
+        return from_chunks(o, lay, T), finals
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        # The backward states its own precisions (fp32 accumulation); autocast stays out.
+        with torch.autocast(do.device.type, enabled=False):
+            return ChunkGated._backward(ctx, do, dht)
+
+    @staticmethod
+    def _backward(ctx, do, dht):
+        q, k, v, g, h0 = ctx.saved_tensors
+        scale, lay, sub, T = ctx.meta
+        H, K, V = q.shape[-2], q.shape[-1], v.shape[-1]
+        b = _gate_cumsum(g, lay, K, q)
+        qc, kc, vc, doc = (to_chunks(x, lay) for x in (q, k, v, do))
+        h0 = _initial(h0, lay.docs, H, K, V, q)
+        groups = _groups(lay.N, lay.C)
+
+        # Pass 1: only the states entering each group are kept (and the final states).
+        group_states, finals, state = [], [], None
+        for grp in groups:
+            group_states.append(state)
+            _, writes, decay = _writes(kc[:, grp], vc[:, grp], b[:, grp])
+            _, state = _scan_forward(writes, decay, grp.start, state, h0, lay, finals)
+        finals = _stack_states(finals, lay)
+        dht = torch.zeros_like(finals) if dht is None else dht.float()
+
+        # Pass 2, last group first: recompute the group's states, carry the state gradient.
+        dq = torch.empty(qc.shape, dtype=torch.float32, device=q.device)
+        dk, dv = torch.empty_like(dq), torch.empty(vc.shape, dtype=torch.float32, device=q.device)
+        grad, dh0 = None, []
+        for grp, state in zip(reversed(groups), reversed(group_states), strict=True):
+            qs, kg, vg, bg, dog = qc[:, grp] * scale, kc[:, grp], vc[:, grp], b[:, grp], doc[:, grp]
+            k_dec, writes, decay = _writes(kg, vg, bg)
+            entering, _ = _scan_forward(writes, decay, grp.start, state, h0, lay, [])
+            q_dec_do = torch.einsum(
+                "pnchk,pnchv->pnhkv", (qs * bg.exp()).to(dog.dtype), dog
+            ).float()
+            leaving, grad = _scan_backward(q_dec_do, decay, grp.start, grad, dht, lay, dh0)
+            dq[:, grp], dk[:, grp], dv[:, grp] = _backward_group(
+                qs, kg, vg, bg, dog, entering, leaving, k_dec, sub
+            )
+        dq_t, dk_t, dv_t = (from_chunks(x, lay, T) for x in (dq * scale, dk, dv))
+        dg = None
+        if g is not None:
+            dg = _gate_grad(q, k, dq_t, dk_t, finals, dht, lay, per_channel=g.dim() == 4)
+        dh0 = None if ctx.needs_input_grad[4] is False else _stack_states(dh0[::-1], lay)
+        return (
+            dq_t.to(q.dtype),
+            dk_t.to(k.dtype),
+            dv_t.to(v.dtype),
+            None if dg is None else dg.to(g.dtype),
+            dh0,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _backward_group(qs, kc, vc, b, do, h, dh, k_dec, sub):
+    """dq (w.r.t. scaled q), dk, dv for a group of chunks, all [P,G,C,H,*] fp32."""
+    qh, kh, vh, bh, doh = (_heads_first(x) for x in (qs, kc, vc, b, do))
+    k_dec_h = _heads_first(k_dec)
+    dA = (doh @ vh.transpose(-1, -2)).float()  # [P,G,H,C,C]
+    if bh.shape[-1] == 1:
+        Dm = _decay_matrix(bh[..., 0], bh[..., 0])
+        A = (qh @ kh.transpose(-1, -2)).float() * Dm
+        W = dA * Dm
+        dq = W @ kh.float()
+        dk = W.transpose(-1, -2) @ qh.float()
+    else:
+        A = _intra_scores_channel(qh, kh, bh, sub)
+        causal = torch.ones(A.shape[-1], A.shape[-1], dtype=torch.bool, device=A.device).tril()
+        dq, dk = _intra_grads_channel(qh, kh, bh, dA * causal, sub)
+    dv = A.transpose(-1, -2) @ doh.float()
+    # inter-chunk: o += (q exp(b)) h ; h' gets (k exp(b_L - b))^T v
+    dq = dq + bh.exp() * (doh.float() @ h.transpose(-1, -2))
+    dk = dk + (bh[..., -1:, :] - bh).exp() * (vh.float() @ dh.transpose(-1, -2))
+    dv = dv + k_dec_h.float() @ dh
+    return _heads_first(dq), _heads_first(dk), _heads_first(dv)
+
+
+def _gate_grad(q, k, dq, dk, finals, dht, lay: Layout, per_channel: bool):
+    """dg_t = reverse cumsum over the document of (q dq - k dk), plus sum_V(h_T dh_T)."""
+    term = q.float() * dq - k.float() * dk  # [B,T,H,K]
+    end = (finals * dht).sum(-1)  # [D,H,K]
+    if not per_channel:
+        term, end = term.sum(-1), end.sum(-1)
+    rc = term.flip(1).cumsum(1).flip(1)  # sum over s >= t, across documents
+    if lay.packed:
+        offsets = torch.tensor(lay.offsets, device=q.device)
+        lengths = offsets[1:] - offsets[:-1]
+        # subtract what later documents added, then add each document's end term
+        after = torch.cat([rc[:, offsets[1:-1]], rc.new_zeros(1, 1, *rc.shape[2:])], dim=1)
+        rc = (
+            rc
+            - after.repeat_interleave(lengths, dim=1)
+            + end.unsqueeze(0).repeat_interleave(lengths, dim=1)
+        )
+    else:
+        rc = rc + end.unsqueeze(1)
+    return rc
+
+
+def chunk_gated_torch(
+    q, k, v, g, scale, initial_state, output_final_state, offsets, chunk_size=CHUNK
+):
+    """o [B,T,H,V] (v's dtype), final states [D,H,K,V] fp32 or None; see the module docstring."""
+    B, T = q.shape[:2]
+    sub = min(SUB_CHUNK, chunk_size)
+    lay = make_layout(B, T, chunk_size, offsets)
+    o, finals = ChunkGated.apply(q, k, v, g, initial_state, scale, lay, sub, T)
+    return o, (finals if output_final_state else None)

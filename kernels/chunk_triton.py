@@ -1,0 +1,1060 @@
+"""Chunkwise gated linear attention in Triton: forward and a recomputing backward.
+
+Legend: B batch, T tokens (per sample; T_all = B * T, or the packed length), H heads,
+K key dim, V value dim, N documents (N = B for a fixed-length batch), BT = C the chunk
+length, NT the number of chunks over all documents, BC the sub-chunk length of the
+per-channel intra-chunk blocks, NC = BT // BC, BK / BV the key / value blocks one program
+owns (powers of two, at least 16 so that every tl.dot has all dims >= 16).
+
+Recurrence per head, with row vectors q_t, k_t in R^K, v_t in R^V and log decay g_t <= 0::
+
+    S_t = Diag(exp(g_t)) S_{t-1} + k_t^T v_t        o_t = scale * q_t S_t
+
+g is one of: None (no decay, ``linear_attn``), [B, T, H] (one decay per head and token,
+``simple_gla``) or [B, T, H, K] (one per key channel, ``gla``). One set of kernels serves
+all three through the constexpr ``GATE`` = 0, 1, 2.
+
+Chunkwise, with b the inclusive cumulative log decay inside a chunk (fp32, <= 0 and
+non-increasing along the chunk), h the state entering the chunk and b_L = b at its last
+token::
+
+    o_i = scale * ( sum_{j <= i} (q_i . k_j exp(b_i - b_j)) v_j  +  (q_i exp(b_i)) h )
+    h'  = Diag(exp(b_L)) h + sum_j (k_j exp(b_L - b_j))^T v_j
+
+Every exponent is kept <= 0, so nothing overflows at any decay: exp(b_i) and
+exp(b_L - b_j) are so by construction, and exp(b_i - b_j) is only formed for i >= j (the
+exponent is zeroed before exp elsewhere). For per-channel gates the intra-chunk scores
+are not a plain matmul; they are split GLA-style into BC x BC blocks: an off-diagonal
+block (query sub-chunk I after key sub-chunk J) factors through a reference row r of I,
+exp(b_i - b_j) = exp(b_i - b_r) exp(b_r - b_j) with both factors <= 1, so it is a tl.dot;
+diagonal blocks are formed elementwise, as [BC, BC, 16] tiles over K. Rows past the end of a partial last chunk
+read b of the chunk's last token (the pointer is clamped), so b stays non-increasing over
+the whole padded chunk and the same bounds hold there.
+
+Layout: every fixed-length batch is run as B packed documents of length T, so one code
+path (``cu_seqlens``, chunks aligned to document starts, a partial last chunk per
+document) serves both. Tensors are indexed in their [T_all, H, *] layout directly.
+
+Kernels (grids in brackets):
+    _local_cumsum    [D/BD, NT, H]   b = cumsum of g inside each chunk
+    _fwd_h           [K/BK, V/BV, N*H] states entering every chunk (+ final): a scan
+    _fwd_A           [NT, NC*NC, H]  intra-chunk scores A [T_all, H, BT], scale included
+    _fwd_o           [V/BV, NT, H]   o = scale (q exp(b)) h + A v
+    _bwd_dh          [K/BK, V/BV, N*H] gradient of the state leaving every chunk (+ dh0)
+    _bwd_dA          [NT, H]         dA = scale dO v^T, causal
+    _bwd_dv          [V/BV, NT, H]   dv = A^T dO + (k exp(b_L - b)) dh
+    _bwd_dqk_intra   [K/BK, NT*NC, H] intra-chunk parts of dq, dk (BK = 16 for per-channel)
+    _bwd_dqk         [K/BK, NT, H]   inter-chunk parts, totals, and q dq - k dk for the gate
+    _rev_cumsum      [D/BD, N*H]     per-document reverse cumsum: the gate gradient
+
+The backward recomputes b, the chunk states and A from the inputs instead of keeping them
+from the forward: the [NT, H, K, V] states are the largest activation of the layer.
+
+Gate gradient: with G_t the cumulative log decay from the document start, o and the final
+state depend on G only through q_t exp(G_t), k_t exp(-G_t) and exp(G_last), so
+dL/dG_t = q_t dq_t - k_t dk_t (+ sum_v ht dht at the last token), and dg is the reverse
+cumsum of that over the document.
+
+Precision: every load is cast to fp32 (bf16 arithmetic is unreliable in the interpreter,
+and decays need fp32 anyway). tl.dot runs in IEEE fp32 for fp32 inputs and in TF32 for
+16-bit inputs, whose own precision is below TF32's.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+
+from hylas.kernels.common import check_cu_seqlens, check_qkv, check_state
+
+_GATE_NONE, _GATE_SCALAR, _GATE_CHANNEL = 0, 1, 2
+# Sub-chunk of the per-channel diagonal blocks: the elementwise work grows with BC**2 * K,
+# and 16 is the smallest tile tl.dot takes for the off-diagonal blocks.
+_BC = 16
+# Key channels per [BC, BC, BKD] tile of a per-channel diagonal block: 4096 fp32 values,
+# 32 registers a thread at 4 warps.
+_BKD = 16
+_MAX_BLOCK = 64
+
+
+def _block(n: int) -> int:
+    """Power-of-two block covering n (masked), between 16 (tl.dot's minimum) and 64."""
+    return min(_MAX_BLOCK, max(16, triton.next_power_of_2(n)))
+
+
+# ----------------------------------------------------------------------------------------
+# Helpers
+
+
+@triton.jit
+def _chunk_span(cu_seqlens, chunk_indices, i_tg, BT: tl.constexpr):
+    """Chunk i_tg -> (document, first token t0 as int64, number of tokens L <= BT)."""
+    i_n = tl.load(chunk_indices + 2 * i_tg)
+    i_t = tl.load(chunk_indices + 2 * i_tg + 1)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    t0 = bos + i_t * BT
+    return i_n, t0, tl.minimum(eos - t0, BT).to(tl.int32)
+
+
+@triton.jit
+def _local_cumsum_kernel(
+    g,
+    b,
+    cu_seqlens,
+    chunk_indices,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+):
+    """g, b [T_all, H, D]: b = inclusive cumsum of g inside each chunk, fp32."""
+    i_d, i_tg, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    _, t0, L = _chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
+    o_t = tl.arange(0, BT)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m = (o_t < L)[:, None] & (o_d < D)[None, :]
+    p = (t0 + o_t)[:, None] * (H * D) + i_h * D + o_d[None, :]
+    x = tl.load(g + p, mask=m, other=0.0).to(tl.float32)
+    tl.store(b + p, tl.cumsum(x, 0), mask=m)
+
+
+@triton.jit
+def _rev_cumsum_kernel(
+    x,
+    y,
+    init,
+    cu_seqlens,
+    chunk_offsets,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+    USE_INIT: tl.constexpr,
+):
+    """x, y [T_all, H, D], init [N, H, D]: y_t = init + sum_{s >= t in the document} x_s."""
+    i_d, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    NT = tl.cdiv(eos - bos, BT)
+    o_t = tl.arange(0, BT)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    b_carry = tl.zeros([BD], dtype=tl.float32)
+    if USE_INIT:
+        b_carry += tl.load(init + i_nh.to(tl.int64) * D + o_d, mask=m_d, other=0.0)
+    # Last chunk first: the carry is the sum over every later chunk of the document.
+    for it in range(NT):
+        t0 = bos + (NT - 1 - it) * BT
+        m = (o_t < eos - t0)[:, None] & m_d[None, :]
+        p = (t0 + o_t)[:, None] * (H * D) + i_h * D + o_d[None, :]
+        b_x = tl.load(x + p, mask=m, other=0.0)
+        tl.store(y + p, tl.cumsum(b_x, 0, reverse=True) + b_carry[None, :], mask=m)
+        b_carry += tl.sum(b_x, 0)
+
+
+# ----------------------------------------------------------------------------------------
+# Forward
+
+
+@triton.jit
+def _fwd_h_kernel(
+    k,
+    v,
+    b,
+    h,
+    h0,
+    ht,
+    cu_seqlens,
+    chunk_offsets,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    GATE: tl.constexpr,
+    USE_H0: tl.constexpr,
+    STORE_HT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """k [T_all, H, K], v [T_all, H, V], b log-decay cumsum -> h [NT, H, K, V] entering
+    states, ht [N, H, K, V]. Sequential over one document's chunks; the state block stays
+    in registers (K and V split across programs: every update acts on rows and columns
+    independently)."""
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    NT = tl.cdiv(eos - bos, BT)
+    boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+
+    o_t = tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    p_kv = o_k[:, None] * V + o_v[None, :]
+    m_kv = m_k[:, None] & m_v[None, :]
+
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0)
+
+    for i_t in range(NT):
+        t0 = bos + i_t * BT
+        L = tl.minimum(eos - t0, BT)
+        tl.store(h + ((boh + i_t) * H + i_h) * K * V + p_kv, b_h, mask=m_kv)
+        m_t = o_t < L
+        o_tc = tl.minimum(o_t, L - 1)  # padded rows read the last token's decay
+        # k^T [BK, BT] straight from memory: the update is k^T v.
+        b_kt = tl.load(
+            k + (t0 + o_t)[None, :] * (H * K) + i_h * K + o_k[:, None],
+            mask=m_k[:, None] & m_t[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        b_v = tl.load(
+            v + (t0 + o_t)[:, None] * (H * V) + i_h * V + o_v[None, :],
+            mask=m_t[:, None] & m_v[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        if GATE == 1:
+            b_bl = tl.load(b + (t0 + L - 1) * H + i_h)
+            b_b = tl.load(b + (t0 + o_tc) * H + i_h)
+            b_h *= tl.exp(b_bl)
+            # The scalar decay is per token: fold it into v (BT x BV) rather than k.
+            b_v *= tl.exp(b_bl - b_b)[:, None]
+        if GATE == 2:
+            b_bl = tl.load(b + (t0 + L - 1) * (H * K) + i_h * K + o_k, mask=m_k, other=0.0)
+            b_bt = tl.load(
+                b + (t0 + o_tc)[None, :] * (H * K) + i_h * K + o_k[:, None],
+                mask=m_k[:, None],
+                other=0.0,
+            )
+            b_h *= tl.exp(b_bl)[:, None]
+            b_kt *= tl.exp(b_bl[:, None] - b_bt)
+        b_h += tl.dot(b_kt, b_v, input_precision=DOT_PREC)
+
+    if STORE_HT:
+        tl.store(ht + i_nh.to(tl.int64) * K * V + p_kv, b_h, mask=m_kv)
+
+
+@triton.jit
+def _fwd_A_kernel(
+    q,
+    k,
+    b,
+    A,
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BKD: tl.constexpr,
+    GATE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """A [T_all, H, BT]: row t, column j = scale q_t . k_j exp(b_t - b_j) for j <= t in
+    t's chunk, else 0. One program per BC x BC block (BC = BT unless GATE == 2)."""
+    i_tg, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NC: tl.constexpr = BT // BC
+    i_i, i_j = i_c // NC, i_c % NC
+    _, t0, L = _chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
+    if i_i * BC >= L:
+        return  # the query sub-chunk holds no token of this chunk
+
+    o_i = i_i * BC + tl.arange(0, BC)
+    o_j = i_j * BC + tl.arange(0, BC)
+    m_i = o_i < L
+    o_ic = tl.minimum(o_i, L - 1)
+    b_A = tl.zeros([BC, BC], dtype=tl.float32)
+
+    if GATE == 2:
+        if i_i > i_j:
+            # Off-diagonal block through r = first row of I: both factors <= 1, one dot.
+            # Key sub-chunk J < I is wholly inside the chunk.
+            for i_k in range(tl.cdiv(K, BK)):
+                o_k = i_k * BK + tl.arange(0, BK)
+                m_k = o_k < K
+                p_bi = b + (t0 + o_ic)[:, None] * (H * K) + i_h * K + o_k[None, :]
+                b_bi = tl.load(p_bi, mask=m_k[None, :], other=0.0)
+                b_br = tl.load(b + (t0 + i_i * BC) * (H * K) + i_h * K + o_k, mask=m_k, other=0.0)
+                b_q = tl.load(
+                    q + (t0 + o_i)[:, None] * (H * K) + i_h * K + o_k[None, :],
+                    mask=m_i[:, None] & m_k[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                b_kt = tl.load(
+                    k + (t0 + o_j)[None, :] * (H * K) + i_h * K + o_k[:, None],
+                    mask=m_k[:, None],
+                    other=0.0,
+                ).to(tl.float32)
+                b_bjt = tl.load(
+                    b + (t0 + o_j)[None, :] * (H * K) + i_h * K + o_k[:, None],
+                    mask=m_k[:, None],
+                    other=0.0,
+                )
+                b_qg = b_q * tl.exp(b_bi - b_br[None, :])
+                b_kg = b_kt * tl.exp(b_br[:, None] - b_bjt)
+                b_A += tl.dot(b_qg, b_kg, input_precision=DOT_PREC)
+        elif i_i == i_j:
+            # Diagonal block elementwise over K, BKD channels at a time as a [BC, BC, BKD]
+            # tile; exponents above the diagonal are zeroed first and masked out below.
+            m_ge = (o_i[:, None] >= o_i[None, :])[:, :, None]
+            for i_k in range(tl.cdiv(K, BKD)):
+                o_k = i_k * BKD + tl.arange(0, BKD)
+                m_k = o_k < K
+                p_i = (t0 + o_i)[:, None] * (H * K) + i_h * K + o_k[None, :]
+                m_ik = m_i[:, None] & m_k[None, :]
+                b_q = tl.load(q + p_i, mask=m_ik, other=0.0).to(tl.float32)
+                b_k = tl.load(k + p_i, mask=m_ik, other=0.0).to(tl.float32)
+                b_bi = tl.load(
+                    b + (t0 + o_ic)[:, None] * (H * K) + i_h * K + o_k[None, :],
+                    mask=m_k[None, :],
+                    other=0.0,
+                )
+                b_e = tl.exp(tl.where(m_ge, b_bi[:, None, :] - b_bi[None, :, :], 0.0))
+                b_A += tl.sum(b_q[:, None, :] * b_k[None, :, :] * b_e, 2)
+    else:
+        # One block per chunk (BC == BT): scores are a single dot, the decay a rank-1 mask.
+        m_j = o_j < L
+        for i_k in range(tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            b_q = tl.load(
+                q + (t0 + o_i)[:, None] * (H * K) + i_h * K + o_k[None, :],
+                mask=m_i[:, None] & m_k[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            b_kt = tl.load(
+                k + (t0 + o_j)[None, :] * (H * K) + i_h * K + o_k[:, None],
+                mask=m_k[:, None] & m_j[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            b_A += tl.dot(b_q, b_kt, input_precision=DOT_PREC)
+        if GATE == 1:
+            b_b = tl.load(b + (t0 + o_ic) * H + i_h)
+            m_ge = o_i[:, None] >= o_j[None, :]
+            b_A *= tl.exp(tl.where(m_ge, b_b[:, None] - b_b[None, :], 0.0))
+
+    b_A = tl.where(o_i[:, None] >= o_j[None, :], b_A * scale, 0.0)
+    p_A = A + (t0 + o_i)[:, None] * (H * BT) + i_h * BT + o_j[None, :]
+    tl.store(p_A, b_A, mask=m_i[:, None])
+
+
+@triton.jit
+def _fwd_o_kernel(
+    q,
+    v,
+    b,
+    h,
+    A,
+    o,
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    GATE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """o [T_all, H, V] = scale (q exp(b)) h + A v, one [BT, BV] block per program."""
+    i_v, i_tg, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    _, t0, L = _chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
+    o_t = tl.arange(0, BT)
+    m_t = o_t < L
+    o_tc = tl.minimum(o_t, L - 1)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    p_h = h + (i_tg.to(tl.int64) * H + i_h) * K * V
+
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_q = tl.load(
+            q + (t0 + o_t)[:, None] * (H * K) + i_h * K + o_k[None, :],
+            mask=m_t[:, None] & m_k[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        if GATE == 2:
+            b_b = tl.load(
+                b + (t0 + o_tc)[:, None] * (H * K) + i_h * K + o_k[None, :],
+                mask=m_k[None, :],
+                other=0.0,
+            )
+            b_q *= tl.exp(b_b)
+        b_h = tl.load(
+            p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0
+        )
+        b_o += tl.dot(b_q, b_h, input_precision=DOT_PREC)
+    if GATE == 1:
+        b_o *= tl.exp(tl.load(b + (t0 + o_tc) * H + i_h))[:, None]
+    b_o *= scale
+
+    b_A = tl.load(
+        A + (t0 + o_t)[:, None] * (H * BT) + i_h * BT + o_t[None, :],
+        mask=m_t[:, None],
+        other=0.0,
+    )
+    p_v = (t0 + o_t)[:, None] * (H * V) + i_h * V + o_v[None, :]
+    m_tv = m_t[:, None] & m_v[None, :]
+    b_v = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
+    b_o += tl.dot(b_A, b_v, input_precision=DOT_PREC)
+    tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_tv)
+
+
+# ----------------------------------------------------------------------------------------
+# Backward
+
+
+@triton.jit
+def _bwd_dh_kernel(
+    q,
+    do,
+    b,
+    dh,
+    dht,
+    dh0,
+    cu_seqlens,
+    chunk_offsets,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    GATE: tl.constexpr,
+    USE_DHT: tl.constexpr,
+    STORE_DH0: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """dh [NT, H, K, V]: gradient of the state LEAVING every chunk; dh0 [N, H, K, V] that of
+    the initial state. Reverse scan: dh_in = Diag(exp(b_L)) dh_out + scale (q exp(b))^T dO."""
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    NT = tl.cdiv(eos - bos, BT)
+    boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+
+    o_t = tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    p_kv = o_k[:, None] * V + o_v[None, :]
+    m_kv = m_k[:, None] & m_v[None, :]
+
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0)
+
+    for it in range(NT):
+        i_t = NT - 1 - it
+        t0 = bos + i_t * BT
+        L = tl.minimum(eos - t0, BT)
+        tl.store(dh + ((boh + i_t) * H + i_h) * K * V + p_kv, b_dh, mask=m_kv)
+        m_t = o_t < L
+        o_tc = tl.minimum(o_t, L - 1)
+        b_qt = tl.load(
+            q + (t0 + o_t)[None, :] * (H * K) + i_h * K + o_k[:, None],
+            mask=m_k[:, None] & m_t[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        b_do = tl.load(
+            do + (t0 + o_t)[:, None] * (H * V) + i_h * V + o_v[None, :],
+            mask=m_t[:, None] & m_v[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        if GATE == 1:
+            b_bl = tl.load(b + (t0 + L - 1) * H + i_h)
+            b_b = tl.load(b + (t0 + o_tc) * H + i_h)
+            b_dh *= tl.exp(b_bl)
+            b_qt *= tl.exp(b_b)[None, :]
+        if GATE == 2:
+            b_bl = tl.load(b + (t0 + L - 1) * (H * K) + i_h * K + o_k, mask=m_k, other=0.0)
+            b_bt = tl.load(
+                b + (t0 + o_tc)[None, :] * (H * K) + i_h * K + o_k[:, None],
+                mask=m_k[:, None],
+                other=0.0,
+            )
+            b_dh *= tl.exp(b_bl)[:, None]
+            b_qt *= tl.exp(b_bt)
+        b_dh += tl.dot(b_qt, b_do, input_precision=DOT_PREC) * scale
+
+    if STORE_DH0:
+        tl.store(dh0 + i_nh.to(tl.int64) * K * V + p_kv, b_dh, mask=m_kv)
+
+
+@triton.jit
+def _bwd_dA_kernel(
+    do,
+    v,
+    dA,
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    H: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BV: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """dA [T_all, H, BT] = scale dO_i . v_j for j <= i in the chunk, else 0."""
+    i_tg, i_h = tl.program_id(0), tl.program_id(1)
+    _, t0, L = _chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
+    o_t = tl.arange(0, BT)
+    m_t = o_t < L
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        b_do = tl.load(
+            do + (t0 + o_t)[:, None] * (H * V) + i_h * V + o_v[None, :],
+            mask=m_t[:, None] & m_v[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        b_vt = tl.load(
+            v + (t0 + o_t)[None, :] * (H * V) + i_h * V + o_v[:, None],
+            mask=m_v[:, None] & m_t[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        b_dA += tl.dot(b_do, b_vt, input_precision=DOT_PREC)
+    b_dA = tl.where(o_t[:, None] >= o_t[None, :], b_dA * scale, 0.0)
+    p_dA = dA + (t0 + o_t)[:, None] * (H * BT) + i_h * BT + o_t[None, :]
+    tl.store(p_dA, b_dA, mask=m_t[:, None])
+
+
+@triton.jit
+def _bwd_dv_kernel(
+    k,
+    b,
+    A,
+    do,
+    dh,
+    dv,
+    cu_seqlens,
+    chunk_indices,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    GATE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """dv [T_all, H, V] = A^T dO + (k exp(b_L - b)) dh_out."""
+    i_v, i_tg, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    _, t0, L = _chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
+    o_t = tl.arange(0, BT)
+    m_t = o_t < L
+    o_tc = tl.minimum(o_t, L - 1)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    p_dh = dh + (i_tg.to(tl.int64) * H + i_h) * K * V
+
+    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_k = tl.load(
+            k + (t0 + o_t)[:, None] * (H * K) + i_h * K + o_k[None, :],
+            mask=m_t[:, None] & m_k[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        if GATE == 2:
+            b_bl = tl.load(b + (t0 + L - 1) * (H * K) + i_h * K + o_k, mask=m_k, other=0.0)
+            b_b = tl.load(
+                b + (t0 + o_tc)[:, None] * (H * K) + i_h * K + o_k[None, :],
+                mask=m_k[None, :],
+                other=0.0,
+            )
+            b_k *= tl.exp(b_bl[None, :] - b_b)
+        b_dh = tl.load(
+            p_dh + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0
+        )
+        b_dv += tl.dot(b_k, b_dh, input_precision=DOT_PREC)
+    if GATE == 1:
+        b_bl = tl.load(b + (t0 + L - 1) * H + i_h)
+        b_dv *= tl.exp(b_bl - tl.load(b + (t0 + o_tc) * H + i_h))[:, None]
+
+    # A^T [BT, BT] read transposed from memory.
+    b_At = tl.load(
+        A + (t0 + o_t)[None, :] * (H * BT) + i_h * BT + o_t[:, None],
+        mask=m_t[None, :],
+        other=0.0,
+    )
+    p_v = (t0 + o_t)[:, None] * (H * V) + i_h * V + o_v[None, :]
+    m_tv = m_t[:, None] & m_v[None, :]
+    b_do = tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32)
+    b_dv += tl.dot(b_At, b_do, input_precision=DOT_PREC)
+    tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty), mask=m_tv)
+
+
+@triton.jit
+def _bwd_dqk_intra_kernel(
+    q,
+    k,
+    b,
+    dA,
+    dq,
+    dk,
+    cu_seqlens,
+    chunk_indices,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    GATE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Intra-chunk parts, fp32 [T_all, H, K], for the rows of one BC sub-chunk I:
+    dq_i = sum_{j <= i} dA_ij k_j exp(b_i - b_j), dk_j = sum_{i >= j} dA_ij q_i exp(b_i - b_j).
+    """
+    i_k, i_tc, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NC: tl.constexpr = BT // BC
+    i_tg, i_i = i_tc // NC, i_tc % NC
+    _, t0, L = _chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
+    if i_i * BC >= L:
+        return
+
+    o_i = i_i * BC + tl.arange(0, BC)
+    m_i = o_i < L
+    o_ic = tl.minimum(o_i, L - 1)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    p_i = (t0 + o_i)[:, None] * (H * K) + i_h * K + o_k[None, :]
+    m_ik = m_i[:, None] & m_k[None, :]
+    b_q = tl.load(q + p_i, mask=m_ik, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_i, mask=m_ik, other=0.0).to(tl.float32)
+
+    if GATE == 2:
+        b_bi = tl.load(
+            b + (t0 + o_ic)[:, None] * (H * K) + i_h * K + o_k[None, :],
+            mask=m_k[None, :],
+            other=0.0,
+        )
+        b_dq = tl.zeros([BC, BK], dtype=tl.float32)
+        b_dk = tl.zeros([BC, BK], dtype=tl.float32)
+
+        # dq from earlier sub-chunks J < I (all inside the chunk), through r = first row of I.
+        b_br = tl.load(b + (t0 + i_i * BC) * (H * K) + i_h * K + o_k, mask=m_k, other=0.0)
+        for i_j in range(0, i_i):
+            o_j = i_j * BC + tl.arange(0, BC)
+            p_j = (t0 + o_j)[:, None] * (H * K) + i_h * K + o_k[None, :]
+            b_kj = tl.load(k + p_j, mask=m_k[None, :], other=0.0).to(tl.float32)
+            b_bj = tl.load(b + p_j, mask=m_k[None, :], other=0.0)
+            b_dA = tl.load(
+                dA + (t0 + o_i)[:, None] * (H * BT) + i_h * BT + o_j[None, :],
+                mask=m_i[:, None],
+                other=0.0,
+            )
+            b_dq += tl.dot(b_dA, b_kj * tl.exp(b_br[None, :] - b_bj), input_precision=DOT_PREC)
+        b_dq *= tl.exp(b_bi - b_br[None, :])
+
+        # dk from later sub-chunks J > I, through r = last row of I. There are later ones only
+        # when I is full, so that row is inside the chunk; padded rows of J read b_L <= b_r.
+        b_br = tl.load(
+            b + (t0 + tl.minimum(i_i * BC + BC - 1, L - 1)) * (H * K) + i_h * K + o_k,
+            mask=m_k,
+            other=0.0,
+        )
+        for i_j in range(i_i + 1, tl.cdiv(L, BC)):
+            o_j = i_j * BC + tl.arange(0, BC)
+            m_j = o_j < L
+            o_jc = tl.minimum(o_j, L - 1)
+            b_qj = tl.load(
+                q + (t0 + o_j)[:, None] * (H * K) + i_h * K + o_k[None, :],
+                mask=m_j[:, None] & m_k[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            b_bj = tl.load(
+                b + (t0 + o_jc)[:, None] * (H * K) + i_h * K + o_k[None, :],
+                mask=m_k[None, :],
+                other=0.0,
+            )
+            # dA^T block [I (keys), J (queries)] read transposed from memory.
+            b_dAt = tl.load(
+                dA + (t0 + o_j)[None, :] * (H * BT) + i_h * BT + o_i[:, None],
+                mask=m_j[None, :],
+                other=0.0,
+            )
+            b_dk += tl.dot(b_dAt, b_qj * tl.exp(b_bj - b_br[None, :]), input_precision=DOT_PREC)
+        b_dk *= tl.exp(b_br[None, :] - b_bi)
+
+        # Diagonal block elementwise as a [BC (i), BC (j), BK] tile (BK is small here); one
+        # exponent tile serves dq and dk. dA is already zero above the diagonal.
+        m_ge = (o_i[:, None] >= o_i[None, :])[:, :, None]
+        b_e = tl.exp(tl.where(m_ge, b_bi[:, None, :] - b_bi[None, :, :], 0.0))
+        b_dA = tl.load(
+            dA + (t0 + o_i)[:, None] * (H * BT) + i_h * BT + o_i[None, :],
+            mask=m_i[:, None],
+            other=0.0,
+        )
+        b_dAe = b_dA[:, :, None] * b_e
+        b_dq += tl.sum(b_dAe * b_k[None, :, :], 1)
+        b_dk += tl.sum(b_dAe * b_q[:, None, :], 0)
+    else:
+        # BC == BT: one dot each with the decay as a rank-1 mask; dA is already causal.
+        b_dA = tl.load(
+            dA + (t0 + o_i)[:, None] * (H * BT) + i_h * BT + o_i[None, :],
+            mask=m_i[:, None],
+            other=0.0,
+        )
+        if GATE == 1:
+            b_b = tl.load(b + (t0 + o_ic) * H + i_h)
+            m_ge = o_i[:, None] >= o_i[None, :]
+            b_dA *= tl.exp(tl.where(m_ge, b_b[:, None] - b_b[None, :], 0.0))
+        b_dq = tl.dot(b_dA, b_k, input_precision=DOT_PREC)
+        b_dk = tl.dot(tl.trans(b_dA), b_q, input_precision=DOT_PREC)
+
+    tl.store(dq + p_i, b_dq, mask=m_ik)
+    tl.store(dk + p_i, b_dk, mask=m_ik)
+
+
+@triton.jit
+def _bwd_dqk_kernel(
+    q,
+    k,
+    v,
+    b,
+    h,
+    do,
+    dh,
+    dq_intra,
+    dk_intra,
+    dq,
+    dk,
+    dg,
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    T_all,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    GATE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """dq = scale exp(b) (dO h^T) + intra, dk = exp(b_L - b) (v dh^T) + intra, and the
+    gate's local term q dq - k dk: dg [T_all, H, K] (GATE 2) or its sum over this K block,
+    dg [K / BK, T_all, H] (GATE 1)."""
+    i_k, i_tg, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    _, t0, L = _chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
+    o_t = tl.arange(0, BT)
+    m_t = o_t < L
+    o_tc = tl.minimum(o_t, L - 1)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    p_hh = (i_tg.to(tl.int64) * H + i_h) * K * V
+
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        p_v = (t0 + o_t)[:, None] * (H * V) + i_h * V + o_v[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_do = tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32)
+        b_v = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
+        # h^T, dh^T [BV, BK] read transposed from the [K, V] states.
+        p_t = p_hh + o_k[None, :] * V + o_v[:, None]
+        m_t_kv = m_v[:, None] & m_k[None, :]
+        b_ht = tl.load(h + p_t, mask=m_t_kv, other=0.0)
+        b_dht = tl.load(dh + p_t, mask=m_t_kv, other=0.0)
+        b_dq += tl.dot(b_do, b_ht, input_precision=DOT_PREC)
+        b_dk += tl.dot(b_v, b_dht, input_precision=DOT_PREC)
+
+    if GATE == 0:
+        b_dq *= scale
+    if GATE == 1:
+        b_b = tl.load(b + (t0 + o_tc) * H + i_h)
+        b_bl = tl.load(b + (t0 + L - 1) * H + i_h)
+        b_dq *= (scale * tl.exp(b_b))[:, None]
+        b_dk *= tl.exp(b_bl - b_b)[:, None]
+    if GATE == 2:
+        b_b = tl.load(
+            b + (t0 + o_tc)[:, None] * (H * K) + i_h * K + o_k[None, :],
+            mask=m_k[None, :],
+            other=0.0,
+        )
+        b_bl = tl.load(b + (t0 + L - 1) * (H * K) + i_h * K + o_k, mask=m_k, other=0.0)
+        b_dq *= scale * tl.exp(b_b)
+        b_dk *= tl.exp(b_bl[None, :] - b_b)
+
+    p_k = (t0 + o_t)[:, None] * (H * K) + i_h * K + o_k[None, :]
+    m_tk = m_t[:, None] & m_k[None, :]
+    b_dq += tl.load(dq_intra + p_k, mask=m_tk, other=0.0)
+    b_dk += tl.load(dk_intra + p_k, mask=m_tk, other=0.0)
+    if GATE > 0:
+        b_q = tl.load(q + p_k, mask=m_tk, other=0.0).to(tl.float32)
+        b_k = tl.load(k + p_k, mask=m_tk, other=0.0).to(tl.float32)
+        b_dg = b_q * b_dq - b_k * b_dk
+        if GATE == 1:
+            p_g = (i_k * T_all + t0 + o_t) * H + i_h
+            tl.store(dg + p_g, tl.sum(b_dg, 1), mask=m_t)
+        else:
+            tl.store(dg + p_k, b_dg, mask=m_tk)
+    tl.store(dq + p_k, b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_tk)
+
+
+# ----------------------------------------------------------------------------------------
+# Host side
+
+
+class _Chunks:
+    """Document-aligned chunking of the packed token axis, shared by every kernel launch.
+
+    cu_seqlens int32 [N + 1]; chunk_indices int32 [NT, 2] = (document, chunk within it);
+    chunk_offsets int32 [N + 1] = index of each document's first chunk.
+    """
+
+    def __init__(self, cu_seqlens, batch, seq_len, chunk_size, device):
+        self.BT = chunk_size
+        if cu_seqlens is None:
+            # A fixed-length batch is B documents of length T: no host sync needed.
+            per_doc = triton.cdiv(seq_len, chunk_size)
+            self.N, self.NT = batch, batch * per_doc
+            self.cu_seqlens = torch.arange(batch + 1, dtype=torch.int32, device=device) * seq_len
+            idx = torch.arange(self.NT, dtype=torch.int32, device=device)
+            self.chunk_indices = torch.stack([idx // per_doc, idx % per_doc], 1).contiguous()
+            self.chunk_offsets = torch.arange(batch + 1, dtype=torch.int32, device=device) * per_doc
+            return
+        offsets = check_cu_seqlens(cu_seqlens, batch, seq_len)
+        counts = [triton.cdiv(e - s, chunk_size) for s, e in itertools.pairwise(offsets)]
+        self.N, self.NT = len(counts), sum(counts)
+        self.cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32).contiguous()
+        pairs = [(n, i) for n, c in enumerate(counts) for i in range(c)]
+        self.chunk_indices = torch.tensor(pairs, dtype=torch.int32, device=device)
+        starts = list(itertools.accumulate(counts, initial=0))
+        self.chunk_offsets = torch.tensor(starts, dtype=torch.int32, device=device)
+
+
+def _gate_kind(g, q) -> int:
+    if g is None:
+        return _GATE_NONE
+    if tuple(g.shape) == tuple(q.shape[:3]):
+        return _GATE_SCALAR
+    if tuple(g.shape) == tuple(q.shape):
+        return _GATE_CHANNEL
+    raise ValueError(
+        f"g must be None, [B, T, H] = {list(q.shape[:3])} or [B, T, H, K] = {list(q.shape)} "
+        f"(log decay), got {list(g.shape)}"
+    )
+
+
+def _local_cumsum(g, gate, ch):
+    """g [T_all, H] or [T_all, H, K] -> b, the fp32 cumsum inside each chunk."""
+    H_, D = (1, g.shape[1]) if gate == _GATE_SCALAR else (g.shape[1], g.shape[2])
+    b = torch.empty(g.shape, dtype=torch.float32, device=g.device)
+    BD = _block(D)
+    grid = (triton.cdiv(D, BD), ch.NT, H_)
+    _local_cumsum_kernel[grid](g, b, ch.cu_seqlens, ch.chunk_indices, H=H_, D=D, BT=ch.BT, BD=BD)
+    return b
+
+
+def _states(k, v, b, gate, h0, store_ht, ch, prec):
+    """-> h [NT, H, K, V] entering states, ht [N, H, K, V] or None."""
+    _, H, K = k.shape
+    V = v.shape[-1]
+    BK, BV = _block(K), _block(V)
+    h = k.new_empty(ch.NT, H, K, V, dtype=torch.float32)
+    ht = k.new_empty(ch.N, H, K, V, dtype=torch.float32) if store_ht else None
+    grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), ch.N * H)
+    _fwd_h_kernel[grid](
+        k, v, b, h, h0, ht, ch.cu_seqlens, ch.chunk_offsets,
+        H=H, K=K, V=V, BT=ch.BT, BK=BK, BV=BV, GATE=gate,
+        USE_H0=h0 is not None, STORE_HT=store_ht, DOT_PREC=prec,
+    )  # fmt: skip
+    return h, ht
+
+
+def _scores(q, k, b, gate, scale, ch, prec):
+    """-> A [T_all, H, BT] fp32."""
+    T_all, H, K = q.shape
+    BT = ch.BT
+    BC = min(_BC, BT) if gate == _GATE_CHANNEL else BT
+    NC = BT // BC
+    A = q.new_empty(T_all, H, BT, dtype=torch.float32)
+    _fwd_A_kernel[(ch.NT, NC * NC, H)](
+        q, k, b, A, ch.cu_seqlens, ch.chunk_indices, scale,
+        H=H, K=K, BT=BT, BC=BC, BK=_block(K), BKD=_BKD, GATE=gate, DOT_PREC=prec,
+    )  # fmt: skip
+    return A
+
+
+def _dot_precision(*xs) -> str:
+    # fp32 callers expect fp32 results; 16-bit inputs lose nothing to TF32's 10-bit mantissa.
+    return "ieee" if all(x.dtype == torch.float32 for x in xs) else "tf32"
+
+
+class _ChunkGated(torch.autograd.Function):
+    """On [T_all, H, *] tensors (B folded into documents); see chunk_gated_triton."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, initial_state, scale, output_final_state, ch):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        g = None if g is None else g.contiguous()
+        h0 = None if initial_state is None else initial_state.float().contiguous()
+        gate = _GATE_NONE if g is None else (_GATE_SCALAR if g.dim() == 2 else _GATE_CHANNEL)
+        prec = _dot_precision(q, k, v)
+        _, H, K = q.shape
+        V = v.shape[-1]
+        BV = _block(V)
+
+        b = None if g is None else _local_cumsum(g, gate, ch)
+        h, ht = _states(k, v, b, gate, h0, output_final_state, ch, prec)
+        A = _scores(q, k, b, gate, scale, ch, prec)
+        o = torch.empty_like(v)
+        _fwd_o_kernel[(triton.cdiv(V, BV), ch.NT, H)](
+            q, v, b, h, A, o, ch.cu_seqlens, ch.chunk_indices, scale,
+            H=H, K=K, V=V, BT=ch.BT, BK=_block(K), BV=BV, GATE=gate, DOT_PREC=prec,
+        )  # fmt: skip
+
+        # Only the inputs are kept: b, the states and A are recomputed in the backward.
+        ctx.save_for_backward(q, k, v, g, h0)
+        ctx.gate, ctx.scale, ctx.ch, ctx.prec = gate, scale, ch, prec
+        ctx.h0_dtype = None if initial_state is None else initial_state.dtype
+        ctx.set_materialize_grads(False)
+        return o, ht
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, dht):
+        q, k, v, g, h0 = ctx.saved_tensors
+        gate, scale, ch, prec = ctx.gate, ctx.scale, ctx.ch, ctx.prec
+        T_all, H, K = q.shape
+        V = v.shape[-1]
+        BT, BK, BV = ch.BT, _block(K), _block(V)
+        NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
+        do = torch.zeros_like(v) if do is None else do.contiguous()
+        dht = None if dht is None else dht.float().contiguous()
+
+        # Recompute what the forward dropped. The final state is needed only for the
+        # gate gradient's sum_v ht dht term.
+        b = None if g is None else _local_cumsum(g, gate, ch)
+        need_ht = gate != _GATE_NONE and dht is not None
+        h, ht = _states(k, v, b, gate, h0, need_ht, ch, prec)
+        A = _scores(q, k, b, gate, scale, ch, prec)
+
+        dh = q.new_empty(ch.NT, H, K, V, dtype=torch.float32)
+        dh0 = None if h0 is None else torch.empty_like(h0)
+        _bwd_dh_kernel[(NK, NV, ch.N * H)](
+            q, do, b, dh, dht, dh0, ch.cu_seqlens, ch.chunk_offsets, scale,
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate,
+            USE_DHT=dht is not None, STORE_DH0=h0 is not None, DOT_PREC=prec,
+        )  # fmt: skip
+        dA = q.new_empty(T_all, H, BT, dtype=torch.float32)
+        _bwd_dA_kernel[(ch.NT, H)](
+            do, v, dA, ch.cu_seqlens, ch.chunk_indices, scale,
+            H=H, V=V, BT=BT, BV=BV, DOT_PREC=prec,
+        )  # fmt: skip
+        dv = torch.empty_like(v)
+        _bwd_dv_kernel[(NV, ch.NT, H)](
+            k, b, A, do, dh, dv, ch.cu_seqlens, ch.chunk_indices,
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate, DOT_PREC=prec,
+        )  # fmt: skip
+        del A
+
+        # Per-channel gates: narrow K blocks keep the [BC, BC, BK] diagonal tile small.
+        BC, BKI = (min(_BC, BT), _BKD) if gate == _GATE_CHANNEL else (BT, BK)
+        dq_intra = q.new_empty(T_all, H, K, dtype=torch.float32)
+        dk_intra = torch.empty_like(dq_intra)
+        _bwd_dqk_intra_kernel[(triton.cdiv(K, BKI), ch.NT * (BT // BC), H)](
+            q, k, b, dA, dq_intra, dk_intra, ch.cu_seqlens, ch.chunk_indices,
+            H=H, K=K, BT=BT, BC=BC, BK=BKI, GATE=gate, DOT_PREC=prec,
+        )  # fmt: skip
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        if gate == _GATE_SCALAR:
+            dg_local = q.new_empty(NK, T_all, H, dtype=torch.float32)
+        elif gate == _GATE_CHANNEL:
+            dg_local = q.new_empty(T_all, H, K, dtype=torch.float32)
+        else:
+            dg_local = None
+        _bwd_dqk_kernel[(NK, ch.NT, H)](
+            q, k, v, b, h, do, dh, dq_intra, dk_intra, dq, dk, dg_local,
+            ch.cu_seqlens, ch.chunk_indices, scale, T_all,
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate, DOT_PREC=prec,
+        )  # fmt: skip
+
+        dg = None
+        if gate != _GATE_NONE:
+            # The final state's own term sum_v ht dht seeds the reverse cumsum.
+            init = None if ht is None else (ht * dht).sum(-1)  # [N, H, K]
+            if gate == _GATE_SCALAR:
+                x = dg_local.sum(0)  # [T_all, H]
+                init = None if init is None else init.sum(-1).contiguous()
+                H_, D = 1, H
+            else:
+                x, H_, D = dg_local, H, K
+            dg = torch.empty_like(x)
+            BD = _block(D)
+            _rev_cumsum_kernel[(triton.cdiv(D, BD), ch.N * H_)](
+                x, dg, init, ch.cu_seqlens, ch.chunk_offsets,
+                H=H_, D=D, BT=BT, BD=BD, USE_INIT=init is not None,
+            )  # fmt: skip
+            dg = dg.to(g.dtype)
+        if dh0 is not None:
+            dh0 = dh0.to(ctx.h0_dtype)
+        return dq, dk, dv, dg, dh0, None, None, None
+
+
+def chunk_gated_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunkwise gated linear attention with Triton forward and backward kernels.
+
+    Args:
+        q, k: [B, T, H, K]; v: [B, T, H, V] (K != V allowed, neither need be a power of two).
+            Any float dtype; all arithmetic is fp32.
+        g: log decay (<= 0, fp32): None (no decay), [B, T, H] (per head and token) or
+            [B, T, H, K] (per key channel).
+        scale: multiplies q (commonly K ** -0.5).
+        initial_state: [N, H, K, V] fp32 or None (zeros); N = B, or the number of
+            documents with ``cu_seqlens``.
+        output_final_state: also return the state after each document's last token.
+        cu_seqlens: int32 [N + 1] offsets of packed documents (B must be 1). The state
+            restarts from ``initial_state[n]`` at each document start; chunks never
+            straddle documents.
+        chunk_size: BT, a power of two >= 16.
+
+    Returns:
+        o [B, T, H, V] in v's dtype and ht [N, H, K, V] fp32 (or None). Differentiable in
+        q, k, v, g and initial_state; the backward recomputes the chunk states.
+    """
+    B, T, H, K, V = check_qkv(q, k, v)
+    _gate_kind(g, q)
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
+    ch = _Chunks(cu_seqlens, B, T, chunk_size, q.device)
+    check_state(initial_state, ch.N, H, K, V)
+    # Fold B into the token axis: B documents of length T (a view for contiguous inputs).
+    flat = [x.reshape(B * T, *x.shape[2:]) for x in (q, k, v)]
+    g_flat = None if g is None else g.reshape(B * T, *g.shape[2:])
+    o, ht = _ChunkGated.apply(*flat, g_flat, initial_state, scale, output_final_state, ch)
+    return o.reshape(B, T, H, V), ht

@@ -1,0 +1,81 @@
+"""Pieces shared by every op family: argument checks and the backend choice."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """Turn ``backend`` into the implementation that runs on ``x``.
+
+    ``auto`` is Triton for CUDA tensors and torch otherwise. Triton on CPU tensors runs
+    only under the interpreter (``TRITON_INTERPRET=1``, for tests); otherwise it is
+    refused with one sentence.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if backend == "auto":
+        return "triton" if x.is_cuda else "torch"
+    if backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for tests); "
+            f"these are on {x.device}, use backend='torch' or 'auto'"
+        )
+    return backend
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """Check q, k [B, T, H, K] and v [B, T, H, V]; return (B, T, H, K, V)."""
+    if q.dim() != 4 or k.shape != q.shape:
+        raise ValueError(
+            f"q and k must both be [B, T, H, K], got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must be [B, T, H, V] matching q's [B, T, H], got {tuple(v.shape)}")
+    B, T, H, K = q.shape
+    return B, T, H, K, v.shape[-1]
+
+
+def check_gate(g: torch.Tensor | None, q: torch.Tensor, kind: str, name: str) -> None:
+    """kind: "none", "scalar" ([B, T, H]) or "channel" ([B, T, H, K])."""
+    if kind == "none":
+        return
+    want = tuple(q.shape[:3]) if kind == "scalar" else tuple(q.shape)
+    if g is None or tuple(g.shape) != want:
+        got = None if g is None else tuple(g.shape)
+        raise ValueError(f"{name} must be {list(want)} (log decay), got {got}")
+
+
+def check_state(
+    initial_state: torch.Tensor | None, n: int, h: int, k: int, v: int
+) -> torch.Tensor | None:
+    if initial_state is None:
+        return None
+    if initial_state.shape != (n, h, k, v):
+        raise ValueError(
+            f"initial_state must be [N, H, K, V] = {(n, h, k, v)}, got {tuple(initial_state.shape)}"
+        )
+    return initial_state
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor | None, batch: int, total: int) -> list[int] | None:
+    """Validate packed-document offsets and return them as a Python list (or None)."""
+    if cu_seqlens is None:
+        return None
+    if batch != 1:
+        raise ValueError(f"with cu_seqlens the batch size must be 1 (packed), got {batch}")
+    offsets = cu_seqlens.tolist()
+    if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != total:
+        raise ValueError(f"cu_seqlens must run from 0 to T={total}, got {offsets}")
+    if any(b <= a for a, b in itertools.pairwise(offsets)):
+        raise ValueError(f"cu_seqlens must be strictly increasing, got {offsets}")
+    return offsets
+
+
+def default_scale(scale: float | None, k: int) -> float:
+    return k**-0.5 if scale is None else scale

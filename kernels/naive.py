@@ -1,0 +1,49 @@
+"""The per-token recurrence of the gated linear families in fp32: the test oracle.
+
+    S_t = Diag(exp(g_t)) S_{t-1} + k_t^T v_t        o_t = scale * q_t S_t
+
+g is None (no decay), [B, T, H] (one log decay per head) or [B, T, H, K] (per key channel).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from hylas.kernels.common import check_cu_seqlens, check_qkv, check_state, default_scale
+
+
+def _recurrence(q, k, v, g, scale, state):
+    """q, k, g [T, H, K], v [T, H, V], state [H, K, V] fp32 -> o [T, H, V], state."""
+    outputs = []
+    for t in range(q.shape[0]):
+        state = g[t].exp().unsqueeze(-1) * state + k[t].unsqueeze(-1) * v[t].unsqueeze(-2)
+        outputs.append(torch.einsum("hk,hkv->hv", q[t] * scale, state))
+    return torch.stack(outputs), state
+
+
+def naive_gated(
+    q, k, v, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
+):
+    """Token-by-token; o [B, T, H, V] in v's dtype and the final state [N, H, K, V] fp32."""
+    B, T, H, K, V = check_qkv(q, k, v)
+    scale = default_scale(scale, K)
+    offsets = check_cu_seqlens(cu_seqlens, B, T)
+    if offsets is None:
+        spans = [(b, 0, T) for b in range(B)]
+    else:
+        spans = [(0, s, e) for s, e in itertools.pairwise(offsets)]
+    check_state(initial_state, len(spans), H, K, V)
+    if g is None:
+        g = q.new_zeros(B, T, H, K, dtype=torch.float32)
+    elif g.dim() == 3:
+        g = g.unsqueeze(-1).expand(B, T, H, K)
+    q, k, v, g = (x.float() for x in (q, k, v, g))
+    o = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
+    finals = []
+    for n, (b, s, e) in enumerate(spans):
+        state = q.new_zeros(H, K, V) if initial_state is None else initial_state[n].float()
+        o[b, s:e], state = _recurrence(q[b, s:e], k[b, s:e], v[b, s:e], g[b, s:e], scale, state)
+        finals.append(state)
+    return o.to(v.dtype), torch.stack(finals) if output_final_state else None

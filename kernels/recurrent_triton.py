@@ -1,0 +1,199 @@
+"""Fused recurrent gated linear attention in Triton: the decoding step (a few tokens at a time).
+
+Legend: B batch, T tokens, H heads, K key dim, V value dim, BK = K rounded up to a power of
+two, BV the block of value columns one program owns.
+
+Recurrence per head, with row vectors q_t, k_t in R^K, v_t in R^V and the log decay g_t <= 0::
+
+    S_t = Diag(exp(g_t)) S_{t-1} + k_t^T v_t        o_t = scale * q_t S_t
+
+The decay g_t is one of: absent (plain linear attention), one scalar per head [B, T, H]
+(RetNet / Mamba2 / Lightning style), or one value per key channel [B, T, H, K] (GLA / HGRN2).
+
+One program per (value block, batch x head) keeps its [BK, BV] slice of the state in fp32
+registers and walks the T tokens in order, so the state is read from and written to memory
+once per call however many tokens are decoded. Columns of S are independent (every update
+acts on rows), which is why V can be split across programs with no reduction; K cannot.
+
+Inference only: there is no backward, and gradients do not flow through the outputs.
+Inputs are made contiguous; the kernel indexes the [B, T, H, *] layout directly.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Cap on the fp32 state slice one program holds (BK * BV elements): 4096 is 32 registers a
+# thread at 4 warps, leaving room for q, k, v and the products without spilling.
+_MAX_STATE_BLOCK = 4096
+_MIN_BV = 16
+
+
+@triton.jit
+def _fused_recurrent_gated_kernel(
+    q,
+    k,
+    v,
+    g,
+    o,
+    h0,
+    ht,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_G: tl.constexpr,  # g is [B, T, H]: one decay per head and token
+    USE_GK: tl.constexpr,  # g is [B, T, H, K]: one decay per key channel
+    USE_INITIAL_STATE: tl.constexpr,
+    STORE_FINAL_STATE: tl.constexpr,
+):
+    i_v = tl.program_id(0)
+    # int64 before any multiplication: B * T * H * K and B * H * K * V can pass 2**31.
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_k = offs_k < K
+    mask_v = offs_v < V
+    mask_kv = mask_k[:, None] & mask_v[None, :]
+
+    # Token 0 of this (batch, head); each step moves one token, i.e. H rows, forward.
+    p_q = q + (i_b * T * H + i_h) * K + offs_k
+    p_k = k + (i_b * T * H + i_h) * K + offs_k
+    p_v = v + (i_b * T * H + i_h) * V + offs_v
+    p_o = o + (i_b * T * H + i_h) * V + offs_v
+    if USE_G:
+        p_g = g + i_b * T * H + i_h
+    if USE_GK:
+        p_g = g + (i_b * T * H + i_h) * K + offs_k
+
+    # State slice [BK, BV] in row-major [K, V] of head i_bh.
+    offs_state = i_bh * K * V + offs_k[:, None] * V + offs_v[None, :]
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        b_h += tl.load(h0 + offs_state, mask=mask_kv, other=0.0).to(tl.float32)
+
+    for _ in range(T):
+        # Cast right after the load: all arithmetic is fp32 whatever the input dtype.
+        # Padded rows (k >= K) load q = k = 0, so they stay 0 and add nothing to o.
+        b_q = tl.load(p_q, mask=mask_k, other=0.0).to(tl.float32) * scale
+        b_k = tl.load(p_k, mask=mask_k, other=0.0).to(tl.float32)
+        b_v = tl.load(p_v, mask=mask_v, other=0.0).to(tl.float32)
+        if USE_G:
+            b_h *= tl.exp(tl.load(p_g).to(tl.float32))
+        if USE_GK:
+            b_gk = tl.load(p_g, mask=mask_k, other=0.0).to(tl.float32)
+            b_h *= tl.exp(b_gk)[:, None]
+        b_h += b_k[:, None] * b_v[None, :]
+        # q_t S_t for this value block: a K-reduction of a [BK, BV] tile (too small for dot).
+        b_o = tl.sum(b_h * b_q[:, None], axis=0)
+        tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=mask_v)
+
+        p_q += H * K
+        p_k += H * K
+        p_v += H * V
+        p_o += H * V
+        if USE_G:
+            p_g += H
+        if USE_GK:
+            p_g += H * K
+
+    if STORE_FINAL_STATE:
+        tl.store(ht + offs_state, b_h, mask=mask_kv)
+
+
+def _check_shapes(q, k, v, g, initial_state) -> tuple[int, int, int, int, int]:
+    """Return (B, T, H, K, V) or raise one ValueError naming every expected shape."""
+    ok = q.dim() == 4 and k.shape == q.shape and v.dim() == 4 and v.shape[:3] == q.shape[:3]
+    if ok:
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        ok = g is None or tuple(g.shape) in ((B, T, H), (B, T, H, K))
+        ok = ok and (initial_state is None or tuple(initial_state.shape) == (B, H, K, V))
+    if not ok:
+        raise ValueError(
+            "fused_recurrent_gated expects q, k [B, T, H, K], v [B, T, H, V], "
+            "g None or [B, T, H] or [B, T, H, K], initial_state None or [B, H, K, V]; got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+            f"g {None if g is None else tuple(g.shape)}, "
+            f"initial_state {None if initial_state is None else tuple(initial_state.shape)}"
+        )
+    return B, T, H, K, V
+
+
+def fused_recurrent_gated(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Decode T tokens from ``initial_state`` with one fused Triton kernel -> (o, ht).
+
+    Args:
+        q, k: [B, T, H, K]; v: [B, T, H, V].
+        g: log decay (<= 0): None (no decay), [B, T, H] (per head) or [B, T, H, K]
+            (per key channel).
+        scale: multiplies q (commonly K ** -0.5).
+        initial_state: [B, H, K, V], read in fp32; None starts from zeros.
+        output_final_state: return the state after the last token.
+
+    Returns:
+        o [B, T, H, V] in v's dtype, and ht [B, H, K, V] fp32 (None unless
+        ``output_final_state``).
+
+    Inference only: no backward is defined. On CPU tensors this needs ``TRITON_INTERPRET=1``.
+    """
+    B, T, H, K, V = _check_shapes(q, k, v, g, initial_state)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    use_g = g is not None and g.dim() == 3
+    use_gk = g is not None and g.dim() == 4
+    if g is not None:
+        g = g.contiguous()
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+
+    o = torch.empty_like(v)
+    ht = (
+        torch.empty(B, H, K, V, dtype=torch.float32, device=q.device)
+        if output_final_state
+        else None
+    )
+
+    BK = triton.next_power_of_2(K)
+    # Smaller value blocks when K is large keep the state slice in registers; they also give
+    # more programs, which decoding (small B * H) needs to fill the GPU.
+    BV = min(triton.next_power_of_2(V), max(_MIN_BV, _MAX_STATE_BLOCK // BK))
+    grid = (triton.cdiv(V, BV), B * H)
+    # Pointers the flags switch off are never read; q stands in so every argument is a tensor.
+    _fused_recurrent_gated_kernel[grid](
+        q,
+        k,
+        v,
+        g if g is not None else q,
+        o,
+        initial_state if initial_state is not None else q,
+        ht if ht is not None else o,
+        scale,
+        T,
+        H=H,
+        K=K,
+        V=V,
+        BK=BK,
+        BV=BV,
+        USE_G=use_g,
+        USE_GK=use_gk,
+        USE_INITIAL_STATE=initial_state is not None,
+        STORE_FINAL_STATE=output_final_state,
+        num_warps=4,
+    )
+    return o, ht

@@ -1,0 +1,53 @@
+"""Scalar-gated linear attention: one log decay per head and token, fixed or data-dependent
+(lightning attention, RetNet, Mamba2 / SSD, decay linear attention).
+
+    S_t = exp(g_t) S_{t-1} + k_t^T v_t        o_t = scale * q_t S_t
+
+Shapes: q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H] log decay, <= 0, used in fp32
+(RetNet's fixed gamma is g = log(gamma); Mamba2's is -exp(A_log) * softplus(dt + bias)).
+States are [N, H, K, V] fp32 (N = B, or the number of documents with ``cu_seqlens``).
+Outputs are in v's dtype; ``scale=None`` means K ** -0.5.
+"""
+
+from hylas.kernels import gated
+from hylas.kernels.common import check_gate
+
+
+def chunk(
+    q,
+    k,
+    v,
+    g,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    cu_seqlens=None,
+    backend="auto",
+):
+    """Chunkwise, with gradients for q, k, v, g and initial_state. backend: auto | torch | triton."""
+    check_gate(g, q, "scalar", "g")
+    return gated.chunk(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, backend)
+
+
+def naive(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """The fp32 per-token recurrence: the oracle."""
+    check_gate(g, q, "scalar", "g")
+    return gated.naive_gated(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def recurrent(q, k, v, g, scale=None, initial_state=None, output_final_state=True):
+    """Decode a few tokens from ``initial_state`` [B, H, K, V] (fused Triton on CUDA)."""
+    check_gate(g, q, "scalar", "g")
+    return gated.recurrent(q, k, v, g, scale, initial_state, output_final_state)
+
+
+def transition(q, k, v, g, scale=None, cu_seqlens=None, starts_document=False):
+    """LASP-2: (A [N, H], B [N, H, K, V]) with S_out = A[..., None, None] * S_in + B."""
+    check_gate(g, q, "scalar", "g")
+    return gated.transition(q, k, v, g, scale, cu_seqlens, starts_document)
+
+
+def entering_state_grad(q, k, v, g, do, scale=None, cu_seqlens=None, starts_document=False):
+    """LASP-2: G [N, H, K, V], the gradient of the segment's outputs on its entering state."""
+    check_gate(g, q, "scalar", "g")
+    return gated.entering_state_grad(q, k, v, g, do, scale, cu_seqlens, starts_document)

@@ -1,0 +1,104 @@
+"""The model's configuration: one small dataclass, validated when it is built."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message is one sentence for the user."""
+
+
+def expand_ratio(ratio: str) -> str:
+    """``"3:1"`` -> ``"LLLF"``: ``a`` linear layers then ``b`` softmax layers per group."""
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", ratio)
+    if not m:
+        raise ConfigError(f"model.linear_to_full must look like '3:1', got {ratio!r}")
+    n_linear, n_full = int(m[1]), int(m[2])
+    if n_linear + n_full == 0:
+        raise ConfigError("model.linear_to_full cannot be '0:0'; use '1:0' for all linear layers")
+    if n_linear and n_full:
+        # Smallest group with that ratio: "6:2" -> "LLLF".
+        from math import gcd
+
+        d = gcd(n_linear, n_full)
+        n_linear, n_full = n_linear // d, n_full // d
+    else:
+        n_linear, n_full = min(n_linear, 1), min(n_full, 1)
+    return "L" * n_linear + "F" * n_full
+
+
+@dataclass
+class ModelConfig:
+    """A hybrid decoder: a pattern of linear (L) and softmax (F) mixer layers tiled over depth."""
+
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # softmax layers; None = n_heads (no GQA)
+    vocab_size: int = 4096  # the tokenizer's; the embedding is padded to a multiple of 64
+    linear_mixer: str = "gla"
+    layer_pattern: str = ""  # e.g. "LLLF"; when set it takes precedence over linear_to_full
+    linear_to_full: str = "3:1"
+    d_ff: int | None = None  # None = 8/3 d_model rounded up to a multiple of 64 (SwiGLU)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    @property
+    def pattern(self) -> str:
+        """The per-layer pattern, one letter per layer (``L`` linear, ``F`` softmax)."""
+        unit = self.layer_pattern or expand_ratio(self.linear_to_full)
+        return unit * (self.n_layers // len(unit))
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // 64) * 64
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.d_ff or -(-(8 * self.d_model // 3) // 64) * 64
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    def validate(self) -> ModelConfig:
+        from hylas.model.registry import check_linear_mixer
+
+        for name in ("d_model", "n_layers", "n_heads", "vocab_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})"
+            )
+        if (self.d_model // self.n_heads) % 2:
+            raise ConfigError(
+                f"the head size d_model / n_heads = {self.d_model // self.n_heads} must be even for RoPE"
+            )
+        if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
+            raise ConfigError(
+                f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.kv_heads})"
+            )
+        if self.vocab_size < 260:
+            raise ConfigError(
+                f"model.vocab_size must be at least 260 (byte fallback needs 256 pieces), got {self.vocab_size}"
+            )
+        unit = self.layer_pattern or expand_ratio(self.linear_to_full)
+        if set(unit) - {"L", "F"}:
+            raise ConfigError(
+                f"model.layer_pattern may hold only L (linear) and F (softmax), got {unit!r}"
+            )
+        if self.n_layers % len(unit):
+            raise ConfigError(
+                f"model.n_layers ({self.n_layers}) must be a multiple of the layer pattern "
+                f"{unit!r} (length {len(unit)})"
+            )
+        if "L" in unit:
+            check_linear_mixer(self.linear_mixer)
+        if self.d_ff is not None and self.d_ff <= 0:
+            raise ConfigError(f"model.d_ff must be positive, got {self.d_ff}")
+        return self

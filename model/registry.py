@@ -1,0 +1,52 @@
+"""Name -> class for the mixers. Blocks ask the registry; they never branch on mixer type."""
+
+from __future__ import annotations
+
+from hylas.model.config import ConfigError
+
+LINEAR_MIXERS: dict[str, type] = {}
+
+# Linear mixers on the roadmap; naming one gives "not available yet" rather than "unknown".
+PLANNED_LINEAR_MIXERS = (
+    "linear_attention",
+    "retnet",
+    "lightning",
+    "mamba2",
+    "hgrn2",
+    "deltanet",
+    "gated_deltanet",
+)
+
+
+def register_linear_mixer(name: str):
+    def add(cls):
+        LINEAR_MIXERS[name] = cls
+        return cls
+
+    return add
+
+
+def check_linear_mixer(name: str) -> None:
+    import hylas.model.linear_mixers  # noqa: F401  (fills the registry)
+
+    if name in LINEAR_MIXERS:
+        return
+    if name in PLANNED_LINEAR_MIXERS:
+        raise ConfigError(
+            f"model.linear_mixer={name!r} is not available yet in this version of Hylas; "
+            f"available: {', '.join(sorted(LINEAR_MIXERS))}"
+        )
+    raise ConfigError(
+        f"model.linear_mixer={name!r} is not a known linear mixer; "
+        f"available: {', '.join(sorted(LINEAR_MIXERS))}"
+    )
+
+
+def mixer_class(kind: str, linear_mixer: str) -> type:
+    """The mixer class for a pattern letter: ``L`` the configured linear mixer, ``F`` softmax."""
+    if kind == "F":
+        from hylas.model.attention import SoftmaxAttention
+
+        return SoftmaxAttention
+    check_linear_mixer(linear_mixer)
+    return LINEAR_MIXERS[linear_mixer]

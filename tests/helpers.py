@@ -1,0 +1,25 @@
+"""Comparison helpers shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rel_rms_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected||_rms / ||expected||_rms in fp64; NaN or Inf anywhere fails."""
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), "actual holds NaN or Inf"
+    assert torch.isfinite(expected).all(), "expected holds NaN or Inf"
+    a, e = actual.double(), expected.double()
+    denom = e.pow(2).mean().sqrt().clamp_min(1e-30)
+    return ((a - e).pow(2).mean().sqrt() / denom).item()
+
+
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "", atol: float = 0.0
+) -> None:
+    """Relative RMS error <= tol, or an RMS difference <= atol where the reference is ~0
+    (e.g. a gate gradient that is exactly zero, computed through a cancelling identity)."""
+    err = rel_rms_error(actual, expected)
+    diff = (actual.double() - expected.double()).pow(2).mean().sqrt().item()
+    assert err <= tol or diff <= atol, f"{what}: relative RMS error {err:.3e} > {tol:.1e}"

@@ -1,0 +1,122 @@
+"""The fused recurrent Triton kernel (run by the interpreter here) against the fp32 gla.naive."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hylas.kernels.gla import naive
+from hylas.kernels.recurrent_triton import fused_recurrent_gated
+from tests.helpers import assert_close
+
+B, H, K, V = 2, 2, 16, 24  # K != V on purpose, and V is not a power of two
+
+
+def make_inputs(T, gate, k_dim=K, v_dim=V, dtype=torch.float32, gate_scale=None, seed=0):
+    """q, k, v and a log decay g of the given kind (None, "head" [B,T,H], "channel" [B,T,H,K])."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, k_dim, generator=gen).to(dtype)
+    k = torch.randn(B, T, H, k_dim, generator=gen).to(dtype)
+    v = torch.randn(B, T, H, v_dim, generator=gen).to(dtype)
+    shape = {"head": (B, T, H), "channel": (B, T, H, k_dim)}.get(gate)
+    g = None
+    if shape is not None:
+        if gate_scale is None:
+            g = F.logsigmoid(torch.randn(shape, generator=gen) * 2)
+        else:
+            g = -gate_scale * torch.rand(shape, generator=gen)
+        g = g.to(dtype)
+    return q, k, v, g
+
+
+def oracle(q, k, v, g, scale, h0):
+    """gla.naive with the gate widened to one value per key channel."""
+    if g is None:
+        gk = torch.zeros_like(q, dtype=torch.float32)
+    elif g.dim() == 3:
+        gk = g[..., None].expand(-1, -1, -1, q.shape[-1])
+    else:
+        gk = g
+    return naive(q, k, v, gk, scale, h0, output_final_state=True)
+
+
+@pytest.mark.parametrize("gate", [None, "head", "channel"])
+@pytest.mark.parametrize("T", [1, 5, 33])
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_matches_naive(gate, T, with_h0):
+    q, k, v, g = make_inputs(T, gate)
+    h0 = torch.randn(B, H, K, V) if with_h0 else None
+    scale = K**-0.5
+    o_ref, ht_ref = oracle(q, k, v, g, scale, h0)
+    o, ht = fused_recurrent_gated(q, k, v, g, scale, initial_state=h0)
+    assert o.dtype == v.dtype and o.shape == (B, T, H, V)
+    assert ht.dtype == torch.float32 and ht.shape == (B, H, K, V)
+    assert_close(o, o_ref, 1e-5, "o")
+    assert_close(ht, ht_ref, 1e-5, "ht")
+
+
+@pytest.mark.parametrize(
+    ("k_dim", "v_dim"),
+    [(32, 32), (64, 72)],  # K == V; and V split over two programs with the last one masked
+)
+@pytest.mark.parametrize("gate", ["head", "channel"])
+def test_other_sizes(k_dim, v_dim, gate):
+    q, k, v, g = make_inputs(5, gate, k_dim=k_dim, v_dim=v_dim)
+    h0 = torch.randn(B, H, k_dim, v_dim)
+    o_ref, ht_ref = oracle(q, k, v, g, 0.3, h0)
+    o, ht = fused_recurrent_gated(q, k, v, g, 0.3, initial_state=h0)
+    assert_close(o, o_ref, 1e-5, "o")
+    assert_close(ht, ht_ref, 1e-5, "ht")
+
+
+@pytest.mark.parametrize("gate", [None, "head", "channel"])
+def test_bf16_inputs(gate):
+    q, k, v, g = make_inputs(5, gate, dtype=torch.bfloat16)
+    h0 = torch.randn(B, H, K, V)
+    o_ref, ht_ref = oracle(q, k, v, g, K**-0.5, h0)
+    o, ht = fused_recurrent_gated(q, k, v, g, K**-0.5, initial_state=h0)
+    assert o.dtype == torch.bfloat16 and ht.dtype == torch.float32
+    assert_close(o.float(), o_ref.float(), 2e-2, "o")
+    assert_close(ht, ht_ref, 2e-2, "ht")
+
+
+@pytest.mark.parametrize("gate", ["head", "channel"])
+def test_strong_decay_is_finite(gate):
+    q, k, v, g = make_inputs(33, gate, gate_scale=20.0)
+    h0 = torch.randn(B, H, K, V)
+    o, ht = fused_recurrent_gated(q, k, v, g, K**-0.5, initial_state=h0)
+    assert torch.isfinite(o).all() and torch.isfinite(ht).all()
+    o_ref, ht_ref = oracle(q, k, v, g, K**-0.5, h0)
+    assert_close(o, o_ref, 1e-5, "o")
+    assert_close(ht, ht_ref, 1e-5, "ht")
+
+
+def test_continuing_from_the_returned_state():
+    """Decoding 3 + 4 tokens in two calls equals decoding all 7 in one."""
+    q, k, v, g = make_inputs(7, "channel")
+    o_all, ht_all = fused_recurrent_gated(q, k, v, g, 0.25)
+    o_a, ht_a = fused_recurrent_gated(q[:, :3], k[:, :3], v[:, :3], g[:, :3], 0.25)
+    o_b, ht_b = fused_recurrent_gated(q[:, 3:], k[:, 3:], v[:, 3:], g[:, 3:], 0.25, ht_a)
+    assert_close(torch.cat([o_a, o_b], dim=1), o_all, 1e-6, "o")
+    assert_close(ht_b, ht_all, 1e-6, "ht")
+
+
+def test_no_final_state():
+    q, k, v, g = make_inputs(2, "head")
+    o, ht = fused_recurrent_gated(q, k, v, g, 1.0, output_final_state=False)
+    assert ht is None
+    assert_close(o, oracle(q, k, v, g, 1.0, None)[0], 1e-5, "o")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"v": torch.zeros(B, 3, H + 1, V)},
+        {"g": torch.zeros(B, 3, H, K + 1)},
+        {"initial_state": torch.zeros(B, H, V, K)},
+    ],
+)
+def test_bad_shapes_raise(bad):
+    q, k, v, g = make_inputs(3, "head")
+    args = {"v": v, "g": g, "initial_state": None} | bad
+    with pytest.raises(ValueError, match="fused_recurrent_gated expects"):
+        fused_recurrent_gated(q, k, args["v"], args["g"], 1.0, initial_state=args["initial_state"])

@@ -1,0 +1,95 @@
+"""Config loading: recipes, YAML files, --set overrides parsed by type, and clear errors."""
+
+import pytest
+
+from hylas.train.cli import main
+from hylas.train.config import ConfigError, load_config, recipe_names
+
+
+def test_tiny_recipe_is_the_default():
+    assert "tiny" in recipe_names()
+    cfg = load_config()
+    assert cfg.model.linear_to_full == "3:1"  # a string, not YAML 1.1's base-60 int 181
+    assert cfg.model.pattern == "LLLF"
+    assert load_config("tiny") == cfg
+
+
+def test_overrides_are_parsed_by_the_field_type():
+    cfg = load_config(
+        "tiny",
+        [
+            "model.n_layers=8",
+            "train.lr=1e-3",
+            "model.tie_embeddings=false",
+            "model.linear_to_full=1:1",
+            "model.n_kv_heads=2",
+            "train.out_dir=/somewhere/else",
+        ],
+    )
+    assert cfg.model.n_layers == 8 and isinstance(cfg.model.n_layers, int)
+    assert cfg.train.lr == 1e-3
+    assert cfg.model.tie_embeddings is False
+    assert cfg.model.pattern == "LFLFLFLF"
+    assert cfg.model.n_kv_heads == 2
+    assert load_config("tiny", ["model.n_kv_heads=none"]).model.n_kv_heads is None
+
+
+def test_yaml_file_is_read_with_every_value_typed_by_its_field(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(
+        "model:\n  linear_to_full: 1:1\n  n_layers: 2\ntrain:\n  lr: 5e-4\n  steps: 10\n  warmup_steps: 2\n"
+    )
+    cfg = load_config(str(path), ["train.steps=20"])
+    assert cfg.model.linear_to_full == "1:1" and cfg.model.pattern == "LF"
+    assert cfg.train.lr == 5e-4 and cfg.train.steps == 20
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["model.n_layer=4"],
+            "unknown config key 'model.n_layer' in model; did you mean model.n_layers",
+        ),
+        (["modle.n_layers=4"], "unknown config key 'modle' at the top level; did you mean model"),
+        (["model.n_layers=four"], "model.n_layers must be int, got 'four'"),
+        (["model.n_layers=6"], "multiple of the layer pattern"),
+        (["model.d_model=250"], "divisible by model.n_heads"),
+        (["train.dtype=float16"], "train.dtype must be float32 or bfloat16"),
+        (["train.warmup_steps=1000"], "cannot exceed train.steps"),
+        (["model.moe.num_experts=8"], "model.moe.num_experts is not available yet"),
+        (["parallel.sp=2"], "parallel.sp is not available yet"),
+        (["data.path=/x"], "data.path is not available yet"),
+        (["kernels.backend=cuda"], "kernels.backend must be auto, torch or triton"),
+        (["model.linear_mixer=mamba2"], "'mamba2' is not available yet"),
+        (["model.linear_to_full=3-1"], "must look like '3:1'"),
+        (["model"], "--set takes key=value"),
+        (["model=3"], "model is a section"),
+    ],
+)
+def test_bad_values_fail_with_one_sentence(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_config("tiny", overrides)
+
+
+def test_missing_file_and_recipe(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="neither a YAML file nor a recipe"):
+        load_config("huge")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+
+
+def test_cli_reports_config_errors_in_one_line_with_exit_code_2(capsys):
+    assert main(["train", "--set", "model.n_layer=4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("hylas: error: unknown config key 'model.n_layer'")
+    assert not any("Traceback" in line for line in err)
+
+
+def test_cli_refuses_commands_of_later_work(capsys):
+    assert main(["export", "--checkpoint", "x", "--out", "y"]) == 2
+    assert "'hylas export' is not available yet" in capsys.readouterr().err

@@ -1,0 +1,1 @@
+"""Training: configs, the loop, checkpoints, metrics and the ``hylas`` command line."""
