@@ -21,9 +21,15 @@ import time
 import torch
 import torch.nn.functional as F
 
-from hylas.kernels import gla, linear_attn, simple_gla
+from hylas.kernels import delta_rule, gated_delta_rule, gla, linear_attn, simple_gla
 
-FAMILIES = {"linear_attn": linear_attn, "simple_gla": simple_gla, "gla": gla}
+FAMILIES = {
+    "linear_attn": linear_attn,
+    "simple_gla": simple_gla,
+    "gla": gla,
+    "delta_rule": delta_rule,
+    "gated_delta_rule": gated_delta_rule,
+}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 H, K, V = 4, 128, 128
 
@@ -38,6 +44,13 @@ def make_inputs(family, T: int, dtype, device):
         gates = [F.logsigmoid(torch.randn(1, T, H, generator=gen) + 4)]
     elif family is gla:
         gates = [F.logsigmoid(torch.randn(1, T, H, K, generator=gen)) / 16]
+    elif family is delta_rule:
+        gates = [torch.sigmoid(torch.randn(1, T, H, generator=gen))]
+    elif family is gated_delta_rule:
+        gates = [
+            F.logsigmoid(torch.randn(1, T, H, generator=gen) + 4),
+            torch.sigmoid(torch.randn(1, T, H, generator=gen)),
+        ]
     xs = [x.to(dtype) for x in (q, k, v)] + gates  # gates stay fp32
     return [x.to(device).requires_grad_() for x in xs]
 

@@ -7,7 +7,14 @@ state) and the LASP-2 protocol ``transition`` / ``entering_state_grad``. Kernels
 nothing from the rest of Hylas.
 """
 
-from hylas.kernels import gla, linear_attn, simple_gla
+from hylas.kernels import delta_rule, gated_delta_rule, gla, linear_attn, simple_gla
 from hylas.kernels.common import resolve_backend
 
-__all__ = ["gla", "linear_attn", "resolve_backend", "simple_gla"]
+__all__ = [
+    "delta_rule",
+    "gated_delta_rule",
+    "gla",
+    "linear_attn",
+    "resolve_backend",
+    "simple_gla",
+]

@@ -1,8 +1,16 @@
-"""The per-token recurrence of the gated linear families in fp32: the test oracle.
+"""The per-token recurrences in fp32: the test oracles of every family.
+
+Gated families (``naive_gated``)::
 
     S_t = Diag(exp(g_t)) S_{t-1} + k_t^T v_t        o_t = scale * q_t S_t
 
 g is None (no decay), [B, T, H] (one log decay per head) or [B, T, H, K] (per key channel).
+
+Delta-rule families (``naive_delta``)::
+
+    S_t = exp(g_t) (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t
+
+g is None (DeltaNet) or [B, T, H] (Gated DeltaNet); beta [B, T, H].
 """
 
 from __future__ import annotations
@@ -45,5 +53,55 @@ def naive_gated(
     for n, (b, s, e) in enumerate(spans):
         state = q.new_zeros(H, K, V) if initial_state is None else initial_state[n].float()
         o[b, s:e], state = _recurrence(q[b, s:e], k[b, s:e], v[b, s:e], g[b, s:e], scale, state)
+        finals.append(state)
+    return o.to(v.dtype), torch.stack(finals) if output_final_state else None
+
+
+def _delta_recurrence(q, k, v, beta, g, scale, state):
+    """q, k [T, H, K], v [T, H, V], beta, g [T, H], state [H, K, V] fp32 -> o, state."""
+    outputs = []
+    for t in range(q.shape[0]):
+        state = g[t].exp()[:, None, None] * state
+        correction = v[t] - torch.einsum("hk,hkv->hv", k[t], state)  # v_t - k_t a_t S_{t-1}
+        state = state + beta[t][:, None, None] * k[t].unsqueeze(-1) * correction.unsqueeze(-2)
+        outputs.append(torch.einsum("hk,hkv->hv", q[t] * scale, state))
+    return torch.stack(outputs), state
+
+
+def naive_delta(
+    q,
+    k,
+    v,
+    beta,
+    g=None,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    cu_seqlens=None,
+):
+    """The delta rule token by token, in fp32 (g None: DeltaNet; [B, T, H]: Gated DeltaNet).
+
+        S_t = exp(g_t) (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t    o_t = scale q_t S_t
+
+    Returns o [B, T, H, V] in v's dtype and the final state [N, H, K, V] fp32 (or None).
+    """
+    B, T, H, K, V = check_qkv(q, k, v)
+    scale = default_scale(scale, K)
+    offsets = check_cu_seqlens(cu_seqlens, B, T)
+    if offsets is None:
+        spans = [(b, 0, T) for b in range(B)]
+    else:
+        spans = [(0, s, e) for s, e in itertools.pairwise(offsets)]
+    check_state(initial_state, len(spans), H, K, V)
+    if g is None:
+        g = q.new_zeros(B, T, H, dtype=torch.float32)
+    q, k, v, beta, g = (x.float() for x in (q, k, v, beta, g))
+    o = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
+    finals = []
+    for n, (b, s, e) in enumerate(spans):
+        state = q.new_zeros(H, K, V) if initial_state is None else initial_state[n].float()
+        o[b, s:e], state = _delta_recurrence(
+            q[b, s:e], k[b, s:e], v[b, s:e], beta[b, s:e], g[b, s:e], scale, state
+        )
         finals.append(state)
     return o.to(v.dtype), torch.stack(finals) if output_final_state else None

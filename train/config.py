@@ -38,7 +38,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 = off
     seed: int = 0
     out_dir: str = "runs/tiny"
-    dtype: str = "bfloat16"  # float32 | bfloat16 (autocast; fp32 weights and optimizer)
+    # auto | float32 | bfloat16 (autocast; fp32 weights and optimizer). auto: bfloat16 where
+    # the hardware has fast bf16 matmuls (CUDA with bf16, CPUs with AMX), else float32.
+    dtype: str = "auto"
     eval_every: int = 0  # 0 = evaluate at step 0 and at the end only
     eval_batches: int = 8
     log_every: int = 10
@@ -68,8 +70,8 @@ class TrainConfig:
             raise ConfigError(
                 f"train.warmup_steps ({self.warmup_steps}) cannot exceed train.steps ({self.steps})"
             )
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"train.dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"train.dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ConfigError("train.beta1 and train.beta2 must be in [0, 1)")
         if self.weight_decay < 0:

@@ -1,6 +1,7 @@
 """Config loading: recipes, YAML files, --set overrides parsed by type, and clear errors."""
 
 import pytest
+import torch
 
 from hylas.train.cli import main
 from hylas.train.config import ConfigError, load_config, recipe_names
@@ -55,7 +56,7 @@ def test_yaml_file_is_read_with_every_value_typed_by_its_field(tmp_path):
         (["model.n_layers=four"], "model.n_layers must be int, got 'four'"),
         (["model.n_layers=6"], "multiple of the layer pattern"),
         (["model.d_model=250"], "divisible by model.n_heads"),
-        (["train.dtype=float16"], "train.dtype must be float32 or bfloat16"),
+        (["train.dtype=float16"], "train.dtype must be auto, float32 or bfloat16"),
         (["train.warmup_steps=1000"], "cannot exceed train.steps"),
         (["model.moe.num_experts=8"], "model.moe.num_experts is not available yet"),
         (["parallel.sp=2"], "parallel.sp is not available yet"),
@@ -93,3 +94,14 @@ def test_cli_reports_config_errors_in_one_line_with_exit_code_2(capsys):
 def test_cli_refuses_commands_of_later_work(capsys):
     assert main(["export", "--checkpoint", "x", "--out", "y"]) == 2
     assert "'hylas export' is not available yet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_dtype_is_bf16_only_where_bf16_matmuls_are_fast(monkeypatch, amx):
+    from hylas.train.trainer import compute_dtype
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cpu = torch.device("cpu")
+    assert compute_dtype("auto", cpu) == ("bfloat16" if amx else "float32")
+    assert compute_dtype("float32", cpu) == "float32"
+    assert compute_dtype("bfloat16", cpu) == "bfloat16"

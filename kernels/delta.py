@@ -1,0 +1,120 @@
+"""The calls of the delta-rule families (``delta_rule``, ``gated_delta_rule``).
+
+    S_t = exp(g_t) (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t        o_t = scale q_t S_t
+
+The family modules check their gates and call these with ``g`` = None (DeltaNet) or
+[B, T, H] (Gated DeltaNet, log decay <= 0) and ``beta`` [B, T, H].
+
+The LASP-2 protocol (ARCHITECTURE.md, "Sequence parallelism"): the segment's transition
+is dense, so ``transition`` gives A [N, H, K, K], the ordered product
+M_last ... M_first of M_t = exp(g_t) (I - beta_t k_t^T k_t), and B [N, H, K, V], the final
+state from zero, with S_out = A @ S_in + B (fp32). ``entering_state_grad`` gives G, the
+gradient the segment's own outputs put on its entering state. Packed segments
+(``cu_seqlens``, one row) and ``starts_document`` follow the gated families: a document
+starting after the segment's first token makes A = 0; a segment whose first token starts a
+document has A = 0 and G = 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hylas.kernels import chunk_delta_torch as engine
+from hylas.kernels.chunk_torch import CHUNK, _groups, make_layout, to_chunks
+from hylas.kernels.common import (
+    check_cu_seqlens,
+    check_qkv,
+    check_state,
+    default_scale,
+    resolve_backend,
+)
+from hylas.kernels.naive import naive_delta
+
+__all__ = ["check_beta", "chunk", "entering_state_grad", "naive_delta", "recurrent", "transition"]
+
+
+def check_beta(beta: torch.Tensor | None, q: torch.Tensor) -> None:
+    want = tuple(q.shape[:3])
+    if beta is None or tuple(beta.shape) != want:
+        got = None if beta is None else tuple(beta.shape)
+        raise ValueError(f"beta must be {list(want)} (write strength, in [0, 2]), got {got}")
+
+
+def chunk(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, backend):
+    B, T, H, K, V = check_qkv(q, k, v)
+    offsets = check_cu_seqlens(cu_seqlens, B, T)
+    check_state(initial_state, B if offsets is None else len(offsets) - 1, H, K, V)
+    scale = default_scale(scale, K)
+    if resolve_backend(backend, q) == "triton":
+        from hylas.kernels.chunk_delta_triton import chunk_delta_triton
+
+        return chunk_delta_triton(
+            q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens
+        )
+    return engine.chunk_delta_torch(
+        q, k, v, beta, g, scale, initial_state, output_final_state, offsets
+    )
+
+
+def recurrent(q, k, v, beta, g, scale, initial_state, output_final_state):
+    B, _T, H, K, V = check_qkv(q, k, v)
+    check_state(initial_state, B, H, K, V)
+    scale = default_scale(scale, K)
+    if q.is_cuda:
+        from hylas.kernels.recurrent_triton import fused_recurrent_delta
+
+        return fused_recurrent_delta(q, k, v, beta, g, scale, initial_state, output_final_state)
+    return naive_delta(q, k, v, beta, g, scale, initial_state, output_final_state)
+
+
+def _chunks(q, k, v, beta, g, scale, cu_seqlens):
+    """The layout and a per-group generator of the engine's chunk quantities."""
+    B, T, H, K, V = check_qkv(q, k, v)
+    offsets = check_cu_seqlens(cu_seqlens, B, T)
+    lay = make_layout(B, T, CHUNK, offsets)
+    qc, kc, vc, bc, gc = engine._prepare(q, k, v, beta, g, lay)
+    scale = default_scale(scale, K)
+
+    def group(grp):
+        return engine._Chunk(qc[:, grp], kc[:, grp], vc[:, grp], bc[:, grp], gc[:, grp], scale)
+
+    return lay, group, q.new_zeros(lay.docs, H, K, V, dtype=torch.float32)
+
+
+@torch.no_grad()
+def transition(q, k, v, beta, g, scale=None, cu_seqlens=None, starts_document=False):
+    """(A [N, H, K, K], B [N, H, K, V]) of the segment, fp32; see the module docstring."""
+    lay, group, zeros = _chunks(q, k, v, beta, g, scale, cu_seqlens)
+    K = q.shape[-1]
+    A = torch.eye(K, device=q.device).expand(lay.P, q.shape[2], K, K)
+    state, finals = None, []
+    for grp in _groups(lay.N, lay.C):
+        ch = group(grp)
+        _, _, state = engine._scan(ch, grp.start, state, zeros, lay, finals)
+        for A_chunk in ch.transition().unbind(1):  # later chunks multiply on the left
+            A = A_chunk @ A
+    B_state = finals[-1] if lay.packed else finals[0]
+    if starts_document or (lay.packed and lay.docs > 1):
+        A = torch.zeros_like(A)
+    return A, B_state
+
+
+@torch.no_grad()
+def entering_state_grad(q, k, v, beta, g, do, scale=None, cu_seqlens=None, starts_document=False):
+    """G [N, H, K, V] fp32 (N = B, or 1 when packed): d(own outputs)/d(entering state).
+
+    A reverse pass over the chunks of the segment's first document:
+    G_chunk = (scale q exp(gamma) - QK w)^T dO + A_chunk^T G_next.
+    """
+    lay, group, _ = _chunks(q, k, v, beta, g, scale, cu_seqlens)
+    doc = engine._heads_first(to_chunks(do.float(), lay))
+    first_doc_chunks = lay.doc_last[0] + 1 if lay.packed else lay.N
+    grad = None  # w.r.t. the state leaving the current chunk
+    for grp in reversed(_groups(first_doc_chunks, lay.C)):
+        ch = group(grp)
+        through_h = (ch.q_dec - ch.QK @ ch.w).transpose(-1, -2) @ doc[:, grp]  # [P,G,H,K,V]
+        A_chunk = ch.transition()
+        for i in reversed(range(grp.stop - grp.start)):
+            step = through_h[:, i]
+            grad = step if grad is None else step + A_chunk[:, i].transpose(-1, -2) @ grad
+    return torch.zeros_like(grad) if starts_document else grad
