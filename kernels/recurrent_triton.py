@@ -10,6 +10,11 @@ Recurrence per head, with row vectors q_t, k_t in R^K, v_t in R^V and the log de
 The decay g_t is one of: absent (plain linear attention), one scalar per head [B, T, H]
 (RetNet / Mamba2 / Lightning style), or one value per key channel [B, T, H, K] (GLA / HGRN2).
 
+``fused_recurrent_delta`` decodes the delta rule (DeltaNet, g absent; Gated DeltaNet, g
+[B, T, H]) with a write strength beta_t [B, T, H] the same way::
+
+    S_t = exp(g_t) (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t        o_t = scale q_t S_t
+
 One program per (value block, batch x head) keeps its [BK, BV] slice of the state in fp32
 registers and walks the T tokens in order, so the state is read from and written to memory
 once per call however many tokens are decoded. Columns of S are independent (every update
@@ -192,6 +197,178 @@ def fused_recurrent_gated(
         BV=BV,
         USE_G=use_g,
         USE_GK=use_gk,
+        USE_INITIAL_STATE=initial_state is not None,
+        STORE_FINAL_STATE=output_final_state,
+        num_warps=4,
+    )
+    return o, ht
+
+
+# ----------------------------------------------------------------------------------------
+# Delta rule (DeltaNet, Gated DeltaNet)
+#
+#     S_t = exp(g_t) (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t        o_t = scale q_t S_t
+#
+# computed as S' = exp(g_t) S_{t-1}, then S_t = S' + k_t^T (beta_t (v_t - k_t S')). The
+# correction k_t S' reduces over K for each value column, so a program holds all of K (BK)
+# and a block of V; columns stay independent, so V is still split across programs.
+
+
+@triton.jit
+def _fused_recurrent_delta_kernel(
+    q,
+    k,
+    v,
+    beta,
+    g,
+    o,
+    h0,
+    ht,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_G: tl.constexpr,  # g is [B, T, H]: Gated DeltaNet; DeltaNet otherwise
+    USE_INITIAL_STATE: tl.constexpr,
+    STORE_FINAL_STATE: tl.constexpr,
+):
+    i_v = tl.program_id(0)
+    # int64 before any multiplication: B * T * H * K and B * H * K * V can pass 2**31.
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_k = offs_k < K
+    mask_v = offs_v < V
+    mask_kv = mask_k[:, None] & mask_v[None, :]
+
+    # Token 0 of this (batch, head); each step moves one token, i.e. H rows, forward.
+    p_q = q + (i_b * T * H + i_h) * K + offs_k
+    p_k = k + (i_b * T * H + i_h) * K + offs_k
+    p_v = v + (i_b * T * H + i_h) * V + offs_v
+    p_o = o + (i_b * T * H + i_h) * V + offs_v
+    p_beta = beta + i_b * T * H + i_h
+    if USE_G:
+        p_g = g + i_b * T * H + i_h
+
+    # State slice [BK, BV] (all of K) in row-major [K, V] of head i_bh.
+    offs_state = i_bh * K * V + offs_k[:, None] * V + offs_v[None, :]
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        b_h += tl.load(h0 + offs_state, mask=mask_kv, other=0.0).to(tl.float32)
+
+    for _ in range(T):
+        # Cast right after the load: all arithmetic is fp32 whatever the input dtype.
+        # Padded rows (k >= K) load q = k = 0, so they stay 0 and add nothing.
+        b_q = tl.load(p_q, mask=mask_k, other=0.0).to(tl.float32) * scale
+        b_k = tl.load(p_k, mask=mask_k, other=0.0).to(tl.float32)
+        b_v = tl.load(p_v, mask=mask_v, other=0.0).to(tl.float32)
+        b_beta = tl.load(p_beta).to(tl.float32)
+        if USE_G:
+            b_h *= tl.exp(tl.load(p_g).to(tl.float32))
+        # The corrected write beta (v - k S') for this value block: a K-reduction.
+        b_v = b_beta * (b_v - tl.sum(b_h * b_k[:, None], axis=0))
+        b_h += b_k[:, None] * b_v[None, :]
+        b_o = tl.sum(b_h * b_q[:, None], axis=0)
+        tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=mask_v)
+
+        p_q += H * K
+        p_k += H * K
+        p_v += H * V
+        p_o += H * V
+        p_beta += H
+        if USE_G:
+            p_g += H
+
+    if STORE_FINAL_STATE:
+        tl.store(ht + offs_state, b_h, mask=mask_kv)
+
+
+def _check_delta_shapes(q, k, v, beta, g, initial_state) -> tuple[int, int, int, int, int]:
+    """Return (B, T, H, K, V) or raise one ValueError naming every expected shape."""
+    ok = q.dim() == 4 and k.shape == q.shape and v.dim() == 4 and v.shape[:3] == q.shape[:3]
+    if ok:
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        ok = tuple(beta.shape) == (B, T, H) and (g is None or tuple(g.shape) == (B, T, H))
+        ok = ok and (initial_state is None or tuple(initial_state.shape) == (B, H, K, V))
+    if not ok:
+        raise ValueError(
+            "fused_recurrent_delta expects q, k [B, T, H, K], v [B, T, H, V], beta [B, T, H], "
+            "g None or [B, T, H], initial_state None or [B, H, K, V]; got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+            f"beta {tuple(beta.shape)}, g {None if g is None else tuple(g.shape)}, "
+            f"initial_state {None if initial_state is None else tuple(initial_state.shape)}"
+        )
+    return B, T, H, K, V
+
+
+def fused_recurrent_delta(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Decode T tokens of the delta rule from ``initial_state`` with one fused Triton kernel.
+
+    Args:
+        q, k: [B, T, H, K] (keys expected L2-normalised); v: [B, T, H, V].
+        beta: [B, T, H] write strength (in [0, 1], or [0, 2] for negative eigenvalues).
+        g: None (DeltaNet) or [B, T, H] log decay <= 0 (Gated DeltaNet).
+        scale: multiplies q (commonly K ** -0.5).
+        initial_state: [B, H, K, V], read in fp32; None starts from zeros.
+        output_final_state: return the state after the last token.
+
+    Returns:
+        o [B, T, H, V] in v's dtype, and ht [B, H, K, V] fp32 (None unless
+        ``output_final_state``).
+
+    Inference only: no backward is defined. On CPU tensors this needs ``TRITON_INTERPRET=1``.
+    """
+    B, T, H, K, V = _check_delta_shapes(q, k, v, beta, g, initial_state)
+    q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
+    if g is not None:
+        g = g.contiguous()
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+
+    o = torch.empty_like(v)
+    ht = (
+        torch.empty(B, H, K, V, dtype=torch.float32, device=q.device)
+        if output_final_state
+        else None
+    )
+
+    BK = triton.next_power_of_2(K)
+    BV = min(triton.next_power_of_2(V), max(_MIN_BV, _MAX_STATE_BLOCK // BK))
+    grid = (triton.cdiv(V, BV), B * H)
+    # Pointers the flags switch off are never read; q stands in so every argument is a tensor.
+    _fused_recurrent_delta_kernel[grid](
+        q,
+        k,
+        v,
+        beta,
+        g if g is not None else q,
+        o,
+        initial_state if initial_state is not None else q,
+        ht if ht is not None else o,
+        scale,
+        T,
+        H=H,
+        K=K,
+        V=V,
+        BK=BK,
+        BV=BV,
+        USE_G=g is not None,
         USE_INITIAL_STATE=initial_state is not None,
         STORE_FINAL_STATE=output_final_state,
         num_warps=4,

@@ -224,3 +224,14 @@ def test_bad_arguments_are_refused():
         delta_rule.chunk(q, k, v, beta, initial_state=torch.zeros(B, H, V, K))
     with pytest.raises(ValueError, match="batch size must be 1"):
         delta_rule.chunk(q, k, v, beta, cu_seqlens=torch.tensor([0, 8], dtype=torch.int32))
+
+
+@FAMILIES
+def test_triton_backend_through_the_family_call(family):
+    """The family's chunk(backend="triton") reaches the Triton kernels (interpreter here;
+    the kernel matrix itself is in test_chunk_delta_triton.py)."""
+    inputs = make_inputs(family, 37, beta_max=2.0)
+    h0 = torch.randn(B, H, K, V).requires_grad_()
+    ref = outputs_and_grads(family.naive, inputs, h0)
+    triton_chunk = lambda *a, **kw: family.chunk(*a, backend="triton", **kw)  # noqa: E731
+    assert_all_close(outputs_and_grads(triton_chunk, inputs, h0), ref, family, tol=1e-4)

@@ -1,11 +1,14 @@
-"""The fused recurrent Triton kernel (run by the interpreter here) against the fp32 gla.naive."""
+"""The fused recurrent Triton kernels (run by the interpreter here) against the fp32 oracles:
+gla.naive for the gated families, naive_delta for the delta rule."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from hylas.kernels.chunk_delta_triton import chunk_delta_triton
 from hylas.kernels.gla import naive
-from hylas.kernels.recurrent_triton import fused_recurrent_gated
+from hylas.kernels.naive import naive_delta
+from hylas.kernels.recurrent_triton import fused_recurrent_delta, fused_recurrent_gated
 from tests.helpers import assert_close
 
 B, H, K, V = 2, 2, 16, 24  # K != V on purpose, and V is not a power of two
@@ -120,3 +123,83 @@ def test_bad_shapes_raise(bad):
     args = {"v": v, "g": g, "initial_state": None} | bad
     with pytest.raises(ValueError, match="fused_recurrent_gated expects"):
         fused_recurrent_gated(q, k, args["v"], args["g"], 1.0, initial_state=args["initial_state"])
+
+
+# ----------------------------------------------------------------------------------------
+# The delta rule (fused_recurrent_delta) against the fp32 naive_delta
+
+
+def make_delta_inputs(T, gated, k_dim=K, v_dim=V, beta_max=2.0, dtype=torch.float32, seed=0):
+    """q, k (L2-normalised), v, beta ~ U(0, beta_max) and g None or [B, T, H] (log decay)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, k_dim, generator=gen)
+    k = F.normalize(torch.randn(B, T, H, k_dim, generator=gen), dim=-1)
+    v = torch.randn(B, T, H, v_dim, generator=gen)
+    beta = beta_max * torch.rand(B, T, H, generator=gen)
+    g = F.logsigmoid(torch.randn(B, T, H, generator=gen) * 2) if gated else None
+    return q.to(dtype), k.to(dtype), v.to(dtype), beta.to(dtype), g
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
+@pytest.mark.parametrize(("T", "with_h0"), [(1, True), (5, False), (33, True)])
+def test_delta_matches_naive(gated, T, with_h0):
+    q, k, v, beta, g = make_delta_inputs(T, gated)
+    h0 = torch.randn(B, H, K, V) if with_h0 else None
+    o_ref, ht_ref = naive_delta(q, k, v, beta, g, K**-0.5, h0, output_final_state=True)
+    o, ht = fused_recurrent_delta(q, k, v, beta, g, K**-0.5, initial_state=h0)
+    assert o.dtype == v.dtype and o.shape == (B, T, H, V)
+    assert ht.dtype == torch.float32 and ht.shape == (B, H, K, V)
+    assert_close(o, o_ref, 1e-5, "o")
+    assert_close(ht, ht_ref, 1e-5, "ht")
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
+@pytest.mark.parametrize("prefill", ["chunk", "recurrent"])
+def test_delta_decoding_after_a_prefill(gated, prefill):
+    """Tokens 64..69 decoded one at a time from the state after the first 64 (from the
+    chunkwise kernel or from this one) equal naive_delta over all 70 tokens."""
+    q, k, v, beta, g = make_delta_inputs(70, gated, seed=1)
+    o_ref, ht_ref = naive_delta(q, k, v, beta, g, 0.3, output_final_state=True)
+    first = [None if x is None else x[:, :64] for x in (q, k, v, beta, g)]
+    if prefill == "chunk":
+        o_first, state = chunk_delta_triton(*first, 0.3, None, True)
+    else:
+        o_first, state = fused_recurrent_delta(*first, 0.3)
+    outputs = [o_first]
+    for t in range(64, 70):
+        step = [None if x is None else x[:, t : t + 1] for x in (q, k, v, beta, g)]
+        o_t, state = fused_recurrent_delta(*step, 0.3, initial_state=state)
+        outputs.append(o_t)
+    assert_close(torch.cat(outputs, dim=1), o_ref, 1e-5, "o")
+    assert_close(outputs[-1], o_ref[:, -1:], 1e-5, "o of the last token")
+    assert_close(state, ht_ref, 1e-5, "ht")
+
+
+def test_delta_several_value_blocks():
+    """K = 64, V = 72: the state slice holds all of K, so V splits over two programs."""
+    q, k, v, beta, g = make_delta_inputs(5, True, k_dim=64, v_dim=72)
+    h0 = torch.randn(B, H, 64, 72)
+    o_ref, ht_ref = naive_delta(q, k, v, beta, g, 0.3, h0, output_final_state=True)
+    o, ht = fused_recurrent_delta(q, k, v, beta, g, 0.3, initial_state=h0)
+    assert_close(o, o_ref, 1e-5, "o")
+    assert_close(ht, ht_ref, 1e-5, "ht")
+
+
+def test_delta_bf16_inputs_and_no_final_state():
+    q, k, v, beta, g = make_delta_inputs(5, True, dtype=torch.bfloat16)
+    h0 = torch.randn(B, H, K, V)
+    o, ht = fused_recurrent_delta(q, k, v, beta, g, K**-0.5, h0, output_final_state=False)
+    assert o.dtype == torch.bfloat16 and ht is None
+    o_ref, _ = naive_delta(q, k, v, beta, g, K**-0.5, h0)
+    assert_close(o.float(), o_ref.float(), 2e-2, "o")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"beta": torch.zeros(B, 3, H, 1)}, {"g": torch.zeros(B, 3, H, K)}],
+)
+def test_delta_bad_shapes_raise(bad):
+    q, k, v, beta, g = make_delta_inputs(3, True)
+    args = {"beta": beta, "g": g} | bad
+    with pytest.raises(ValueError, match="fused_recurrent_delta expects"):
+        fused_recurrent_delta(q, k, v, args["beta"], args["g"], 1.0)

@@ -1,0 +1,877 @@
+"""Chunkwise delta rule in Triton (DeltaNet, Gated DeltaNet): forward and a recomputing backward.
+
+Legend: B batch, T tokens (per sample; T_all = B * T, or the packed length), H heads,
+K key dim, V value dim, N documents (N = B for a fixed-length batch), BT = 64 the chunk
+length, NT the number of chunks over all documents, BC = 16 the diagonal blocks of the
+triangular solve, BK / BV the key / value blocks one program owns (powers of two, at
+least 16 so that every tl.dot has all dims >= 16; the state scans hold all of K).
+
+Recurrence per head, with row vectors q_t, k_t in R^K, v_t in R^V, a write strength
+beta_t (in [0, 1], or [0, 2] for negative eigenvalues) and a log decay g_t <= 0 (g = 0
+for DeltaNet)::
+
+    S_t = exp(g_t) (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t        o_t = scale q_t S_t
+
+Chunkwise (the UT transform), with gamma the inclusive cumulative log decay inside a
+chunk (fp32, <= 0, non-increasing), gamma_L its value at the chunk's last token,
+Gam[i, j] = exp(gamma_i - gamma_j) for j <= i (0 above the diagonal) and h the state
+entering the chunk::
+
+    Akk[i, j] = beta_i (k_i . k_j) Gam[i, j]  for j < i, else 0          [BT, BT]
+    Ai = (I + Akk)^{-1}                                                   unit lower triangular
+    u = Ai (beta v)          w = Ai (beta k exp(gamma))                   [BT, V], [BT, K]
+    delta = u - w h                                                       the corrected writes
+    o  = scale (q exp(gamma)) h + (scale q k^T * Gam) delta               (diagonal included)
+    h' = exp(gamma_L) h + (k exp(gamma_L - gamma))^T delta
+
+Ai is formed in fp32: forward substitution inverts each BC x BC diagonal block, and the
+blocks below the diagonal follow with tl.dot (Ai_ij = -Ai_ii sum_{j <= m < i} Akk_im Ai_mj).
+
+Backward of one chunk, given dO and dh' (the gradient of the state leaving it)::
+
+    ddelta = (scale q k^T * Gam)^T dO + (k exp(gamma_L - gamma)) dh'
+    dh     = exp(gamma_L) dh' + scale (q exp(gamma))^T dO - w^T ddelta     (entering state)
+    dXu = Ai^T ddelta      dXw = -Ai^T (ddelta h^T)       (Xu = beta v, Xw = beta k exp(gamma))
+    dAkk = -strict_lower(dXu u^T + dXw w^T)
+    dq = scale [ (dO delta^T * Gam) k + exp(gamma) (dO h^T) ]
+    dk = scale (dO delta^T * Gam)^T q + exp(gamma_L - gamma) (delta dh'^T)
+         + beta exp(gamma) dXw + (dAkk * beta_i Gam) k + (dAkk * beta_i Gam)^T k
+    dv = beta dXu
+    dbeta = sum_V(v dXu) + sum_K(k exp(gamma) dXw) + sum_j dAkk[i, j] (k_i . k_j) Gam[i, j]
+
+The gradient of gamma collects every factor exp(gamma_i - gamma_j) (+ to row i, - to
+column j) and exp(gamma_i) (+ to i); dg is its reverse cumsum inside the chunk::
+
+    Po = (scale q k^T * Gam) * (dO delta^T)        rows +, columns -
+    Pa = dAkk * Akk                                rows +, columns -
+    + sum_V(dO * scale (q exp(gamma)) h)   + sum_K(Xw dXw)
+    + at the last token: sum(exp(gamma_L) h * dh') + sum_j r_j;  - r_j at j,
+      with r_j = sum_{K,V} (k_j exp(gamma_L - gamma_j))^T delta_j * dh'
+
+Equivalently q . dq - k . dk_o per token (dk_o the first line of dk) plus the Pa and Xw
+terms and the last token's sum(h' * dh'), h' the state leaving the chunk.
+
+Every exponent is kept <= 0, so nothing overflows at any decay: exp(gamma),
+exp(gamma_L - gamma) and exp(gamma_L) are so by construction, and exp(gamma_i - gamma_j)
+is only formed for i >= j (the exponent is zeroed before exp elsewhere). Rows past the
+end of a partial last chunk read gamma of the chunk's last token (the pointer is
+clamped) and load k = q = v = beta = 0, so Akk is the identity there, u = w = delta = 0,
+and nothing padded reaches a result.
+
+Layout: every fixed-length batch is run as B packed documents of length T, so one code
+path (``cu_seqlens``, chunks aligned to document starts, a partial last chunk per
+document) serves both. Tensors are indexed in their [T_all, H, *] layout directly; the
+intermediates are fp32.
+
+Kernels (grids in brackets):
+    _local_cumsum   [H/BD, NT, 1]      gamma = cumsum of g inside each chunk (chunk_triton)
+    _fwd_kkt        [NT, H]            Akk [T_all, H, BT]
+    _solve_tril     [NT, H]            Ai = (I + Akk)^{-1} [T_all, H, BT] (lower triangle)
+    _fwd_wu         [NT, H]            w [T_all, H, K], u [T_all, H, V]
+    _fwd_h          [V/BV, N*H]        states entering every chunk (+ final) and delta: a scan
+    _fwd_A          [NT, 1, H]         scale q k^T * Gam, causal (chunk_triton)
+    _fwd_o          [V/BV, NT, H]      o = scale (q exp(gamma)) h + A delta (chunk_triton)
+    _bwd_dh         [V/BV, N*H]        reverse scan: dh' of every chunk (+ dh0) and ddelta
+    _bwd_dqkwg      [K/BK, NT, H]      dq, the first line of dk, dw = -ddelta h^T, and the
+                                       gamma terms of dq and dk per K block
+    _bwd_wy         [NT, H]            dk, dv, dbeta; dgamma completed and reverse-cumsummed
+
+The backward recomputes gamma, the UT transform, the chunk states and delta from the
+inputs instead of keeping them from the forward: the [NT, H, K, V] states are the
+largest activation of the layer.
+
+Precision: every load is cast to fp32 (bf16 arithmetic is unreliable in the interpreter,
+and decays need fp32 anyway). The triangular inverse always runs in IEEE fp32; the other
+tl.dot run in IEEE fp32 for fp32 inputs and in TF32 for 16-bit inputs. Keys are expected
+L2-normalised (||k_t|| = 1) with beta in [0, 2]: then every transition has norm <= 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hylas.kernels.chunk_triton import (
+    _GATE_NONE,
+    _GATE_SCALAR,
+    _block,
+    _chunk_span,
+    _Chunks,
+    _dot_precision,
+    _fwd_o_kernel,
+    _local_cumsum,
+    _scores,
+)
+
+_BT = 64
+# Diagonal blocks of the triangular solve: the forward substitution runs row by row over
+# these, and 16 is the smallest tile tl.dot takes to combine them.
+_BC = 16
+# Cap on the fp32 state slice a scan program holds (BK * BV elements): 32 registers a
+# thread at 4 warps.
+_MAX_STATE_BLOCK = 4096
+
+
+# ----------------------------------------------------------------------------------------
+# Forward: the UT transform
+
+
+@triton.jit
+def _fwd_kkt_kernel(
+    k,
+    beta,
+    gamma,
+    A,
+    cu_seqlens,
+    chunk_indices,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    USE_G: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """A [T_all, H, BT]: row t, column j = beta_t (k_t . k_j) exp(gamma_t - gamma_j) for
+    j < t in t's chunk, else 0 (every column of a chunk's rows is written)."""
+    i_tg, i_h = tl.program_id(0), tl.program_id(1)
+    _, t0, L = _chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
+    o_t = tl.arange(0, BT)
+    m_t = o_t < L
+
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_k = tl.load(
+            k + (t0 + o_t)[:, None] * (H * K) + i_h * K + o_k[None, :],
+            mask=m_t[:, None] & m_k[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        b_kt = tl.load(
+            k + (t0 + o_t)[None, :] * (H * K) + i_h * K + o_k[:, None],
+            mask=m_k[:, None] & m_t[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        b_A += tl.dot(b_k, b_kt, input_precision=DOT_PREC)
+
+    m_lt = o_t[:, None] > o_t[None, :]
+    b_beta = tl.load(beta + (t0 + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+    b_A *= b_beta[:, None]
+    if USE_G:
+        b_g = tl.load(gamma + (t0 + tl.minimum(o_t, L - 1)) * H + i_h)
+        b_A *= tl.exp(tl.where(m_lt, b_g[:, None] - b_g[None, :], 0.0))
+    b_A = tl.where(m_lt, b_A, 0.0)
+    tl.store(A + (t0 + o_t)[:, None] * (H * BT) + i_h * BT + o_t[None, :], b_A, mask=m_t[:, None])
+
+
+@triton.jit
+def _dot_ieee(a, b):
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _inv_diag_blocks(A, t0, i_h, L, H: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """(I + A_bb)^{-1} of the BT / BC strictly lower BC x BC diagonal blocks of a chunk's
+    A, all at once as one [BT / BC, BC, BC] tile, by forward substitution: with X = the
+    inverse - I, row i of X is -a_i - a_i X (a_i row i of A_bb, zero from column i on);
+    rows 0 and 1 are just -a_i. Rows past the chunk's end load 0: those of I."""
+    NB: tl.constexpr = BT // BC
+    o_b = tl.arange(0, NB)
+    o_c = tl.arange(0, BC)
+    # p_b [NB, BC]: the first row of diagonal block b (token t0 + b BC), columns b BC + c.
+    p_b = A + (t0 + o_b * BC)[:, None] * (H * BT) + i_h * BT + (o_b * BC)[:, None] + o_c[None, :]
+    o_r = o_b[:, None, None] * BC + o_c[None, :, None]
+    b_X = -tl.load(
+        p_b[:, None, :] + o_c[None, :, None] * (H * BT), mask=o_r < L, other=0.0
+    )  # [NB, BC (rows), BC (columns)]
+    for i in range(2, tl.minimum(BC, L)):
+        b_a = -tl.load(p_b + i * (H * BT), mask=(o_b * BC + i < L)[:, None], other=0.0)
+        b_a += tl.sum(b_a[:, :, None] * b_X, 1)
+        b_X = tl.where((o_c == i)[None, :, None], b_a[:, None, :], b_X)
+    return b_X + tl.where(o_c[:, None] == o_c[None, :], 1.0, 0.0)[None, :, :]
+
+
+@triton.jit
+def _block_of(x, i_b, NB: tl.constexpr):
+    """Block i_b of an [NB, BC, BC] tile, as [BC, BC]."""
+    return tl.sum(tl.where((tl.arange(0, NB) == i_b)[:, None, None], x, 0.0), 0)
+
+
+@triton.jit
+def _solve_tril_kernel(
+    A,
+    Ai,
+    cu_seqlens,
+    chunk_indices,
+    H: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+):
+    """Ai [T_all, H, BT] = (I + A)^{-1} of every chunk, lower triangle only (the blocks
+    above the diagonal are not written). BT = 4 BC: the four diagonal blocks D_i are
+    inverted by forward substitution, then Ai_ij = -D_i sum_{j <= m < i} A_im Ai_mj, one
+    sub-diagonal at a time (each block needs those of the rows above it)."""
+    tl.static_assert(BT == 4 * BC)
+    i_tg, i_h = tl.program_id(0), tl.program_id(1)
+    _, t0, L = _chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
+    o_c = tl.arange(0, BC)
+    # Block (i, j) of the chunk: p_00 + i BC rows + j BC columns, rows masked to the chunk.
+    p_A = A + (t0 + o_c)[:, None] * (H * BT) + i_h * BT + o_c[None, :]
+    p_Ai = Ai + (t0 + o_c)[:, None] * (H * BT) + i_h * BT + o_c[None, :]
+    R: tl.constexpr = BC * H * BT  # BC rows down
+    m_1 = (BC + o_c < L)[:, None]
+    m_2 = (2 * BC + o_c < L)[:, None]
+    m_3 = (3 * BC + o_c < L)[:, None]
+
+    b_D = _inv_diag_blocks(A, t0, i_h, L, H, BT, BC)
+    b_D0 = _block_of(b_D, 0, 4)
+    b_D1 = _block_of(b_D, 1, 4)
+    b_D2 = _block_of(b_D, 2, 4)
+    b_D3 = _block_of(b_D, 3, 4)
+    b_A10 = tl.load(p_A + R, mask=m_1, other=0.0)
+    b_A20 = tl.load(p_A + 2 * R, mask=m_2, other=0.0)
+    b_A21 = tl.load(p_A + 2 * R + BC, mask=m_2, other=0.0)
+    b_A30 = tl.load(p_A + 3 * R, mask=m_3, other=0.0)
+    b_A31 = tl.load(p_A + 3 * R + BC, mask=m_3, other=0.0)
+    b_A32 = tl.load(p_A + 3 * R + 2 * BC, mask=m_3, other=0.0)
+
+    b_X10 = -_dot_ieee(b_D1, _dot_ieee(b_A10, b_D0))
+    b_X21 = -_dot_ieee(b_D2, _dot_ieee(b_A21, b_D1))
+    b_X32 = -_dot_ieee(b_D3, _dot_ieee(b_A32, b_D2))
+    b_X20 = -_dot_ieee(b_D2, _dot_ieee(b_A20, b_D0) + _dot_ieee(b_A21, b_X10))
+    b_X31 = -_dot_ieee(b_D3, _dot_ieee(b_A31, b_D1) + _dot_ieee(b_A32, b_X21))
+    b_X30 = _dot_ieee(b_A30, b_D0) + _dot_ieee(b_A31, b_X10) + _dot_ieee(b_A32, b_X20)
+    b_X30 = -_dot_ieee(b_D3, b_X30)
+
+    tl.store(p_Ai, b_D0, mask=(o_c < L)[:, None])
+    tl.store(p_Ai + R, b_X10, mask=m_1)
+    tl.store(p_Ai + R + BC, b_D1, mask=m_1)
+    tl.store(p_Ai + 2 * R, b_X20, mask=m_2)
+    tl.store(p_Ai + 2 * R + BC, b_X21, mask=m_2)
+    tl.store(p_Ai + 2 * R + 2 * BC, b_D2, mask=m_2)
+    tl.store(p_Ai + 3 * R, b_X30, mask=m_3)
+    tl.store(p_Ai + 3 * R + BC, b_X31, mask=m_3)
+    tl.store(p_Ai + 3 * R + 2 * BC, b_X32, mask=m_3)
+    tl.store(p_Ai + 3 * R + 3 * BC, b_D3, mask=m_3)
+
+
+@triton.jit
+def _fwd_wu_kernel(
+    k,
+    v,
+    beta,
+    gamma,
+    Ai,
+    w,
+    u,
+    cu_seqlens,
+    chunk_indices,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_G: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """w [T_all, H, K] = Ai (beta k exp(gamma)), u [T_all, H, V] = Ai (beta v), fp32."""
+    i_tg, i_h = tl.program_id(0), tl.program_id(1)
+    _, t0, L = _chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
+    o_t = tl.arange(0, BT)
+    m_t = o_t < L
+    b_Ai = tl.load(
+        Ai + (t0 + o_t)[:, None] * (H * BT) + i_h * BT + o_t[None, :],
+        mask=m_t[:, None] & (o_t[:, None] >= o_t[None, :]),
+        other=0.0,
+    )
+    b_beta = tl.load(beta + (t0 + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+    b_bk = b_beta
+    if USE_G:
+        b_bk *= tl.exp(tl.load(gamma + (t0 + tl.minimum(o_t, L - 1)) * H + i_h))
+
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        p_k = (t0 + o_t)[:, None] * (H * K) + i_h * K + o_k[None, :]
+        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        b_k = tl.load(k + p_k, mask=m_tk, other=0.0).to(tl.float32)
+        b_w = tl.dot(b_Ai, b_k * b_bk[:, None], input_precision=DOT_PREC)
+        tl.store(w + p_k, b_w, mask=m_tk)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        p_v = (t0 + o_t)[:, None] * (H * V) + i_h * V + o_v[None, :]
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        b_v = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
+        b_u = tl.dot(b_Ai, b_v * b_beta[:, None], input_precision=DOT_PREC)
+        tl.store(u + p_v, b_u, mask=m_tv)
+
+
+# ----------------------------------------------------------------------------------------
+# Forward: the state scan
+
+
+@triton.jit
+def _fwd_h_kernel(
+    k,
+    u,
+    w,
+    gamma,
+    h,
+    delta,
+    h0,
+    ht,
+    cu_seqlens,
+    chunk_offsets,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_G: tl.constexpr,
+    USE_H0: tl.constexpr,
+    STORE_HT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """h [NT, H, K, V] entering states, delta [T_all, H, V] = u - w h, ht [N, H, K, V].
+    Sequential over one document's chunks; the state block stays in registers. It holds
+    all of K (BK >= K: w h contracts over K) and a block of V (columns are independent)."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    NT = tl.cdiv(eos - bos, BT)
+    boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    p_kv = o_k[:, None] * V + o_v[None, :]
+    m_kv = m_k[:, None] & m_v[None, :]
+
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0)
+
+    for i_t in range(NT):
+        t0 = bos + i_t * BT
+        L = tl.minimum(eos - t0, BT)
+        tl.store(h + ((boh + i_t) * H + i_h) * K * V + p_kv, b_h, mask=m_kv)
+        m_t = o_t < L
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_w = tl.load(
+            w + (t0 + o_t)[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_tk, other=0.0
+        )
+        p_v = (t0 + o_t)[:, None] * (H * V) + i_h * V + o_v[None, :]
+        b_d = tl.load(u + p_v, mask=m_tv, other=0.0) - tl.dot(b_w, b_h, input_precision=DOT_PREC)
+        tl.store(delta + p_v, b_d, mask=m_tv)
+        # k^T [BK, BT] straight from memory: the update is k^T delta.
+        b_kt = tl.load(
+            k + (t0 + o_t)[None, :] * (H * K) + i_h * K + o_k[:, None],
+            mask=m_k[:, None] & m_t[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        if USE_G:
+            b_gl = tl.load(gamma + (t0 + L - 1) * H + i_h)
+            b_g = tl.load(gamma + (t0 + tl.minimum(o_t, L - 1)) * H + i_h)
+            b_h *= tl.exp(b_gl)
+            # The decay is per token: fold exp(gamma_L - gamma) into delta (BT x BV).
+            b_d *= tl.exp(b_gl - b_g)[:, None]
+        b_h += tl.dot(b_kt, b_d, input_precision=DOT_PREC)
+
+    if STORE_HT:
+        tl.store(ht + i_nh.to(tl.int64) * K * V + p_kv, b_h, mask=m_kv)
+
+
+# ----------------------------------------------------------------------------------------
+# Backward
+
+
+@triton.jit
+def _bwd_dh_kernel(
+    q,
+    k,
+    w,
+    gamma,
+    A,
+    do,
+    dh,
+    ddelta,
+    dht,
+    dh0,
+    cu_seqlens,
+    chunk_offsets,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_G: tl.constexpr,
+    USE_DHT: tl.constexpr,
+    STORE_DH0: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """dh [NT, H, K, V]: gradient of the state LEAVING every chunk; ddelta [T_all, H, V];
+    dh0 [N, H, K, V]. Reverse scan, last chunk first, with A = scale q k^T * Gam (causal):
+    ddelta = A^T dO + (k exp(gamma_L - gamma)) dh',
+    dh = exp(gamma_L) dh' + scale (q exp(gamma))^T dO - w^T ddelta. All of K per program."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    NT = tl.cdiv(eos - bos, BT)
+    boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    p_kv = o_k[:, None] * V + o_v[None, :]
+    m_kv = m_k[:, None] & m_v[None, :]
+
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0)
+
+    for it in range(NT):
+        i_t = NT - 1 - it
+        t0 = bos + i_t * BT
+        L = tl.minimum(eos - t0, BT)
+        tl.store(dh + ((boh + i_t) * H + i_h) * K * V + p_kv, b_dh, mask=m_kv)
+        m_t = o_t < L
+        p_v = (t0 + o_t)[:, None] * (H * V) + i_h * V + o_v[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_do = tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32)
+        # A^T [BT, BT] read transposed from memory.
+        b_At = tl.load(
+            A + (t0 + o_t)[None, :] * (H * BT) + i_h * BT + o_t[:, None],
+            mask=m_t[None, :],
+            other=0.0,
+        )
+        b_k = tl.load(
+            k + (t0 + o_t)[:, None] * (H * K) + i_h * K + o_k[None, :],
+            mask=m_t[:, None] & m_k[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        b_qt = tl.load(
+            q + (t0 + o_t)[None, :] * (H * K) + i_h * K + o_k[:, None],
+            mask=m_k[:, None] & m_t[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        b_wt = tl.load(
+            w + (t0 + o_t)[None, :] * (H * K) + i_h * K + o_k[:, None],
+            mask=m_k[:, None] & m_t[None, :],
+            other=0.0,
+        )
+        if USE_G:
+            b_gl = tl.load(gamma + (t0 + L - 1) * H + i_h)
+            b_g = tl.load(gamma + (t0 + tl.minimum(o_t, L - 1)) * H + i_h)
+            b_k *= tl.exp(b_gl - b_g)[:, None]
+            b_qt *= tl.exp(b_g)[None, :]
+        b_dd = tl.dot(b_At, b_do, input_precision=DOT_PREC)
+        b_dd += tl.dot(b_k, b_dh, input_precision=DOT_PREC)
+        tl.store(ddelta + p_v, b_dd, mask=m_tv)
+        if USE_G:
+            b_dh *= tl.exp(b_gl)
+        b_dh += tl.dot(b_qt, b_do, input_precision=DOT_PREC) * scale
+        b_dh -= tl.dot(b_wt, b_dd, input_precision=DOT_PREC)
+
+    if STORE_DH0:
+        tl.store(dh0 + i_nh.to(tl.int64) * K * V + p_kv, b_dh, mask=m_kv)
+
+
+@triton.jit
+def _bwd_dqkwg_kernel(
+    q,
+    k,
+    delta,
+    gamma,
+    h,
+    do,
+    dh,
+    ddelta,
+    dq,
+    dk,
+    dw,
+    dg,
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    T_all,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_G: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """For one K block of one chunk, with dS = scale (dO delta^T) * Gam (causal):
+    dq = dS k + scale exp(gamma) (dO h^T) (final), dk [T_all, H, K] fp32 = dS^T q +
+    exp(gamma_L - gamma) (delta dh'^T) (its first line), dw [T_all, H, K] = -ddelta h^T,
+    and dg [K / BK, T_all, H] = q . dq - k . dk over this K block, plus at the chunk's last
+    token sum(exp(gamma_L) h * dh') + sum_j r_j over it (g only)."""
+    i_k, i_tg, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    _, t0, L = _chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
+    o_t = tl.arange(0, BT)
+    m_t = o_t < L
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    p_hh = (i_tg.to(tl.int64) * H + i_h) * K * V
+
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)  # dO h^T
+    b_dks = tl.zeros([BT, BK], dtype=tl.float32)  # delta dh'^T
+    b_dw = tl.zeros([BT, BK], dtype=tl.float32)  # ddelta h^T
+    b_ds = tl.zeros([BT, BT], dtype=tl.float32)  # dO delta^T
+    b_hdh = tl.zeros([BK], dtype=tl.float32)  # sum_V h * dh'
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        p_v = (t0 + o_t)[:, None] * (H * V) + i_h * V + o_v[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_do = tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32)
+        b_d = tl.load(delta + p_v, mask=m_tv, other=0.0)
+        b_dd = tl.load(ddelta + p_v, mask=m_tv, other=0.0)
+        b_dt = tl.load(
+            delta + (t0 + o_t)[None, :] * (H * V) + i_h * V + o_v[:, None],
+            mask=m_v[:, None] & m_t[None, :],
+            other=0.0,
+        )
+        # h^T, dh'^T [BV, BK] read transposed from the [K, V] states.
+        p_t = p_hh + o_k[None, :] * V + o_v[:, None]
+        m_vk = m_v[:, None] & m_k[None, :]
+        b_ht = tl.load(h + p_t, mask=m_vk, other=0.0)
+        b_dht = tl.load(dh + p_t, mask=m_vk, other=0.0)
+        b_dq += tl.dot(b_do, b_ht, input_precision=DOT_PREC)
+        b_dks += tl.dot(b_d, b_dht, input_precision=DOT_PREC)
+        b_dw += tl.dot(b_dd, b_ht, input_precision=DOT_PREC)
+        b_ds += tl.dot(b_do, b_dt, input_precision=DOT_PREC)
+        b_hdh += tl.sum(b_ht * b_dht, 0)
+
+    p_k = (t0 + o_t)[:, None] * (H * K) + i_h * K + o_k[None, :]
+    m_tk = m_t[:, None] & m_k[None, :]
+    b_q = tl.load(q + p_k, mask=m_tk, other=0.0).to(tl.float32)
+    b_k = tl.load(k + p_k, mask=m_tk, other=0.0).to(tl.float32)
+    m_ge = o_t[:, None] >= o_t[None, :]
+    b_ds = tl.where(m_ge, b_ds * scale, 0.0)
+    b_dq *= scale
+    if USE_G:
+        b_g = tl.load(gamma + (t0 + tl.minimum(o_t, L - 1)) * H + i_h)
+        b_gl = tl.load(gamma + (t0 + L - 1) * H + i_h)
+        b_ds *= tl.exp(tl.where(m_ge, b_g[:, None] - b_g[None, :], 0.0))
+        b_dq *= tl.exp(b_g)[:, None]
+        b_dks *= tl.exp(b_gl - b_g)[:, None]
+    b_dq += tl.dot(b_ds, b_k, input_precision=DOT_PREC)
+    b_dk = tl.dot(tl.trans(b_ds), b_q, input_precision=DOT_PREC) + b_dks
+    tl.store(dq + p_k, b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    tl.store(dk + p_k, b_dk, mask=m_tk)
+    tl.store(dw + p_k, -b_dw, mask=m_tk)
+    if USE_G:
+        b_dg = tl.sum(b_q * b_dq, 1) - tl.sum(b_k * b_dk, 1)
+        b_end = tl.exp(b_gl) * tl.sum(b_hdh, 0) + tl.sum(tl.sum(b_k * b_dks, 1), 0)
+        b_dg += tl.where(o_t == L - 1, b_end, 0.0)
+        tl.store(dg + (i_k * T_all + t0 + o_t) * H + i_h, b_dg, mask=m_t)
+
+
+@triton.jit
+def _bwd_wy_kernel(
+    k,
+    v,
+    beta,
+    gamma,
+    Ai,
+    u,
+    w,
+    ddelta,
+    dw,
+    dk_o,
+    dg_o,
+    dk,
+    dv,
+    dbeta,
+    dg,
+    cu_seqlens,
+    chunk_indices,
+    T_all,
+    NK_O,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_G: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Back through the UT transform of one chunk: dXu = Ai^T ddelta, dXw = Ai^T dw,
+    dAkk = -strict_lower(dXu u^T + dXw w^T); then dv, dbeta, dk = dk_o + beta exp(gamma)
+    dXw + (dAkk * beta_i Gam) k + (dAkk * beta_i Gam)^T k, and dg = the reverse cumsum
+    inside the chunk of dgamma = sum of the NK_O blocks of dg_o + sum_K(Xw dXw) + the row
+    sums minus the column sums of dAkk * Akk."""
+    i_tg, i_h = tl.program_id(0), tl.program_id(1)
+    _, t0, L = _chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
+    o_t = tl.arange(0, BT)
+    m_t = o_t < L
+    # Ai^T [BT, BT] read transposed: lower triangle of Ai, so upper triangle here.
+    b_Ait = tl.load(
+        Ai + (t0 + o_t)[None, :] * (H * BT) + i_h * BT + o_t[:, None],
+        mask=m_t[None, :] & (o_t[:, None] <= o_t[None, :]),
+        other=0.0,
+    )
+    b_beta = tl.load(beta + (t0 + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+    if USE_G:
+        b_g = tl.load(gamma + (t0 + tl.minimum(o_t, L - 1)) * H + i_h)
+        b_eg = tl.exp(b_g)
+    else:
+        b_eg = tl.full([BT], 1.0, dtype=tl.float32)
+
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)  # dXu u^T + dXw w^T
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)  # k k^T
+    b_db = tl.zeros([BT], dtype=tl.float32)  # sum_V v dXu
+    b_dbw = tl.zeros([BT], dtype=tl.float32)  # sum_K k dXw
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        p_v = (t0 + o_t)[:, None] * (H * V) + i_h * V + o_v[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_dd = tl.load(ddelta + p_v, mask=m_tv, other=0.0)
+        b_v = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
+        b_ut = tl.load(
+            u + (t0 + o_t)[None, :] * (H * V) + i_h * V + o_v[:, None],
+            mask=m_v[:, None] & m_t[None, :],
+            other=0.0,
+        )
+        b_dxu = tl.dot(b_Ait, b_dd, input_precision=DOT_PREC)
+        tl.store(dv + p_v, (b_dxu * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
+        b_db += tl.sum(b_v * b_dxu, 1)
+        b_dA += tl.dot(b_dxu, b_ut, input_precision=DOT_PREC)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        p_k = (t0 + o_t)[:, None] * (H * K) + i_h * K + o_k[None, :]
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_kt = m_k[:, None] & m_t[None, :]
+        p_kt = (t0 + o_t)[None, :] * (H * K) + i_h * K + o_k[:, None]
+        b_dw = tl.load(dw + p_k, mask=m_tk, other=0.0)
+        b_k = tl.load(k + p_k, mask=m_tk, other=0.0).to(tl.float32)
+        b_kt = tl.load(k + p_kt, mask=m_kt, other=0.0).to(tl.float32)
+        b_wt = tl.load(w + p_kt, mask=m_kt, other=0.0)
+        b_dxw = tl.dot(b_Ait, b_dw, input_precision=DOT_PREC)
+        b_dA += tl.dot(b_dxw, b_wt, input_precision=DOT_PREC)
+        b_dbw += tl.sum(b_k * b_dxw, 1)
+        b_kk += tl.dot(b_k, b_kt, input_precision=DOT_PREC)
+
+    m_lt = o_t[:, None] > o_t[None, :]
+    b_dA = tl.where(m_lt, -b_dA, 0.0)  # dAkk
+    if USE_G:
+        b_dA *= tl.exp(tl.where(m_lt, b_g[:, None] - b_g[None, :], 0.0))  # dAkk * Gam
+    b_dbw *= b_eg  # sum_K(k exp(gamma) dXw)
+    b_dA_kk = b_dA * b_kk  # dAkk * KK * Gam
+    b_db += b_dbw + tl.sum(b_dA_kk, 1)
+    tl.store(dbeta + (t0 + o_t) * H + i_h, b_db.to(dbeta.dtype.element_ty), mask=m_t)
+    b_dA *= b_beta[:, None]  # dAkk * beta_i Gam: the gradient of k_i . k_j
+
+    if USE_G:
+        b_pa = b_dA_kk * b_beta[:, None]  # dAkk * Akk
+        b_dgam = b_beta * b_dbw + tl.sum(b_pa, 1) - tl.sum(b_pa, 0)
+        for i_k in range(NK_O):
+            b_dgam += tl.load(dg_o + (i_k * T_all + t0 + o_t) * H + i_h, mask=m_t, other=0.0)
+        b_dgam = tl.where(m_t, b_dgam, 0.0)
+        b_dg = tl.cumsum(b_dgam, 0, reverse=True)
+        tl.store(dg + (t0 + o_t) * H + i_h, b_dg.to(dg.dtype.element_ty), mask=m_t)
+
+    b_dAt = tl.trans(b_dA)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        p_k = (t0 + o_t)[:, None] * (H * K) + i_h * K + o_k[None, :]
+        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        b_dw = tl.load(dw + p_k, mask=m_tk, other=0.0)
+        b_k = tl.load(k + p_k, mask=m_tk, other=0.0).to(tl.float32)
+        b_dk = tl.load(dk_o + p_k, mask=m_tk, other=0.0)
+        # dXw again (one [BT, BT] x [BT, BK] dot) rather than keeping all of K in registers.
+        b_dxw = tl.dot(b_Ait, b_dw, input_precision=DOT_PREC)
+        b_dk += b_dxw * (b_beta * b_eg)[:, None]
+        b_dk += tl.dot(b_dA, b_k, input_precision=DOT_PREC)
+        b_dk += tl.dot(b_dAt, b_k, input_precision=DOT_PREC)
+        tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_tk)
+
+
+# ----------------------------------------------------------------------------------------
+# Host side
+
+
+def _state_blocks(K: int, V: int) -> tuple[int, int]:
+    """(BK, BV) of the scans: all of K, and as many value columns as the cap allows."""
+    BK = max(16, triton.next_power_of_2(K))
+    return BK, min(_block(V), max(16, _MAX_STATE_BLOCK // BK))
+
+
+def _ut_transform(k, v, beta, gamma, ch, prec):
+    """-> Ai [T_all, H, BT] (lower triangle), w [T_all, H, K], u [T_all, H, V], fp32."""
+    T_all, H, K = k.shape
+    V = v.shape[-1]
+    BT = ch.BT
+    use_g = gamma is not None
+    A = k.new_empty(T_all, H, BT, dtype=torch.float32)
+    _fwd_kkt_kernel[(ch.NT, H)](
+        k, beta, gamma, A, ch.cu_seqlens, ch.chunk_indices,
+        H=H, K=K, BT=BT, BK=_block(K), USE_G=use_g, DOT_PREC=prec,
+    )  # fmt: skip
+    Ai = torch.empty_like(A)
+    _solve_tril_kernel[(ch.NT, H)](A, Ai, ch.cu_seqlens, ch.chunk_indices, H=H, BT=BT, BC=_BC)
+    del A
+    w = k.new_empty(T_all, H, K, dtype=torch.float32)
+    u = k.new_empty(T_all, H, V, dtype=torch.float32)
+    _fwd_wu_kernel[(ch.NT, H)](
+        k, v, beta, gamma, Ai, w, u, ch.cu_seqlens, ch.chunk_indices,
+        H=H, K=K, V=V, BT=BT, BK=_block(K), BV=_block(V), USE_G=use_g, DOT_PREC=prec,
+    )  # fmt: skip
+    return Ai, w, u
+
+
+def _states(k, u, w, gamma, h0, store_ht, ch, prec):
+    """-> h [NT, H, K, V] entering states, delta [T_all, H, V], ht [N, H, K, V] or None."""
+    _, H, K = k.shape
+    V = u.shape[-1]
+    BK, BV = _state_blocks(K, V)
+    h = k.new_empty(ch.NT, H, K, V, dtype=torch.float32)
+    delta = torch.empty_like(u)
+    ht = k.new_empty(ch.N, H, K, V, dtype=torch.float32) if store_ht else None
+    _fwd_h_kernel[(triton.cdiv(V, BV), ch.N * H)](
+        k, u, w, gamma, h, delta, h0, ht, ch.cu_seqlens, ch.chunk_offsets,
+        H=H, K=K, V=V, BT=ch.BT, BK=BK, BV=BV, USE_G=gamma is not None,
+        USE_H0=h0 is not None, STORE_HT=store_ht, DOT_PREC=prec,
+    )  # fmt: skip
+    return h, delta, ht
+
+
+class _ChunkDelta(torch.autograd.Function):
+    """On [T_all, H, *] tensors (B folded into documents); see chunk_delta_triton."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g, initial_state, scale, output_final_state, ch):
+        q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
+        g = None if g is None else g.contiguous()
+        h0 = None if initial_state is None else initial_state.float().contiguous()
+        gate = _GATE_NONE if g is None else _GATE_SCALAR
+        prec = _dot_precision(q, k, v)
+        _, H, K = q.shape
+        V = v.shape[-1]
+        BV = _block(V)
+
+        gamma = None if g is None else _local_cumsum(g, gate, ch)
+        _, w, u = _ut_transform(k, v, beta, gamma, ch, prec)
+        h, delta, ht = _states(k, u, w, gamma, h0, output_final_state, ch, prec)
+        del w, u
+        A = _scores(q, k, gamma, gate, scale, ch, prec)
+        o = torch.empty_like(v)
+        _fwd_o_kernel[(triton.cdiv(V, BV), ch.NT, H)](
+            q, delta, gamma, h, A, o, ch.cu_seqlens, ch.chunk_indices, scale,
+            H=H, K=K, V=V, BT=ch.BT, BK=_block(K), BV=BV, GATE=gate, DOT_PREC=prec,
+        )  # fmt: skip
+
+        # Only the inputs are kept: the UT transform and the states are recomputed.
+        ctx.save_for_backward(q, k, v, beta, g, h0)
+        ctx.scale, ctx.ch, ctx.prec = scale, ch, prec
+        ctx.h0_dtype = None if initial_state is None else initial_state.dtype
+        ctx.set_materialize_grads(False)
+        return o, ht
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, dht):
+        q, k, v, beta, g, h0 = ctx.saved_tensors
+        scale, ch, prec = ctx.scale, ctx.ch, ctx.prec
+        T_all, H, K = q.shape
+        V = v.shape[-1]
+        BT, BK, BV = ch.BT, _block(K), _block(V)
+        NK = triton.cdiv(K, BK)
+        gate = _GATE_NONE if g is None else _GATE_SCALAR
+        use_g = g is not None
+        do = torch.zeros_like(v) if do is None else do.contiguous()
+        dht = None if dht is None else dht.float().contiguous()
+
+        # Recompute what the forward dropped.
+        gamma = None if g is None else _local_cumsum(g, gate, ch)
+        Ai, w, u = _ut_transform(k, v, beta, gamma, ch, prec)
+        h, delta, _ = _states(k, u, w, gamma, h0, False, ch, prec)
+        A = _scores(q, k, gamma, gate, scale, ch, prec)
+
+        BKs, BVs = _state_blocks(K, V)
+        dh = q.new_empty(ch.NT, H, K, V, dtype=torch.float32)
+        ddelta = torch.empty_like(delta)
+        dh0 = None if h0 is None else torch.empty_like(h0)
+        _bwd_dh_kernel[(triton.cdiv(V, BVs), ch.N * H)](
+            q, k, w, gamma, A, do, dh, ddelta, dht, dh0, ch.cu_seqlens, ch.chunk_offsets,
+            scale, H=H, K=K, V=V, BT=BT, BK=BKs, BV=BVs, USE_G=use_g,
+            USE_DHT=dht is not None, STORE_DH0=h0 is not None, DOT_PREC=prec,
+        )  # fmt: skip
+        del A
+
+        dq = torch.empty_like(q)
+        dk_o = q.new_empty(T_all, H, K, dtype=torch.float32)
+        dw = torch.empty_like(dk_o)
+        dg_o = q.new_empty(NK, T_all, H, dtype=torch.float32) if use_g else None
+        _bwd_dqkwg_kernel[(NK, ch.NT, H)](
+            q, k, delta, gamma, h, do, dh, ddelta, dq, dk_o, dw, dg_o,
+            ch.cu_seqlens, ch.chunk_indices, scale, T_all,
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, DOT_PREC=prec,
+        )  # fmt: skip
+        del h, dh, delta
+
+        dk, dv, dbeta = torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta)
+        dg = torch.empty_like(g) if use_g else None
+        _bwd_wy_kernel[(ch.NT, H)](
+            k, v, beta, gamma, Ai, u, w, ddelta, dw, dk_o, dg_o, dk, dv, dbeta, dg,
+            ch.cu_seqlens, ch.chunk_indices, T_all, NK,
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, DOT_PREC=prec,
+        )  # fmt: skip
+        if dh0 is not None:
+            dh0 = dh0.to(ctx.h0_dtype)
+        return dq, dk, dv, dbeta, dg, dh0, None, None, None
+
+
+def chunk_delta_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The chunkwise delta rule (DeltaNet, Gated DeltaNet) with Triton forward and backward.
+
+    Args:
+        q, k: [B, T, H, K]; v: [B, T, H, V] (K != V allowed, neither need be a power of two).
+            Any float dtype; all arithmetic is fp32. Keys are expected L2-normalised.
+        beta: [B, T, H] write strength (in [0, 1], or [0, 2] for negative eigenvalues).
+        g: None (DeltaNet) or [B, T, H] log decay <= 0 (Gated DeltaNet).
+        scale: multiplies q (commonly K ** -0.5).
+        initial_state: [N, H, K, V] fp32 or None (zeros); N = B, or the number of
+            documents with ``cu_seqlens``.
+        output_final_state: also return the state after each document's last token.
+        cu_seqlens: int32 [N + 1] offsets of packed documents (B must be 1). The state
+            restarts from ``initial_state[n]`` at each document start; chunks never
+            straddle documents.
+
+    Returns:
+        o [B, T, H, V] in v's dtype and ht [N, H, K, V] fp32 (or None). Differentiable in
+        q, k, v, beta, g and initial_state; the backward recomputes the chunk states.
+    """
+    B, T, H, _ = q.shape
+    V = v.shape[-1]
+    ch = _Chunks(cu_seqlens, B, T, _BT, q.device)
+    # Fold B into the token axis: B documents of length T (a view for contiguous inputs).
+    flat = [x.reshape(B * T, *x.shape[2:]) for x in (q, k, v, beta)]
+    g_flat = None if g is None else g.reshape(B * T, H)
+    o, ht = _ChunkDelta.apply(*flat, g_flat, initial_state, scale, output_final_state, ch)
+    return o.reshape(B, T, H, V), ht
