@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class ConfigError(ValueError):
@@ -30,6 +30,16 @@ def expand_ratio(ratio: str) -> str:
 
 
 @dataclass
+class AttentionConfig:
+    """The softmax (``F``) layers."""
+
+    window: int = (
+        0  # sliding window in tokens (each query sees itself and window - 1 before); 0 = full
+    )
+    qk_norm: bool = False  # RMSNorm on each head's q and k before RoPE
+
+
+@dataclass
 class ModelConfig:
     """A hybrid decoder: a pattern of linear (L) and softmax (F) mixer layers tiled over depth."""
 
@@ -46,6 +56,16 @@ class ModelConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
     init_std: float = 0.02
+    # Linear mixers (model/linear_mixers.py): value heads (None = n_heads; a multiple of it
+    # shares each q/k head across several value heads), short conv width (0 or 1 = off,
+    # for mixers that use one), the feature map of linear_attention, and beta in [0, 2]
+    # for the delta-rule mixers (negative eigenvalues, for state tracking).
+    linear_v_heads: int | None = None
+    conv_size: int = 4
+    feature_map: str = "elu_p1"
+    allow_neg_eigval: bool = False
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    activation_checkpointing: bool = False  # recompute each block in the backward
 
     @property
     def pattern(self) -> str:
@@ -98,7 +118,34 @@ class ModelConfig:
                 f"{unit!r} (length {len(unit)})"
             )
         if "L" in unit:
-            check_linear_mixer(self.linear_mixer)
+            self._validate_linear(check_linear_mixer(self.linear_mixer))
+        elif self.allow_neg_eigval:
+            raise ConfigError("model.allow_neg_eigval needs linear layers in the layer pattern")
+        if self.attention.window < 0:
+            raise ConfigError(f"model.attention.window must be >= 0, got {self.attention.window}")
         if self.d_ff is not None and self.d_ff <= 0:
             raise ConfigError(f"model.d_ff must be positive, got {self.d_ff}")
         return self
+
+    def _validate_linear(self, mixer: type) -> None:
+        from hylas.model.linear_mixers import FEATURE_MAPS
+
+        if self.linear_v_heads is not None and (
+            self.linear_v_heads <= 0 or self.linear_v_heads % self.n_heads
+        ):
+            raise ConfigError(
+                f"model.linear_v_heads ({self.linear_v_heads}) must be a positive multiple of "
+                f"model.n_heads ({self.n_heads})"
+            )
+        if self.conv_size < 0:
+            raise ConfigError(f"model.conv_size must be >= 0, got {self.conv_size}")
+        if self.feature_map not in FEATURE_MAPS:
+            raise ConfigError(
+                f"model.feature_map must be one of {', '.join(FEATURE_MAPS)}, got {self.feature_map!r}"
+            )
+        if self.allow_neg_eigval and not getattr(mixer, "supports_neg_eigval", False):
+            raise ConfigError(
+                f"model.allow_neg_eigval is for the delta-rule mixers (deltanet, gated_deltanet), "
+                f"not {self.linear_mixer}"
+            )
+        mixer.check(self)

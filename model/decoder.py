@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from hylas.model.config import ModelConfig
 from hylas.model.layers import RMSNorm, SwiGLU
@@ -25,6 +26,37 @@ class HybridCache:
 
     states: list = field(default_factory=list)
     length: int = 0  # tokens seen so far
+
+
+@dataclass
+class Packing:
+    """Where the documents of a batch start, as every layer needs it.
+
+    cu_seqlens: int32 [N + 1] offsets into the flattened B * T tokens (every document
+    start and every sample start); seg_id [B, T]: each token's document (global index);
+    seg_pos [B, T]: its offset from its document's start.
+    """
+
+    cu_seqlens: torch.Tensor
+    seg_id: torch.Tensor
+    seg_pos: torch.Tensor
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, B: int, T: int) -> Packing:
+        cu = cu_seqlens.to(torch.long)
+        total = B * T
+        if cu.dim() != 1 or len(cu) < 2 or cu[0] != 0 or cu[-1] != total:
+            raise ValueError(f"cu_seqlens must run from 0 to B * T = {total}, got {cu.tolist()}")
+        if (cu[1:] <= cu[:-1]).any():
+            raise ValueError(f"cu_seqlens must be strictly increasing, got {cu.tolist()}")
+        row_starts = torch.arange(0, total, T, device=cu.device)
+        if not torch.isin(row_starts, cu).all():
+            raise ValueError("cu_seqlens must include every sample start (multiples of T)")
+        starts = torch.zeros(total, dtype=torch.long, device=cu.device)
+        starts[cu[:-1]] = 1
+        seg_id = starts.cumsum(0) - 1
+        seg_pos = torch.arange(total, device=cu.device) - cu[seg_id]
+        return cls(cu_seqlens.to(torch.int32), seg_id.view(B, T), seg_pos.view(B, T))
 
 
 @dataclass
@@ -43,8 +75,12 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim)
 
-    def forward(self, x_BTD, position_ids_BT, state=None, use_cache=False):
-        h, state = self.mixer(self.mixer_norm(x_BTD), position_ids_BT, state, use_cache)
+    def mixer_flops(self, seq_len: int) -> float:
+        """Forward FLOPs per token of the mixer's sequence term (beyond its projections)."""
+        return self.mixer.sequence_flops(seq_len)
+
+    def forward(self, x_BTD, position_ids_BT, state=None, use_cache=False, seq=None):
+        h, state = self.mixer(self.mixer_norm(x_BTD), position_ids_BT, state, use_cache, seq)
         x_BTD = x_BTD + h
         return x_BTD + self.ffn(self.ffn_norm(x_BTD)), state
 
@@ -78,24 +114,42 @@ class HylasLM(nn.Module):
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
         cache: HybridCache | None = None,
         use_cache: bool = False,
         logits: bool = True,
     ) -> LMOutput:
         """input_ids, labels, position_ids: [B, T] int64; labels hold the next token or -100.
 
-        The loss is the mean cross-entropy over the tokens whose label is not -100.
-        With ``use_cache`` the returned cache continues from ``cache`` (or from empty).
+        cu_seqlens (int32 [N + 1] over the flattened B * T tokens, every document and
+        sample start) keeps packed documents apart in every layer; position_ids then default
+        to each token's offset in its document. The loss is the mean cross-entropy over the
+        tokens whose label is not -100. With ``use_cache`` the returned cache continues
+        from ``cache`` (or from empty); caches are for unpacked batches.
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
+        seq = None
+        if cu_seqlens is not None:
+            if cache is not None or use_cache:
+                raise ValueError("decoding caches are for unpacked batches; drop cu_seqlens")
+            seq = Packing.from_cu_seqlens(cu_seqlens.to(input_ids.device), B, T)
         if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+            if seq is not None:
+                position_ids = seq.seg_pos
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.embed(input_ids)
         states = cache.states if cache is not None else [None] * len(self.blocks)
         new_states = []
+        recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block, state in zip(self.blocks, states, strict=True):
-            x, state = block(x, position_ids, state, use_cache)
+            if recompute:
+                x, state = checkpoint(
+                    block, x, position_ids, state, use_cache, seq, use_reentrant=False
+                )
+            else:
+                x, state = block(x, position_ids, state, use_cache, seq)
             new_states.append(state)
         x = self.norm(x)
         out = LMOutput(logits=None)
@@ -114,7 +168,24 @@ class HylasLM(nn.Module):
         )
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Exact parameter count (a tied LM head counted once)."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             n -= self.embed.weight.numel()
         return n
+
+    def num_active_parameters(self) -> int:
+        """Parameters used per token: all of them in a dense model."""
+        return self.num_parameters()
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token at ``seq_len`` (forward + backward = 3x forward), for MFU.
+
+        Forward: 2 x the weights of every matmul (the LM head included, the embedding
+        lookup not), plus each mixer's sequence term (softmax: q k^T and attention x v over
+        the causal context; linear: the chunkwise kernel's work, see ``mixer_flops``).
+        Elementwise work, norms and recomputation are not counted.
+        """
+        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        forward = 2.0 * matmul + sum(b.mixer_flops(seq_len) for b in self.blocks)
+        return 3.0 * forward

@@ -1,74 +1,240 @@
-"""Linear mixers: one shared wrapper, and each mixer as its gates and paper defaults.
+"""Linear mixers: one shared wrapper, and each mixer as its gates and its paper's defaults.
 
-The wrapper owns the projections (q, k, v, output gate), the per-head output norm and
-the output projection, so every linear mixer has the same parameter names. A mixer
-subclass names its kernel family and computes its gates. Its cache entry is the
-recurrent state [B, H, K, V] in fp32, constant in sequence length.
+The wrapper owns everything the mixers share, under one set of parameter names:
+``q_proj``, ``k_proj``, ``v_proj`` (input projections), ``q_conv``, ``k_conv``, ``v_conv``
+(short causal convolutions, for mixers that use them; their state resets at document
+starts), ``g_proj`` (output gate), ``o_norm`` (per-head RMSNorm) and ``o_proj``. A mixer
+subclass names its kernel family, its sizes and feature maps, and computes its gates from
+the layer input; it adds parameters only for what differs (a decay, a write strength).
+
+Heads: q and k have ``n_heads`` heads; v (and the state) may have more, ``linear_v_heads``
+(a multiple of n_heads, as in Qwen3-Next's Gated DeltaNet); each q/k head then serves
+``linear_v_heads / n_heads`` value heads.
+
+A linear layer's cache entry is ``(state [B, Hv, K, V] fp32, conv tails or None)``:
+constant in sequence length.
+
+Legend: B batch, T tokens, D d_model, H q/k heads, Hv value heads, K / V head sizes.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hylas.kernels import gla
-from hylas.model.config import ModelConfig
+from hylas.kernels import delta_rule, gated_delta_rule, gla, linear_attn, simple_gla
+from hylas.model.config import ConfigError, ModelConfig
+from hylas.model.conv import ShortConv
 from hylas.model.layers import RMSNorm
 from hylas.model.registry import register_linear_mixer
 
 # Decoding steps of at most this many tokens run the per-token recurrence.
 RECURRENT_MAX_TOKENS = 16
 
+FEATURE_MAPS = {
+    "identity": lambda x: x,
+    "elu_p1": lambda x: F.elu(x) + 1,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
 
 class LinearMixer(nn.Module):
     family = None  # the kernel module (hylas.kernels.<family>)
-    expand_k = 0.5  # key size per layer = expand_k * d_model
-    expand_v = 1.0
+    expand_k = 0.5  # key size of the layer = expand_k * d_model
+    expand_v = 1.0  # value size of the layer = expand_v * d_model
+    use_short_conv = False
+    feature_map = "identity"  # applied to q and k after the (optional) convolution
+    l2_norm_qk = False  # delta-rule mixers: unit-norm q and k
+    norm_before_gate = True  # o_norm(o) * silu(g); False: o_norm(o * silu(g)) (Mamba2)
+    scale = None  # None: K ** -0.5
 
     def __init__(self, cfg: ModelConfig, kernel_backend: str = "auto"):
         super().__init__()
         self.kernel_backend = kernel_backend
         self.n_heads = cfg.n_heads
-        key_dim, value_dim = int(cfg.d_model * self.expand_k), int(cfg.d_model * self.expand_v)
-        self.head_k, self.head_v = key_dim // cfg.n_heads, value_dim // cfg.n_heads
+        self.n_v_heads = cfg.linear_v_heads or cfg.n_heads
+        key_dim = int(cfg.d_model * self.expand_k)
+        value_dim = int(cfg.d_model * self.expand_v)
+        self.head_k, self.head_v = key_dim // self.n_heads, value_dim // self.n_v_heads
         self.q_proj = nn.Linear(cfg.d_model, key_dim, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, key_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, value_dim, bias=False)
+        self.convs = self.use_short_conv and cfg.conv_size > 1
+        if self.convs:
+            self.q_conv = ShortConv(key_dim, cfg.conv_size)
+            self.k_conv = ShortConv(key_dim, cfg.conv_size)
+            self.v_conv = ShortConv(value_dim, cfg.conv_size)
         self.g_proj = nn.Linear(cfg.d_model, value_dim, bias=False)
         self.o_norm = RMSNorm(self.head_v, eps=cfg.norm_eps)
         self.o_proj = nn.Linear(value_dim, cfg.d_model, bias=False)
         self.build_gates(cfg)
 
-    def build_gates(self, cfg: ModelConfig) -> None:
-        raise NotImplementedError(f"{type(self).__name__} must define its gates")
-
-    def gates(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        raise NotImplementedError(f"{type(self).__name__} must define its gates")
-
-    def forward(self, x_BTD, position_ids_BT=None, state=None, use_cache=False):
-        B, T, _ = x_BTD.shape
-        q = self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_k)
-        k = self.k_proj(x_BTD).view(B, T, self.n_heads, self.head_k)
-        v = self.v_proj(x_BTD).view(B, T, self.n_heads, self.head_v)
-        gates = self.gates(x_BTD)
-        if state is not None and T <= RECURRENT_MAX_TOKENS:
-            o, new_state = self.family.recurrent(q, k, v, *gates, initial_state=state)
-        else:
-            o, new_state = self.family.chunk(
-                q,
-                k,
-                v,
-                *gates,
-                initial_state=state,
-                output_final_state=use_cache,
-                backend=self.kernel_backend,
+    @classmethod
+    def check(cls, cfg: ModelConfig) -> None:
+        """Refuse sizes this mixer cannot build, with one sentence."""
+        hv = cfg.linear_v_heads or cfg.n_heads
+        key_dim, value_dim = int(cfg.d_model * cls.expand_k), int(cfg.d_model * cls.expand_v)
+        if key_dim % cfg.n_heads or value_dim % hv:
+            raise ConfigError(
+                f"{cls.name}: key size {key_dim} and value size {value_dim} must divide into "
+                f"{cfg.n_heads} q/k heads and {hv} value heads"
             )
-        o = self.o_norm(o) * F.silu(self.g_proj(x_BTD).view(B, T, self.n_heads, self.head_v))
-        return self.o_proj(o.reshape(B, T, -1)), (new_state if use_cache else None)
+
+    # -- what a mixer supplies -------------------------------------------------------------
+    def build_gates(self, cfg: ModelConfig) -> None:
+        """Create the mixer's own parameters (none by default)."""
+
+    def gates(self, x_BTD, q, k, v):
+        """The kernel family's gate tensors after v, and q, k, v (possibly changed); q and k
+        arrive with one head per value head."""
+        return (), q, k, v
+
+    def extra_output(self, o, v):
+        """Added to the kernel's output before the norm (Mamba2's D skip)."""
+        return o
+
+    # -- the shared path -------------------------------------------------------------------
+    def forward(self, x_BTD, position_ids_BT=None, state=None, use_cache=False, seq=None):
+        """seq: the packing of the batch (``decoder.Packing``) or None; state: the cache entry."""
+        B, T, _ = x_BTD.shape
+        rec_state, tails = state if state is not None else (None, None)
+        q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
+        new_tails = None
+        if self.convs:
+            seg_pos = seq.seg_pos if seq is not None else None
+            tails = tails or (None, None, None)
+            (q, tq), (k, tk), (v, tv) = (
+                conv(x, seg_pos, tail)
+                for conv, x, tail in zip(
+                    (self.q_conv, self.k_conv, self.v_conv), (q, k, v), tails, strict=True
+                )
+            )
+            new_tails = (tq, tk, tv)
+        fm = FEATURE_MAPS[self.feature_map]
+        q = fm(q.view(B, T, self.n_heads, self.head_k))
+        k = fm(k.view(B, T, self.n_heads, self.head_k))
+        v = v.view(B, T, self.n_v_heads, self.head_v)
+        if self.l2_norm_qk:
+            q, k = (
+                F.normalize(q.float(), dim=-1).to(q.dtype),
+                F.normalize(k.float(), dim=-1).to(k.dtype),
+            )
+        if self.n_v_heads != self.n_heads:  # each q/k head serves n_v_heads / n_heads heads
+            rep = self.n_v_heads // self.n_heads
+            q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
+        gates, q, k, v = self.gates(x_BTD, q, k, v)
+        o, new_state = self._kernel(q, k, v, gates, rec_state, use_cache, seq)
+        o = self.extra_output(o, v)
+        gate = F.silu(self.g_proj(x_BTD).view(B, T, self.n_v_heads, self.head_v))
+        if self.norm_before_gate:
+            o = self.o_norm(o) * gate
+        else:
+            o = self.o_norm(o * gate)
+        out = self.o_proj(o.reshape(B, T, -1))
+        return out, ((new_state, new_tails) if use_cache else None)
+
+    def sequence_flops(self, seq_len: int) -> float:
+        """The chunkwise kernel's forward work per token (chunk C = 64), per value head:
+        intra-chunk scores and their product with v over the C x C block (2 C (K + V)), the
+        inter-chunk read q h and the state update (4 K V); the delta rule adds k k^T, the
+        solves for u and w and delta = u - w h (2 C (K + V) + 2 K V + C^2). Short convs add
+        2 W per channel."""
+        C, K, V = min(64, seq_len), self.head_k, self.head_v
+        per_head = 2 * C * (K + V) + 4 * K * V
+        if self.family in (delta_rule, gated_delta_rule):
+            per_head += 2 * C * (K + V) + 2 * K * V + C * C
+        conv = 0
+        if self.convs:
+            conv = 2 * self.q_conv.width * (2 * self.n_heads * K + self.n_v_heads * V)
+        return float(self.n_v_heads * per_head + conv)
+
+    def _kernel(self, q, k, v, gates, state, use_cache, seq):
+        B, T = q.shape[:2]
+        if state is not None and T <= RECURRENT_MAX_TOKENS:
+            return self.family.recurrent(q, k, v, *gates, scale=self.scale, initial_state=state)
+        if seq is not None and seq.cu_seqlens is not None:  # packed: one row, states restart
+            if use_cache:
+                raise ValueError("decoding caches are for unpacked batches; drop cu_seqlens")
+            flat = [x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v, *gates)]
+            o, _ = self.family.chunk(
+                *flat, scale=self.scale, cu_seqlens=seq.cu_seqlens, backend=self.kernel_backend
+            )
+            return o.view(B, T, *o.shape[2:]), None
+        return self.family.chunk(
+            q,
+            k,
+            v,
+            *gates,
+            scale=self.scale,
+            initial_state=state,
+            output_final_state=use_cache,
+            backend=self.kernel_backend,
+        )
 
 
-@register_linear_mixer("gla")
+def _register(name):
+    def add(cls):
+        cls.name = name
+        return register_linear_mixer(name)(cls)
+
+    return add
+
+
+@_register("linear_attention")
+class LinearAttention(LinearMixer):
+    """Linear attention (Katharopoulos et al. 2020): no decay, a positive feature map on q
+    and k (``model.feature_map``, elu + 1 by default). The output norm replaces the
+    paper's normaliser, as in TransNormer."""
+
+    family = linear_attn
+    expand_k = 1.0
+
+    def build_gates(self, cfg):
+        self.feature_map = cfg.feature_map
+
+
+def _fixed_decay(name: str, n_heads: int) -> torch.Tensor:
+    h = torch.arange(n_heads, dtype=torch.float64)
+    if name == "retnet":  # gamma_h = 1 - 2^(-5 - h)
+        return torch.log1p(-(2.0 ** (-5.0 - h))).float()
+    # lightning: the ALiBi slopes s_h = 2^(-8 (h + 1) / H), decay exp(-s_h)
+    return (-(2.0 ** (-8.0 * (h + 1) / n_heads))).float()
+
+
+class _FixedDecay(LinearMixer):
+    family = simple_gla
+
+    def build_gates(self, cfg):
+        self.register_buffer("log_decay", _fixed_decay(self.name, self.n_v_heads), persistent=False)
+
+    def gates(self, x_BTD, q, k, v):
+        B, T = x_BTD.shape[:2]
+        return (self.log_decay.expand(B, T, -1),), q, k, v
+
+
+@_register("lightning")
+class Lightning(_FixedDecay):
+    """Lightning attention (TransNormerLLM, Qin et al. 2023/2024): a fixed decay per head,
+    exp(-s_h) with the ALiBi slopes s_h = 2^(-8 (h + 1) / H), and silu on q and k."""
+
+    expand_k = 1.0
+    feature_map = "silu"
+
+
+@_register("retnet")
+class RetNet(_FixedDecay):
+    """Retention (RetNet, Sun et al. 2023): a fixed decay per head, gamma_h = 1 - 2^(-5-h),
+    value size 2 d_model, swish output gate and per-head norm (xPos is not applied)."""
+
+    expand_k = 1.0
+    expand_v = 2.0
+
+
+@_register("gla")
 class GLA(LinearMixer):
     """Gated Linear Attention (Yang et al. 2024): a low-rank data-dependent per-channel
     forget gate, gk = logsigmoid(W2 W1 x + b) / 16 (the paper's normaliser)."""
@@ -77,13 +243,121 @@ class GLA(LinearMixer):
     gate_rank = 16
     gate_normaliser = 16.0
 
-    def build_gates(self, cfg: ModelConfig) -> None:
+    def build_gates(self, cfg):
         self.gk_proj = nn.Sequential(
             nn.Linear(cfg.d_model, self.gate_rank, bias=False),
             nn.Linear(self.gate_rank, self.n_heads * self.head_k, bias=True),
         )
 
-    def gates(self, x_BTD):
+    def gates(self, x_BTD, q, k, v):
         B, T, _ = x_BTD.shape
         gk = F.logsigmoid(self.gk_proj(x_BTD).float()) / self.gate_normaliser
-        return (gk.view(B, T, self.n_heads, self.head_k),)
+        gk = gk.view(B, T, self.n_heads, self.head_k)
+        if self.n_v_heads != self.n_heads:
+            gk = gk.repeat_interleave(self.n_v_heads // self.n_heads, dim=2)
+        return (gk,), q, k, v
+
+
+@_register("hgrn2")
+class HGRN2(LinearMixer):
+    """HGRN2 (Qin et al. 2024): gated linear RNN with state expansion. k_proj is the forget
+    gate's projection: f = sigmoid(k_proj x), key = 1 - f and log decay log f, per channel
+    (the paper's lower bound on f is 0 here)."""
+
+    family = gla
+
+    def gates(self, x_BTD, q, k, v):
+        gk = F.logsigmoid(k.float())  # log f
+        key = -torch.expm1(gk)  # 1 - f
+        return (gk,), q, key.to(q.dtype), v
+
+
+def _dt_bias(n: int, dt_min: float = 1e-3, dt_max: float = 0.1) -> torch.Tensor:
+    """Mamba's dt bias: softplus(bias) log-uniform in [dt_min, dt_max]."""
+    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    return dt + torch.log(-torch.expm1(-dt))  # the inverse of softplus
+
+
+class _SSMDecay(LinearMixer):
+    """A per-head data-dependent decay g = -exp(A_log) softplus(a_proj x + dt_bias)."""
+
+    def build_gates(self, cfg):
+        self.a_proj = nn.Linear(cfg.d_model, self.n_v_heads, bias=False)
+        self.A_log = nn.Parameter(torch.log(torch.empty(self.n_v_heads).uniform_(1, 16)))
+        self.dt_bias = nn.Parameter(_dt_bias(self.n_v_heads))
+
+    def _dt_and_decay(self, x_BTD):
+        dt = F.softplus(self.a_proj(x_BTD).float() + self.dt_bias)
+        return dt, -self.A_log.float().exp() * dt
+
+
+@_register("mamba2")
+class Mamba2(_SSMDecay):
+    """Mamba2 in its SSD form (Dao & Gu 2024): S_t = exp(dt_t A) S_{t-1} + dt_t B_t^T x_t,
+    y_t = C_t S_t + D x_t, with C = q, B = k, x = v, a short conv on all three, a gated
+    RMSNorm (norm after the gate) and no 1/sqrt(K) scale; value size 2 d_model."""
+
+    family = simple_gla
+    expand_v = 2.0
+    use_short_conv = True
+    norm_before_gate = False
+    scale = 1.0
+
+    def build_gates(self, cfg):
+        super().build_gates(cfg)
+        self.D = nn.Parameter(torch.ones(self.n_v_heads))
+
+    def gates(self, x_BTD, q, k, v):
+        dt, g = self._dt_and_decay(x_BTD)
+        k = (k.float() * dt.unsqueeze(-1)).to(k.dtype)
+        return (g,), q, k, v
+
+    def extra_output(self, o, v):
+        return o + (self.D.unsqueeze(-1) * v.float()).to(o.dtype)
+
+
+class _Delta(LinearMixer):
+    """Shared by the delta-rule mixers: short convs, unit-norm q and k, a write strength
+    beta = sigmoid(b_proj x), times 2 with ``model.allow_neg_eigval`` (eigenvalues of the
+    transition in [-1, 1], for state tracking)."""
+
+    expand_k = 1.0
+    use_short_conv = True
+    l2_norm_qk = True
+    supports_neg_eigval = True
+
+    def build_gates(self, cfg):
+        self.b_proj = nn.Linear(cfg.d_model, self.n_v_heads, bias=False)
+        self.beta_max = 2.0 if cfg.allow_neg_eigval else 1.0
+
+    def beta(self, x_BTD):
+        return self.beta_max * torch.sigmoid(self.b_proj(x_BTD).float())
+
+
+@_register("deltanet")
+class DeltaNet(_Delta):
+    """DeltaNet (Schlag et al. 2021; chunkwise training as in Yang et al. 2024)."""
+
+    family = delta_rule
+
+    def gates(self, x_BTD, q, k, v):
+        return (self.beta(x_BTD),), q, k, v
+
+
+@_register("gated_deltanet")
+class GatedDeltaNet(_Delta, _SSMDecay):
+    """Gated DeltaNet (Yang et al. 2025): the delta rule with Mamba2's data-dependent decay
+    g = -exp(A_log) softplus(a_proj x + dt_bias); key size 0.75 d_model and value size
+    1.5 d_model (the paper's 6 heads of 256 over 2048, keys half of values)."""
+
+    family = gated_delta_rule
+    expand_k = 0.75
+    expand_v = 1.5
+
+    def build_gates(self, cfg):
+        _Delta.build_gates(self, cfg)
+        _SSMDecay.build_gates(self, cfg)
+
+    def gates(self, x_BTD, q, k, v):
+        _, g = self._dt_and_decay(x_BTD)
+        return (g, self.beta(x_BTD)), q, k, v

@@ -109,10 +109,7 @@ class Config:
 
 # Keys that belong to work not in this version: naming one is refused, never ignored.
 PLANNED = {
-    "model.attention": "sliding-window attention",
-    "model.allow_neg_eigval": "the delta-rule mixers",
     "model.moe": "Mixture-of-Experts feed-forwards",
-    "model.activation_checkpointing": "activation checkpointing",
     "parallel": "multi-process training with DeepSpeed and LASP-2 arrives later",
     "data": "this version trains on the embedded corpus",
 }

@@ -62,7 +62,7 @@ def test_yaml_file_is_read_with_every_value_typed_by_its_field(tmp_path):
         (["parallel.sp=2"], "parallel.sp is not available yet"),
         (["data.path=/x"], "data.path is not available yet"),
         (["kernels.backend=cuda"], "kernels.backend must be auto, torch or triton"),
-        (["model.linear_mixer=mamba2"], "'mamba2' is not available yet"),
+        (["model.linear_mixer=mamba3"], "'mamba3' is not a known linear mixer"),
         (["model.linear_to_full=3-1"], "must look like '3:1'"),
         (["model"], "--set takes key=value"),
         (["model=3"], "model is a section"),

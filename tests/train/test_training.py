@@ -50,6 +50,25 @@ def test_float32_training_runs_and_decreases(tmp_path):
     assert result.last_eval_loss < result.first_eval_loss - 0.5
 
 
+@pytest.mark.parametrize(
+    "mixer",
+    [
+        "linear_attention",
+        "lightning",
+        "retnet",
+        "gla",
+        "hgrn2",
+        "mamba2",
+        "deltanet",
+        "gated_deltanet",
+    ],
+)
+def test_every_linear_mixer_trains_in_the_tiny_recipe(tmp_path, mixer):
+    overrides = [*FAST, "train.steps=6", "train.dtype=float32", f"model.linear_mixer={mixer}"]
+    result = train(load_config("tiny", [*overrides, f"train.out_dir={tmp_path}"]))
+    assert result.last_eval_loss < result.first_eval_loss - 0.5
+
+
 def _small_model_and_optimizer():
     cfg = load_config("tiny", ["model.d_model=64", "model.n_heads=2", "model.vocab_size=512"])
     torch.manual_seed(0)

@@ -1,0 +1,40 @@
+"""The short causal depthwise convolution of the linear mixers, reset at document starts.
+
+Legend: B batch, T tokens, C channels, W the kernel width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ShortConv(nn.Module):
+    """y_t = silu(sum_{i < W} w_i x_{t-i}), where x_{t-i} counts only inside t's document.
+
+    ``seg_pos`` [B, T] is each token's offset from the start of its document (or sample):
+    tap i is used only where seg_pos >= i, so no document sees the previous one's tail.
+    The cache is the last W - 1 inputs [B, W - 1, C] (constant in sequence length).
+    """
+
+    def __init__(self, channels: int, width: int):
+        super().__init__()
+        self.width = width
+        self.weight = nn.Parameter(torch.empty(channels, width))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Conv1d's default for depthwise
+
+    def forward(self, x_BTC, seg_pos_BT=None, tail=None):
+        B, T, C = x_BTC.shape
+        W = self.width
+        if tail is None:
+            tail = x_BTC.new_zeros(B, W - 1, C)
+        xp = torch.cat([tail.to(x_BTC.dtype), x_BTC], dim=1)  # [B, W-1+T, C]
+        w = self.weight.to(x_BTC.dtype)
+        y = x_BTC * w[:, W - 1]
+        for i in range(1, W):
+            tap = xp[:, W - 1 - i : W - 1 - i + T] * w[:, W - 1 - i]
+            if seg_pos_BT is not None:
+                tap = tap * (seg_pos_BT >= i).unsqueeze(-1).to(tap.dtype)
+            y = y + tap
+        return F.silu(y), xp[:, T:]

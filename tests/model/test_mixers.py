@@ -1,0 +1,197 @@
+"""Every registered linear mixer, in a 3:1 hybrid: finite forward and backward, packed
+documents equal per-document runs, cached decoding equals the full forward; softmax
+attention's window and QK-norm; parameter counts and FLOPs."""
+
+import itertools
+
+import pytest
+import torch
+
+from hylas.model import ConfigError, HylasLM, ModelConfig
+from hylas.model.config import AttentionConfig
+from hylas.model.linear_mixers import LinearMixer
+from hylas.model.registry import LINEAR_MIXERS, check_linear_mixer
+from tests.helpers import assert_close
+
+check_linear_mixer("gla")  # fills the registry
+MIXERS = sorted(LINEAR_MIXERS)
+VOCAB = 300
+
+
+def config(mixer, **kw) -> ModelConfig:
+    base = dict(
+        vocab_size=VOCAB,
+        d_model=64,
+        n_layers=4,
+        n_heads=2,
+        n_kv_heads=1,
+        linear_mixer=mixer,
+        linear_to_full="3:1",
+    )
+    if isinstance(kw.get("attention"), dict):
+        kw["attention"] = AttentionConfig(**kw["attention"])
+    return ModelConfig(**{**base, **kw}).validate()
+
+
+def build(mixer, seed=0, **kw) -> HylasLM:
+    torch.manual_seed(seed)
+    model = HylasLM(config(mixer, **kw), kernel_backend="torch")
+    with torch.no_grad():  # break the symmetry of init (e.g. Mamba2's D = 1, norms = 1)
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def test_the_registry_holds_every_mixer_of_the_model_zoo():
+    expected = {"linear_attention", "lightning", "retnet", "gla", "hgrn2", "mamba2"}
+    expected |= {"deltanet", "gated_deltanet"}
+    assert expected <= set(MIXERS)
+    assert all(issubclass(LINEAR_MIXERS[m], LinearMixer) for m in MIXERS)
+
+
+def test_every_linear_mixer_shares_the_wrappers_parameter_names():
+    shared = {"q_proj", "k_proj", "v_proj", "g_proj", "o_norm", "o_proj"}
+    for mixer in MIXERS:
+        layer = HylasLM(config(mixer)).blocks[0].mixer
+        names = {n.split(".")[0] for n, _ in layer.named_parameters()}
+        assert shared <= names, mixer
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_forward_and_backward_are_finite(mixer):
+    model = build(mixer)
+    ids = torch.randint(0, VOCAB, (2, 70))
+    out = model(ids, labels=ids.roll(-1, 1))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_packed_batch_equals_each_document_alone(mixer):
+    model = build(mixer).eval()
+    lengths = [[23, 1, 40], [30, 34]]  # two samples of 64 tokens, documents inside
+    T = 64
+    ids = torch.randint(0, VOCAB, (2, T))
+    offsets = [0]
+    for row in lengths:
+        for n in row:
+            offsets.append(offsets[-1] + n)
+    cu = torch.tensor(offsets, dtype=torch.int32)
+    with torch.no_grad():
+        packed = model(ids, cu_seqlens=cu).logits
+        flat_ids = ids.flatten()
+        for s, e in itertools.pairwise(offsets):
+            alone = model(flat_ids[s:e].unsqueeze(0)).logits[0]
+            assert_close(packed.flatten(0, 1)[s:e], alone, 1e-5, f"{mixer} document [{s}, {e})")
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_cached_decoding_equals_the_full_forward(mixer):
+    model = build(mixer).eval()
+    ids = torch.randint(0, VOCAB, (2, 90))
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :70], use_cache=True)  # prefill: the chunked kernels
+        parts, cache = [out.logits], out.cache
+        for t in range(70, 80):  # one token at a time: the recurrent kernels
+            out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+            parts.append(out.logits)
+            cache = out.cache
+        out = model(ids[:, 80:], cache=cache, use_cache=True)  # several tokens with a past
+        parts.append(out.logits)
+    assert_close(torch.cat(parts, 1), full, 1e-4, f"{mixer} decoded logits")
+
+
+def test_linear_cache_is_constant_in_length():
+    model = build("gated_deltanet").eval()
+    with torch.no_grad():
+        short = model(torch.randint(0, VOCAB, (1, 10)), use_cache=True).cache
+        long = model(torch.randint(0, VOCAB, (1, 300)), use_cache=True).cache
+    for kind, a, b in zip(model.cfg.pattern, short.states, long.states, strict=True):
+        sizes = [
+            [t.numel() for t in torch.utils._pytree.tree_leaves(x) if t is not None] for x in (a, b)
+        ]
+        if kind == "L":
+            assert sizes[0] == sizes[1]
+        else:
+            assert sum(sizes[1]) == 30 * sum(sizes[0])  # softmax KV cache grows with T
+
+
+def test_more_value_heads_than_qk_heads():
+    model = build("gated_deltanet", linear_v_heads=4).eval()
+    mixer = model.blocks[0].mixer
+    assert (mixer.n_heads, mixer.n_v_heads) == (2, 4)
+    assert mixer.q_proj.out_features == 2 * mixer.head_k
+    ids = torch.randint(0, VOCAB, (1, 40))
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :30], use_cache=True)
+        step = model(ids[:, 30:], cache=out.cache, use_cache=True)
+    assert_close(torch.cat([out.logits, step.logits], 1), full, 1e-4, "decoded logits")
+
+
+def test_negative_eigenvalues_double_beta():
+    plain = build("deltanet").blocks[0].mixer
+    neg = build("deltanet", allow_neg_eigval=True).blocks[0].mixer
+    x = torch.randn(1, 5, 64)
+    assert_close(neg.beta(x), 2 * plain.beta(x), 1e-6, "beta")
+    with pytest.raises(ConfigError, match="allow_neg_eigval is for the delta-rule mixers"):
+        config("gla", allow_neg_eigval=True)
+
+
+def test_sliding_window_attention_sees_only_the_window():
+    model = build("gla", linear_to_full="0:1", n_layers=1, attention={"window": 8}).eval()
+    ids = torch.randint(0, VOCAB, (1, 40))
+    changed = ids.clone()
+    changed[0, 5] = (ids[0, 5] + 1) % VOCAB
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    diff = (a - b).abs().amax(-1)[0]
+    assert (diff[5:13] > 0).all() and (diff[13:] == 0).all() and (diff[:5] == 0).all()
+    with torch.no_grad():  # and the cache path applies the same window
+        out = model(ids[:, :30], use_cache=True)
+        step = model(ids[:, 30:], cache=out.cache, use_cache=True)
+    assert_close(torch.cat([out.logits, step.logits], 1), a, 1e-5, "windowed decode")
+
+
+def test_qk_norm_adds_per_head_norms():
+    model = build("gla", attention={"qk_norm": True})
+    attn = model.blocks[3].mixer
+    assert attn.q_norm.weight.shape == (attn.head_dim,)
+    ids = torch.randint(0, VOCAB, (1, 20))
+    model(ids, labels=ids).loss.backward()
+    assert attn.q_norm.weight.grad is not None
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        model = build("gated_deltanet", activation_checkpointing=ckpt)
+        ids = torch.randint(0, VOCAB, (2, 50), generator=torch.Generator().manual_seed(0))
+        model(ids, labels=ids.roll(-1, 1)).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert_close(grads[1], grads[0], 1e-6, "gradients")
+
+
+def test_bad_mixer_settings_are_refused_at_load_time():
+    with pytest.raises(ConfigError, match="linear_v_heads"):
+        config("gated_deltanet", linear_v_heads=3)
+    with pytest.raises(ConfigError, match="feature_map"):
+        config("linear_attention", feature_map="softmax")
+    with pytest.raises(ConfigError, match=r"attention\.window"):
+        config("gla", attention={"window": -1})
+    with pytest.raises(ConfigError, match="must divide into"):
+        config("gla", linear_v_heads=6)
+
+
+def test_flops_per_token_counts_matmuls_and_attention_by_hand():
+    cfg = config("gla", linear_to_full="0:1", n_layers=2, n_kv_heads=2)
+    model = HylasLM(cfg)
+    T, d, ff, V = 128, 64, cfg.ffn_dim, cfg.padded_vocab_size
+    per_layer = 4 * d * d + 3 * d * ff  # q, k, v, o and the SwiGLU
+    attention = 4 * d * (T + 1) / 2  # q k^T and A v over the causal context, averaged
+    expected = 3 * (2 * (2 * per_layer + V * d) + 2 * attention)
+    assert model.flops_per_token(T) == pytest.approx(expected)
