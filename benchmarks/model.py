@@ -104,7 +104,7 @@ def decode_cost(model, context: int, steps: int, is_hylas: bool) -> tuple[float,
         cache = out.cache
     else:
         out = model(input_ids=ids, use_cache=True)
-        cache = out.past_key_values
+        cache = out["cache"]
     token = out.logits[:, -1:].argmax(-1)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -112,8 +112,8 @@ def decode_cost(model, context: int, steps: int, is_hylas: bool) -> tuple[float,
             out = model(token, cache=cache, use_cache=True)
             cache = out.cache
         else:
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=token, cache=cache, use_cache=True)
+            cache = out["cache"]
         token = out.logits[:, -1:].argmax(-1)
     latency = (time.perf_counter() - t0) / steps
     return (latency, *cache_bytes(model, cache))
