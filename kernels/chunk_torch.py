@@ -43,7 +43,10 @@ import torch.nn.functional as F
 
 CHUNK = 64
 SUB_CHUNK = 8
-GROUP_TOKENS = 512  # tokens per group of chunks: their states and blocks stay in cache
+# Tokens per group of chunks, for heads of K * V <= 128 * 128: a group's states and blocks
+# stay in cache. Smaller heads get longer groups (up to 2048 tokens), fewer torch calls.
+GROUP_TOKENS = 512
+MAX_GROUP_TOKENS = 2048
 
 
 @dataclass
@@ -197,45 +200,54 @@ def _channel_blocks(q, k, b, sub):
     return q, k, b, b_ref, q_rel, rel.exp()
 
 
+def _blocks(X, d):
+    """The blocks (I = J + d, J) of X [.., S, c, S, c] as a view [.., S - d, c, c]."""
+    return torch.diagonal(X, offset=-d, dim1=-4, dim2=-2).movedim(-1, -3)
+
+
 def _intra_scores_channel(qs, k, b, sub):
     """A[i, j] = sum_K qs_i k_j exp(b_i - b_j), j <= i: [.., C, C] for per-channel decays."""
     *lead, C, _K = qs.shape
     S = C // sub
     q, k, b, b_ref, q_rel, within = _channel_blocks(qs, k, b, sub)
     A = qs.new_zeros(*lead, S, sub, S, sub, dtype=torch.float32)
-    idx = torch.arange(S, device=qs.device)
     diag = torch.einsum("...xik,...xijk->...xij", q.float(), within * k.float().unsqueeze(-3))
-    A[..., idx, :, idx, :] = diag.movedim(-3, 0).float()
+    _blocks(A, 0).copy_(diag)
     for d in range(1, S):  # key sub-chunk J = I - d
         k_fac = k[..., : S - d, :, :] * (b_ref[..., d:, :, :] - b[..., : S - d, :, :]).exp()
-        A[..., idx[d:], :, idx[:-d], :] = (
-            (q_rel[..., d:, :, :] @ k_fac.transpose(-1, -2)).movedim(-3, 0).float()
-        )
+        _blocks(A, d).copy_(q_rel[..., d:, :, :] @ k_fac.transpose(-1, -2))
     return A.reshape(*lead, C, C)
 
 
-def _intra_grads_channel(qs, k, b, dA, sub):
-    """d(qs) and dk of A = _intra_scores_channel(qs, k, b) given dA [.., C, C]."""
+def _intra_channel_backward(qs, k, b, dA, sub):
+    """A = _intra_scores_channel(qs, k, b) and, given dA [.., C, C] (causal), d(qs) and dk.
+
+    One pass over the sub-chunk blocks: each block's decay factors are formed once and
+    serve the scores and both gradients."""
     *lead, C, K = qs.shape
     S = C // sub
     q, k_s, b_s, b_ref, q_rel, within = _channel_blocks(qs.float(), k.float(), b, sub)
+    A = qs.new_zeros(*lead, S, sub, S, sub, dtype=torch.float32)
     dA = dA.reshape(*lead, S, sub, S, sub)
-    idx = torch.arange(S, device=qs.device)
-    dA_diag = dA[..., idx, :, idx, :].movedim(0, -3)  # [.., S, c, c]
-    dq = torch.einsum("...xij,...xijk->...xik", dA_diag, within * k_s.unsqueeze(-3))
+    k_within = within * k_s.unsqueeze(-3)  # [.., S, c_i, c_j, K]
+    _blocks(A, 0).copy_(torch.einsum("...xik,...xijk->...xij", q, k_within))
+    dA_diag = _blocks(dA, 0)  # [.., S, c, c]
+    dq = torch.einsum("...xij,...xijk->...xik", dA_diag, k_within)
     dk = torch.einsum("...xij,...xijk->...xjk", dA_diag, within * q.unsqueeze(-2))
-    for d in range(1, S):
-        dA_off = dA[..., idx[d:], :, idx[:-d], :].movedim(0, -3)  # [.., S-d, c_i, c_j]
+    q_scale = (b_s - b_ref).exp()  # d(q_rel) -> d(q)
+    for d in range(1, S):  # key sub-chunk J = I - d
         to_ref = (b_ref[..., d:, :, :] - b_s[..., : S - d, :, :]).exp()  # exp(b_r(J+d) - b_J)
         k_fac = k_s[..., : S - d, :, :] * to_ref
-        dq_rel = dA_off @ k_fac  # d(q_rel) of query sub-chunks I = d..S-1
-        dq[..., d:, :, :] += dq_rel * (b_s[..., d:, :, :] - b_ref[..., d:, :, :]).exp()
+        _blocks(A, d).copy_(q_rel[..., d:, :, :] @ k_fac.transpose(-1, -2))
+        dA_off = _blocks(dA, d)  # [.., S-d, c_i, c_j]
+        dq[..., d:, :, :] += (dA_off @ k_fac) * q_scale[..., d:, :, :]
         dk[..., : S - d, :, :] += (dA_off.transpose(-1, -2) @ q_rel[..., d:, :, :]) * to_ref
-    return dq.reshape(*lead, C, K), dk.reshape(*lead, C, K)
+    return A.reshape(*lead, C, C), dq.reshape(*lead, C, K), dk.reshape(*lead, C, K)
 
 
-def _groups(N: int, C: int):
-    size = max(1, GROUP_TOKENS // C)
+def _groups(N: int, C: int, K: int = 128, V: int = 128):
+    tokens = min(MAX_GROUP_TOKENS, GROUP_TOKENS * max(1, (128 * 128) // (K * V)))
+    size = max(1, tokens // C)
     return [slice(s, min(N, s + size)) for s in range(0, N, size)]
 
 
@@ -247,7 +259,7 @@ def _forward(q, k, v, g, scale, h0, lay: Layout, sub: int):
     h0 = _initial(h0, lay.docs, H, K, V, q)
     o = torch.empty(*qc.shape[:-1], V, dtype=vc.dtype, device=q.device)
     state, finals = None, []
-    for grp in _groups(lay.N, lay.C):  # the group's states stay in cache
+    for grp in _groups(lay.N, lay.C, K, V):  # the group's states stay in cache
         _, writes, decay = _writes(kc[:, grp], vc[:, grp], b[:, grp])
         entering, state = _scan_forward(writes, decay, grp.start, state, h0, lay, finals)
         o[:, grp] = _output_group(
@@ -297,7 +309,7 @@ class ChunkGated(torch.autograd.Function):
         b = _gate_cumsum(g, lay, K, q)
         qc, kc, vc, doc = (to_chunks(x, lay) for x in (q, k, v, do))
         h0 = _initial(h0, lay.docs, H, K, V, q)
-        groups = _groups(lay.N, lay.C)
+        groups = _groups(lay.N, lay.C, K, V)
 
         # Pass 1: only the states entering each group are kept (and the final states).
         group_states, finals, state = [], [], None
@@ -353,9 +365,9 @@ def _backward_group(qs, kc, vc, b, do, h, dh, k_dec, sub):
         dq = W @ kh.float()
         dk = W.transpose(-1, -2) @ qh.float()
     else:
-        A = _intra_scores_channel(qh, kh, bh, sub)
-        causal = torch.ones(A.shape[-1], A.shape[-1], dtype=torch.bool, device=A.device).tril()
-        dq, dk = _intra_grads_channel(qh, kh, bh, dA * causal, sub)
+        C = dA.shape[-1]
+        causal = torch.ones(C, C, dtype=torch.bool, device=dA.device).tril()
+        A, dq, dk = _intra_channel_backward(qh, kh, bh, dA * causal, sub)
     dv = A.transpose(-1, -2) @ doh.float()
     # inter-chunk: o += (q exp(b)) h ; h' gets (k exp(b_L - b))^T v
     dq = dq + bh.exp() * (doh.float() @ h.transpose(-1, -2))

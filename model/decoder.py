@@ -155,14 +155,16 @@ class HylasLM(nn.Module):
         out = LMOutput(logits=None)
         if use_cache:
             out.cache = HybridCache(new_states, past + T)
-        if labels is not None:
-            out.loss = self.loss(x, labels)
-        if logits:
+        if logits or labels is not None:  # the LM head runs once for both
             out.logits = self.lm_head(x)[..., : self.cfg.vocab_size]
+        if labels is not None:
+            out.loss = self.loss(out.logits, labels)
+        if not logits:
+            out.logits = None
         return out
 
-    def loss(self, x_BTD: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(x_BTD)[..., : self.cfg.vocab_size]
+    def loss(self, logits: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy (fp32) over the tokens whose label is not -100."""
         return F.cross_entropy(
             logits.float().flatten(0, 1), labels_BT.flatten(), ignore_index=IGNORE_INDEX
         )

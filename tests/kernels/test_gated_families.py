@@ -235,3 +235,16 @@ def test_triton_backend_through_the_family_call(family):
     ref = outputs_and_grads(family.naive, inputs, h0)
     mine = outputs_and_grads(lambda *a, **kw: family.chunk(*a, backend="triton", **kw), inputs, h0)
     assert_all_close(mine, ref, len(inputs) - 3, tol=1e-4)
+
+
+@FAMILIES
+def test_packed_documents_across_many_chunk_groups(family):
+    # the torch path walks the sequence in groups of chunks (up to 2048 tokens); documents
+    # here start and end inside groups and span group boundaries
+    lengths = [1500, 700, 2100, 37]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    inputs = make_inputs(family, sum(lengths), b=1, gate_scale=0.1)
+    h0 = torch.randn(len(lengths), H, K, V).requires_grad_()
+    mine = outputs_and_grads(family.chunk, inputs, h0, cu_seqlens=cu)
+    ref = outputs_and_grads(family.naive, inputs, h0, cu_seqlens=cu)
+    assert_all_close(mine, ref, len(inputs) - 3, tol=1e-4)
