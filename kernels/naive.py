@@ -31,10 +31,13 @@ def _recurrence(q, k, v, g, scale, state):
     return torch.stack(outputs), state
 
 
-def naive_gated(
-    q, k, v, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
+def _run_documents(
+    recurrence, q, k, v, gates, scale, initial_state, output_final_state, cu_seqlens
 ):
-    """Token-by-token; o [B, T, H, V] in v's dtype and the final state [N, H, K, V] fp32."""
+    """Run ``recurrence`` over each sequence (a batch row, or a packed document) in fp32.
+
+    gates: per-token tensors [B, T, H, *] handed to the recurrence after v.
+    """
     B, T, H, K, V = check_qkv(q, k, v)
     scale = default_scale(scale, K)
     offsets = check_cu_seqlens(cu_seqlens, B, T)
@@ -43,18 +46,30 @@ def naive_gated(
     else:
         spans = [(0, s, e) for s, e in itertools.pairwise(offsets)]
     check_state(initial_state, len(spans), H, K, V)
-    if g is None:
-        g = q.new_zeros(B, T, H, K, dtype=torch.float32)
-    elif g.dim() == 3:
-        g = g.unsqueeze(-1).expand(B, T, H, K)
-    q, k, v, g = (x.float() for x in (q, k, v, g))
+    out_dtype = v.dtype
+    q, k, v, *gates = (x.float() for x in (q, k, v, *gates))
     o = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
     finals = []
     for n, (b, s, e) in enumerate(spans):
         state = q.new_zeros(H, K, V) if initial_state is None else initial_state[n].float()
-        o[b, s:e], state = _recurrence(q[b, s:e], k[b, s:e], v[b, s:e], g[b, s:e], scale, state)
+        pieces = [x[b, s:e] for x in (q, k, v, *gates)]
+        o[b, s:e], state = recurrence(*pieces, scale, state)
         finals.append(state)
-    return o.to(v.dtype), torch.stack(finals) if output_final_state else None
+    return o.to(out_dtype), torch.stack(finals) if output_final_state else None
+
+
+def naive_gated(
+    q, k, v, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None
+):
+    """Token-by-token; o [B, T, H, V] in v's dtype and the final state [N, H, K, V] fp32."""
+    B, T, H, K, _ = check_qkv(q, k, v)
+    if g is None:
+        g = q.new_zeros(B, T, H, K, dtype=torch.float32)
+    elif g.dim() == 3:
+        g = g.unsqueeze(-1).expand(B, T, H, K)
+    return _run_documents(
+        _recurrence, q, k, v, [g], scale, initial_state, output_final_state, cu_seqlens
+    )
 
 
 def _delta_recurrence(q, k, v, beta, g, scale, state):
@@ -85,23 +100,8 @@ def naive_delta(
 
     Returns o [B, T, H, V] in v's dtype and the final state [N, H, K, V] fp32 (or None).
     """
-    B, T, H, K, V = check_qkv(q, k, v)
-    scale = default_scale(scale, K)
-    offsets = check_cu_seqlens(cu_seqlens, B, T)
-    if offsets is None:
-        spans = [(b, 0, T) for b in range(B)]
-    else:
-        spans = [(0, s, e) for s, e in itertools.pairwise(offsets)]
-    check_state(initial_state, len(spans), H, K, V)
     if g is None:
-        g = q.new_zeros(B, T, H, dtype=torch.float32)
-    q, k, v, beta, g = (x.float() for x in (q, k, v, beta, g))
-    o = torch.empty(B, T, H, V, dtype=torch.float32, device=q.device)
-    finals = []
-    for n, (b, s, e) in enumerate(spans):
-        state = q.new_zeros(H, K, V) if initial_state is None else initial_state[n].float()
-        o[b, s:e], state = _delta_recurrence(
-            q[b, s:e], k[b, s:e], v[b, s:e], beta[b, s:e], g[b, s:e], scale, state
-        )
-        finals.append(state)
-    return o.to(v.dtype), torch.stack(finals) if output_final_state else None
+        g = q.new_zeros(q.shape[:3], dtype=torch.float32)
+    return _run_documents(
+        _delta_recurrence, q, k, v, [beta, g], scale, initial_state, output_final_state, cu_seqlens
+    )
