@@ -42,3 +42,11 @@ def mixer_class(kind: str, linear_mixer: str) -> type:
 
         return SoftmaxAttention
     return check_linear_mixer(linear_mixer)
+
+
+def mixer_registry() -> dict[str, type]:
+    """Every mixer by name: the linear ones and ``attention`` (softmax, the ``F`` layers)."""
+    from hylas.model.attention import SoftmaxAttention
+
+    check_linear_mixer("gla")  # fills the registry
+    return {**LINEAR_MIXERS, "attention": SoftmaxAttention}

@@ -10,7 +10,8 @@ import torch
 from hylas.model import ConfigError, HylasLM, ModelConfig
 from hylas.model.config import AttentionConfig
 from hylas.model.linear_mixers import LinearMixer
-from hylas.model.registry import LINEAR_MIXERS, check_linear_mixer
+from hylas.model.attention import SoftmaxAttention
+from hylas.model.registry import LINEAR_MIXERS, check_linear_mixer, mixer_registry
 from tests.helpers import assert_close
 
 check_linear_mixer("gla")  # fills the registry
@@ -48,6 +49,7 @@ def test_the_registry_holds_every_mixer_of_the_model_zoo():
     expected |= {"deltanet", "gated_deltanet"}
     assert expected <= set(MIXERS)
     assert all(issubclass(LINEAR_MIXERS[m], LinearMixer) for m in MIXERS)
+    assert mixer_registry() == {**LINEAR_MIXERS, "attention": SoftmaxAttention}
 
 
 def test_every_linear_mixer_shares_the_wrappers_parameter_names():
