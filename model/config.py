@@ -40,6 +40,22 @@ class AttentionConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-Experts feed-forwards (model/moe.py); num_experts 0 = every FFN dense."""
+
+    num_experts: int = 0
+    top_k: int = 2
+    shared_experts: int = 0  # always-on experts, as one SwiGLU of shared_experts * d_expert
+    router: str = "softmax"  # softmax | sigmoid
+    capacity_factor: float = 0.0  # 0 = dropless
+    aux_loss_coef: float = 0.01  # Switch load balancing, per MoE layer
+    z_loss_coef: float = 0.001  # ST-MoE router z-loss, per MoE layer
+    d_expert: int | None = None  # an expert's hidden size; None = the dense FFN's
+    pattern: str = "M"  # M (MoE) / D (dense) per layer, tiled over depth: "DM" = every other
+    first_dense: int = 0  # the first k layers stay dense whatever the pattern
+
+
+@dataclass
 class ModelConfig:
     """A hybrid decoder: a pattern of linear (L) and softmax (F) mixer layers tiled over depth."""
 
@@ -65,6 +81,7 @@ class ModelConfig:
     feature_map: str = "elu_p1"
     allow_neg_eigval: bool = False
     attention: AttentionConfig = field(default_factory=AttentionConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     activation_checkpointing: bool = False  # recompute each block in the backward
 
     @property
@@ -72,6 +89,16 @@ class ModelConfig:
         """The per-layer pattern, one letter per layer (``L`` linear, ``F`` softmax)."""
         unit = self.layer_pattern or expand_ratio(self.linear_to_full)
         return unit * (self.n_layers // len(unit))
+
+    @property
+    def ffn_pattern(self) -> str:
+        """One letter per layer: ``M`` a MoE feed-forward, ``D`` a dense one."""
+        if not self.moe.num_experts:
+            return "D" * self.n_layers
+        unit = self.moe.pattern
+        tiled = (unit * (-(-self.n_layers // len(unit))))[: self.n_layers]
+        k = min(self.moe.first_dense, self.n_layers)
+        return "D" * k + tiled[k:]
 
     @property
     def padded_vocab_size(self) -> int:
@@ -125,7 +152,39 @@ class ModelConfig:
             raise ConfigError(f"model.attention.window must be >= 0, got {self.attention.window}")
         if self.d_ff is not None and self.d_ff <= 0:
             raise ConfigError(f"model.d_ff must be positive, got {self.d_ff}")
+        self._validate_moe()
         return self
+
+    def _validate_moe(self) -> None:
+        m = self.moe
+        if m.num_experts < 0:
+            raise ConfigError(f"model.moe.num_experts must be >= 0, got {m.num_experts}")
+        if not m.num_experts:
+            return
+        if not 1 <= m.top_k <= m.num_experts:
+            raise ConfigError(
+                f"model.moe.top_k must be in [1, model.moe.num_experts = {m.num_experts}], "
+                f"got {m.top_k}"
+            )
+        if m.router not in ("softmax", "sigmoid"):
+            raise ConfigError(f"model.moe.router must be softmax or sigmoid, got {m.router!r}")
+        if not m.pattern or set(m.pattern) - {"M", "D"}:
+            raise ConfigError(
+                f"model.moe.pattern may hold only M (MoE) and D (dense), got {m.pattern!r}"
+            )
+        for name in ("shared_experts", "first_dense"):
+            if getattr(m, name) < 0:
+                raise ConfigError(f"model.moe.{name} must be >= 0, got {getattr(m, name)}")
+        for name in ("capacity_factor", "aux_loss_coef", "z_loss_coef"):
+            if getattr(m, name) < 0:
+                raise ConfigError(f"model.moe.{name} must be >= 0, got {getattr(m, name)}")
+        if m.d_expert is not None and m.d_expert <= 0:
+            raise ConfigError(f"model.moe.d_expert must be positive, got {m.d_expert}")
+        if "M" not in self.ffn_pattern:
+            raise ConfigError(
+                f"model.moe.num_experts = {m.num_experts} but no layer is MoE "
+                f"(pattern {m.pattern!r}, first_dense {m.first_dense}, {self.n_layers} layers)"
+            )
 
     def _validate_linear(self, mixer: type) -> None:
         from hylas.model.linear_mixers import FEATURE_MAPS

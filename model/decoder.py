@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from hylas.model.config import ModelConfig
 from hylas.model.layers import RMSNorm, SwiGLU
+from hylas.model.moe import MoE, RouterStats
 from hylas.model.registry import mixer_class
 
 IGNORE_INDEX = -100
@@ -62,18 +63,32 @@ class Packing:
 @dataclass
 class LMOutput:
     logits: torch.Tensor | None
-    loss: torch.Tensor | None = None
+    loss: torch.Tensor | None = None  # cross-entropy, plus the MoE auxiliary losses
     cache: HybridCache | None = None
+    moe_stats: list[RouterStats] = field(default_factory=list)  # one per MoE layer
+    aux_loss: torch.Tensor | None = None  # the weighted MoE auxiliary losses in ``loss``
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, kind: str, kernel_backend: str):
+    def __init__(self, cfg: ModelConfig, kind: str, kernel_backend: str, ffn_kind: str = "D"):
         super().__init__()
         self.kind = kind
         self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mixer = mixer_class(kind, cfg.linear_mixer)(cfg, kernel_backend)
         self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim)
+        if ffn_kind == "M":
+            m = cfg.moe
+            self.ffn = MoE(
+                cfg.d_model,
+                m.d_expert or cfg.ffn_dim,
+                m.num_experts,
+                m.top_k,
+                m.shared_experts,
+                m.router,
+                m.capacity_factor,
+            )
+        else:
+            self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim)
 
     def mixer_flops(self, seq_len: int) -> float:
         """Forward FLOPs per token of the mixer's sequence term (beyond its projections)."""
@@ -91,7 +106,10 @@ class HylasLM(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, kind, kernel_backend) for kind in cfg.pattern)
+        self.blocks = nn.ModuleList(
+            Block(cfg, kind, kernel_backend, ffn)
+            for kind, ffn in zip(cfg.pattern, cfg.ffn_pattern, strict=True)
+        )
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -99,14 +117,18 @@ class HylasLM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 L)."""
+        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 L).
+
+        Short convolutions keep their own (nn.Conv1d's) initialisation, and 1-D parameters
+        (norms, decays, skips) theirs; biases start at zero.
+        """
         std = self.cfg.init_std
         for name, p in self.named_parameters():
-            if p.dim() < 2:
-                if name.endswith("bias"):
+            if p.dim() < 2 or name.endswith("_conv.weight"):
+                if name.endswith(".bias"):
                     nn.init.zeros_(p)
-                continue  # norms keep their ones
-            scaled = name.endswith(("o_proj.weight", "down_proj.weight"))
+                continue
+            scaled = name.endswith(("o_proj.weight", "down_proj.weight", "experts.w_down"))
             nn.init.normal_(p, std=std / math.sqrt(2 * self.cfg.n_layers) if scaled else std)
 
     def forward(
@@ -159,6 +181,15 @@ class HylasLM(nn.Module):
             out.logits = self.lm_head(x)[..., : self.cfg.vocab_size]
         if labels is not None:
             out.loss = self.loss(out.logits, labels)
+        moe = [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
+        if moe:
+            out.moe_stats = [m.last_stats for m in moe]
+            c = self.cfg.moe
+            out.aux_loss = sum(
+                c.aux_loss_coef * s.aux_loss() + c.z_loss_coef * s.z_loss() for s in out.moe_stats
+            )
+            if out.loss is not None:
+                out.loss = out.loss + out.aux_loss
         if not logits:
             out.logits = None
         return out
@@ -177,8 +208,13 @@ class HylasLM(nn.Module):
         return n
 
     def num_active_parameters(self) -> int:
-        """Parameters used per token: all of them in a dense model."""
-        return self.num_parameters()
+        """Parameters one token uses: all but the experts its router does not pick."""
+        n = self.num_parameters()
+        for m in self.modules():
+            if isinstance(m, MoE):
+                per_expert = 3 * m.experts.w_gate[0].numel()
+                n -= (m.n_experts - m.top_k) * per_expert
+        return n
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token at ``seq_len`` (forward + backward = 3x forward), for MFU.
@@ -189,5 +225,8 @@ class HylasLM(nn.Module):
         Elementwise work, norms and recomputation are not counted.
         """
         matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        for m in self.modules():  # a MoE layer's router and the k experts a token uses
+            if isinstance(m, MoE):
+                matmul += m.router.weight.numel() + m.top_k * 3 * m.experts.w_gate[0].numel()
         forward = 2.0 * matmul + sum(b.mixer_flops(seq_len) for b in self.blocks)
         return 3.0 * forward

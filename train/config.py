@@ -109,7 +109,6 @@ class Config:
 
 # Keys that belong to work not in this version: naming one is refused, never ignored.
 PLANNED = {
-    "model.moe": "Mixture-of-Experts feed-forwards",
     "parallel": "multi-process training with DeepSpeed and LASP-2 arrives later",
     "data": "this version trains on the embedded corpus",
 }

@@ -197,9 +197,10 @@ def train(cfg: Config, resume: str | None = None) -> RunResult:
         batch = loader.batch(step)
         lr = scheduler.get_last_lr()[0]
         with autocast(dtype, device):
-            loss = model(
+            out = model(
                 batch["input_ids"].to(device), labels=batch["labels"].to(device), logits=False
-            ).loss
+            )
+        loss = out.loss
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
         optimizer.step()
@@ -224,6 +225,11 @@ def train(cfg: Config, resume: str | None = None) -> RunResult:
                 "tokens_per_s": window_steps * tokens_per_step / elapsed,
                 "elapsed_s": time.perf_counter() - t_start,
             }
+            if out.moe_stats:  # the loss above includes the weighted auxiliary losses
+                record["moe_aux_loss"] = out.aux_loss.item()
+                record["moe_load_imbalance"] = max(s.load_imbalance() for s in out.moe_stats)
+                record["moe_dropped"] = max(s.dropped_fraction() for s in out.moe_stats)
+                record["moe_expert_counts"] = [s.counts.tolist() for s in out.moe_stats]
             metrics.write(record)
             window_steps, window_t0 = 0, time.perf_counter()
         progress.update(done, tc.steps, record)

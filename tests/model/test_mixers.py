@@ -197,3 +197,12 @@ def test_flops_per_token_counts_matmuls_and_attention_by_hand():
     attention = 4 * d * (T + 1) / 2  # q k^T and A v over the causal context, averaged
     expected = 3 * (2 * (2 * per_layer + V * d) + 2 * attention)
     assert model.flops_per_token(T) == pytest.approx(expected)
+
+
+def test_initialisation_keeps_each_mixers_own_parameters():
+    model = build("gated_deltanet")
+    mixer = HylasLM(config("gated_deltanet")).blocks[0].mixer
+    dt = torch.nn.functional.softplus(mixer.dt_bias)
+    assert ((dt > 0.9e-3) & (dt < 0.11)).all()  # Mamba's log-uniform dt in [1e-3, 0.1]
+    assert mixer.q_conv.weight.std() > 0.1  # nn.Conv1d's init, not the 0.02 of projections
+    assert model.blocks[0].mixer.q_proj.weight.std() < 0.05

@@ -58,7 +58,7 @@ def test_yaml_file_is_read_with_every_value_typed_by_its_field(tmp_path):
         (["model.d_model=250"], "divisible by model.n_heads"),
         (["train.dtype=float16"], "train.dtype must be auto, float32 or bfloat16"),
         (["train.warmup_steps=1000"], "cannot exceed train.steps"),
-        (["model.moe.num_experts=8"], "model.moe.num_experts is not available yet"),
+        (["model.moe.num_experts=8", "model.moe.top_k=9"], "model.moe.top_k must be in"),
         (["parallel.sp=2"], "parallel.sp is not available yet"),
         (["data.path=/x"], "data.path is not available yet"),
         (["kernels.backend=cuda"], "kernels.backend must be auto, torch or triton"),

@@ -201,3 +201,12 @@ def test_forcing_triton_without_a_gpu_is_refused_before_anything_is_written(
     assert main(["train", "--set", "kernels.backend=triton", f"train.out_dir={run}"]) == 2
     assert "backend='triton' needs CUDA tensors" in capsys.readouterr().err
     assert not run.exists()
+
+
+def test_a_tiny_moe_hybrid_trains(tmp_path):
+    overrides = [*FAST, "train.steps=6", "train.dtype=float32", "model.moe.num_experts=4"]
+    result = train(load_config("tiny", [*overrides, f"train.out_dir={tmp_path}"]))
+    assert result.last_eval_loss < result.first_eval_loss - 0.5
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "moe_load_imbalance" in r]
+    assert logged and all(r["moe_load_imbalance"] >= 1.0 for r in logged)
