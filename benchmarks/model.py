@@ -37,6 +37,46 @@ def hylas_model(pattern: str, mixer: str) -> HylasLM:
     return HylasLM(cfg)
 
 
+def moe_twins() -> dict:
+    """The tiny 3:1 hybrid with 8 experts (top-2, each half the dense FFN) in every layer,
+    and its dense twin: the same model with one FFN of the same active size."""
+    from hylas.model.config import MoEConfig
+
+    base = dict(d_model=256, n_layers=4, n_heads=4, vocab_size=4096, layer_pattern="LLLF")
+    dense = ModelConfig(**base)
+    half = dense.ffn_dim // 2
+    moe = ModelConfig(**base, moe=MoEConfig(num_experts=8, top_k=2, d_expert=half))
+    return {"moe 8x top-2": lambda: HylasLM(moe), "dense twin": lambda: HylasLM(dense)}
+
+
+def masked_expert_loop(moe, x_ND):
+    """The MoE layer the plain way: for each expert, gather its tokens with a mask."""
+    weights, experts, _ = moe.router(x_ND)
+    y = torch.zeros_like(x_ND)
+    ex = moe.experts
+    for e in range(moe.n_experts):
+        token, slot = (experts == e).nonzero(as_tuple=True)
+        if token.numel():
+            xe = x_ND[token]
+            h = torch.nn.functional.silu(xe @ ex.w_gate[e]) * (xe @ ex.w_up[e])
+            y.index_add_(0, token, (h @ ex.w_down[e]) * weights[token, slot, None])
+    return y
+
+
+def moe_layer_tokens_per_s(fn, x, steps: int) -> float:
+    def step():
+        x.grad = None
+        fn(x).sum().backward()
+
+    step()
+    best = float("inf")
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - t0)
+    return x.shape[0] / best
+
+
 def llama_model(max_len: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -136,6 +176,12 @@ def main() -> None:
     p.add_argument("--decode-lengths", nargs="+", type=int, default=[256, 1024, 4096, 16384])
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--markdown", help="also write the tables to this file")
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        default=["train", "decode", "moe"],
+        choices=["train", "decode", "moe"],
+    )
     args = p.parse_args()
     torch.manual_seed(0)
 
@@ -153,7 +199,7 @@ def main() -> None:
         "|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
-    for T in args.lengths:
+    for T in args.lengths if "train" in args.sections else []:
         speed = {}
         for name, make in models.items():
             speed[name] = train_tokens_per_s(make(), T, args.tokens, args.steps, args.dtype)
@@ -169,7 +215,7 @@ def main() -> None:
     ]
     lines += head
     print("\n".join(head), flush=True)
-    for L in args.decode_lengths:
+    for L in args.decode_lengths if "decode" in args.sections else []:
         for name, make in models.items():
             latency, total, linear = decode_cost(make(), L, args.decode_steps, name != "llama")
             row = (
@@ -178,6 +224,31 @@ def main() -> None:
             )
             lines.append(row)
             print(row, flush=True)
+    if "moe" in args.sections:
+        from hylas.model.moe import MoE
+
+        torch.manual_seed(0)
+        layer = MoE(256, 512, 8, 2)
+        x = torch.randn(16384, 256, requires_grad=True)
+        head = [
+            "",
+            "| MoE layer (16,384 tokens, d 256, 8 experts of 512, top-2), fp32 | tokens/s |",
+            "|---|---|",
+        ]
+        rows = [
+            f"| sorted by expert, one matmul per slice (Hylas) | "
+            f"{moe_layer_tokens_per_s(layer, x, args.steps):,.0f} |",
+            f"| masked loop over experts | "
+            f"{moe_layer_tokens_per_s(lambda t: masked_expert_loop(layer, t), x, args.steps):,.0f} |",
+        ]
+        twins = {
+            n: train_tokens_per_s(m(), 1024, args.tokens, args.steps, args.dtype)
+            for n, m in moe_twins().items()
+        }
+        head2 = ["", f"| tiny 3:1 hybrid, T 1024, {args.dtype} | train tokens/s |", "|---|---|"]
+        rows2 = [f"| {n} | {v:,.0f} |" for n, v in twins.items()]
+        lines += head + rows + head2 + rows2
+        print("\n".join(head + rows + head2 + rows2), flush=True)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write("\n".join(lines) + "\n")

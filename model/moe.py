@@ -128,15 +128,12 @@ class Experts(nn.Module):
             g = torch._grouped_mm(x_AD, self.w_gate.to(x_AD.dtype), offs=offs)
             u = torch._grouped_mm(x_AD, self.w_up.to(x_AD.dtype), offs=offs)
             return torch._grouped_mm(F.silu(g) * u, self.w_down.to(x_AD.dtype), offs=offs)
-        out = x_AD.new_empty(x_AD.shape)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                xe = x_AD[start : start + n]
+        outs = []
+        for e, xe in enumerate(torch.split(x_AD, counts)):
+            if xe.shape[0]:
                 h = F.silu(xe @ self.w_gate[e].to(xe.dtype)) * (xe @ self.w_up[e].to(xe.dtype))
-                out[start : start + n] = h @ self.w_down[e].to(xe.dtype)
-            start += n
-        return out
+                outs.append(h @ self.w_down[e].to(xe.dtype))
+        return torch.cat(outs) if outs else x_AD.new_zeros(x_AD.shape)
 
 
 class MoE(nn.Module):
@@ -178,7 +175,7 @@ class MoE(nn.Module):
             token, weight = token[keep], weight[keep]
             counts = counts.clamp(max=capacity)
         out = self.experts(x_ND[token], counts.tolist())
-        y = torch.zeros_like(x_ND).index_add_(0, token, out * weight.unsqueeze(-1).to(out.dtype))
+        y = out.new_zeros(x_ND.shape).index_add_(0, token, out * weight.unsqueeze(-1).to(out.dtype))
         if self.shared is not None:
             y = y + self.shared(x_ND)
         self.last_stats = stats
