@@ -8,9 +8,10 @@ token takes its k best experts, with weights = their scores normalised to sum to
 
 Experts: the A assignments are sorted by expert (a stable sort, so each expert sees its
 tokens in order), each expert's contiguous slice goes through its SwiGLU, and the
-results, times the router weights, are added back to their tokens. On CUDA with bf16
-inputs the slices run as one grouped matmul (``torch._grouped_mm``); elsewhere, one
-matmul per expert over its slice, which is exact and does no padding. With a capacity
+results, times the router weights, are added back to their tokens. On CUDA (compute
+capability 9.0 or newer) with bf16 inputs the slices run as one grouped matmul
+(``torch._grouped_mm``); elsewhere, one matmul per expert over its slice, which is exact
+and does no padding. With a capacity
 factor c > 0 an expert keeps at most ceil(c * A / E) assignments (the first in token
 order) and the rest are dropped (their tokens get nothing from that expert); the
 dropped fraction is reported.
@@ -110,6 +111,16 @@ class Router(nn.Module):
         return weights, experts, stats
 
 
+def _grouped_mm_available(x: torch.Tensor) -> bool:
+    """torch._grouped_mm with a backward: CUDA, bf16, compute capability 9.0 or newer."""
+    return (
+        x.is_cuda
+        and x.dtype == torch.bfloat16
+        and hasattr(torch, "_grouped_mm")
+        and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    )
+
+
 class Experts(nn.Module):
     """E SwiGLU experts stored as stacked weights: w_gate, w_up [E, D, F], w_down [E, F, D]."""
 
@@ -121,15 +132,15 @@ class Experts(nn.Module):
         for w in (self.w_gate, self.w_up, self.w_down):
             nn.init.normal_(w, std=0.02)
 
-    def forward(self, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def forward(self, x_AD: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x sorted by expert, ``counts[e]`` rows for expert e -> [A, D]."""
-        if x_AD.is_cuda and x_AD.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
-            offs = torch.tensor(counts, device=x_AD.device).cumsum(0).to(torch.int32)
+        if _grouped_mm_available(x_AD):  # one call for all experts, no host sync
+            offs = counts.cumsum(0).to(torch.int32)
             g = torch._grouped_mm(x_AD, self.w_gate.to(x_AD.dtype), offs=offs)
             u = torch._grouped_mm(x_AD, self.w_up.to(x_AD.dtype), offs=offs)
             return torch._grouped_mm(F.silu(g) * u, self.w_down.to(x_AD.dtype), offs=offs)
         outs = []
-        for e, xe in enumerate(torch.split(x_AD, counts)):
+        for e, xe in enumerate(torch.split(x_AD, counts.tolist())):
             if xe.shape[0]:
                 h = F.silu(xe @ self.w_gate[e].to(xe.dtype)) * (xe @ self.w_up[e].to(xe.dtype))
                 outs.append(h @ self.w_down[e].to(xe.dtype))
@@ -174,7 +185,7 @@ class MoE(nn.Module):
             stats.dropped = int((~keep).sum())
             token, weight = token[keep], weight[keep]
             counts = counts.clamp(max=capacity)
-        out = self.experts(x_ND[token], counts.tolist())
+        out = self.experts(x_ND[token], counts)
         y = out.new_zeros(x_ND.shape).index_add_(0, token, out * weight.unsqueeze(-1).to(out.dtype))
         if self.shared is not None:
             y = y + self.shared(x_ND)
