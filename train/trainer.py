@@ -162,12 +162,14 @@ def train(cfg: Config, resume: str | None = None) -> RunResult:
     metrics = MetricsFile(run_dir / "metrics.jsonl", keep_until_step=start if resume_from else None)
     tokens_per_step = tc.batch_size * tc.seq_len
     log.info(
-        "model: %.2fM parameters (%.2fM without embeddings), %.1f MFLOP per training token, "
-        "layers %s, mixer %s; %s on %s",
+        "model: %.2fM parameters (%.2fM without embeddings%s), %.1f MFLOP per training token, "
+        "layers %s%s, mixer %s; %s on %s",
         model.num_parameters() / 1e6,
         model.num_parameters(exclude_embeddings=True) / 1e6,
+        f", {model.num_active_parameters() / 1e6:.2f}M active" if cfg.model.moe.num_experts else "",
         model.flops_per_token(tc.seq_len) / 1e6,
         cfg.model.pattern,
+        f" (feed-forwards {cfg.model.ffn_pattern})" if cfg.model.moe.num_experts else "",
         cfg.model.linear_mixer,
         dtype if dtype == tc.dtype else f"{dtype} (train.dtype=auto)",
         device.type,
