@@ -67,6 +67,7 @@ class LMOutput:
     cache: HybridCache | None = None
     moe_stats: list[RouterStats] = field(default_factory=list)  # one per MoE layer
     aux_loss: torch.Tensor | None = None  # the weighted MoE auxiliary losses in ``loss``
+    lm_loss: torch.Tensor | None = None  # the cross-entropy alone
 
 
 class Block(nn.Module):
@@ -180,7 +181,7 @@ class HylasLM(nn.Module):
         if logits or labels is not None:  # the LM head runs once for both
             out.logits = self.lm_head(x)[..., : self.cfg.vocab_size]
         if labels is not None:
-            out.loss = self.loss(out.logits, labels)
+            out.loss = out.lm_loss = self.loss(out.logits, labels)
         moe = [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
         if moe:
             out.moe_stats = [m.last_stats for m in moe]

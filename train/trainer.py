@@ -67,15 +67,20 @@ def autocast(dtype: str, device: torch.device):
 
 
 @torch.no_grad()
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict:
+    """The loader's batch as model keyword arguments (document boundaries when present)."""
+    keys = ("input_ids", "labels", "position_ids", "cu_seqlens")
+    return {k: batch[k].to(device) for k in keys if k in batch}
+
+
 def evaluate(model: HylasLM, batches, dtype: str, device: torch.device) -> float:
+    """Mean held-out cross-entropy (without MoE auxiliary losses)."""
     model.eval()
     total = 0.0
     for batch in batches:
         with autocast(dtype, device):
-            out = model(
-                batch["input_ids"].to(device), labels=batch["labels"].to(device), logits=False
-            )
-        total += out.loss.item()
+            out = model(**model_inputs(batch, device), logits=False)
+        total += out.lm_loss.item()
     model.train()
     return total / len(batches)
 
@@ -137,9 +142,10 @@ def train(cfg: Config, resume: str | None = None) -> RunResult:
         raise TrainError(
             f"the tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size is {cfg.model.vocab_size}"
         )
-    loader = RandomWindows(load_tokens(prepared, "train"), tc.seq_len, tc.batch_size, tc.seed)
+    eos = tokenizer.eos_id
+    loader = RandomWindows(load_tokens(prepared, "train"), tc.seq_len, tc.batch_size, tc.seed, eos)
     held_out = eval_batches(
-        load_tokens(prepared, "val"), tc.seq_len, tc.batch_size, tc.eval_batches
+        load_tokens(prepared, "val"), tc.seq_len, tc.batch_size, tc.eval_batches, eos
     )
 
     model = HylasLM(cfg.model, cfg.kernels.backend).to(device)
@@ -199,9 +205,7 @@ def train(cfg: Config, resume: str | None = None) -> RunResult:
         batch = loader.batch(step)
         lr = scheduler.get_last_lr()[0]
         with autocast(dtype, device):
-            out = model(
-                batch["input_ids"].to(device), labels=batch["labels"].to(device), logits=False
-            )
+            out = model(**model_inputs(batch, device), logits=False)
         loss = out.loss
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)

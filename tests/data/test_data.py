@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
+import torch
 
 from hylas.data import prepare
 from hylas.data.corpus import VALIDATION_WORKS, load_corpus, split_corpus
-from hylas.data.loader import RandomWindows, eval_batches
+from hylas.data.loader import RandomWindows, eval_batches, to_batch
 from hylas.data.tokenizer import Tokenizer, train_tokenizer
 
 VOCAB = 512
@@ -101,3 +102,30 @@ def test_impossible_vocabulary_is_one_sentence(tmp_path):
     ):
         train_tokenizer(["a tiny corpus\n"] * 10, 100_000, tmp_path)
     assert not list(tmp_path.iterdir()), "nothing half-written"
+
+
+def test_batches_mark_the_documents_that_start_inside_a_sample():
+    EOS = 2
+    # windows of 6 + 1 tokens; an EOS at input positions 2 (row 0) and 0 and 4 (row 1)
+    windows = np.array([[5, 6, EOS, 7, 8, 9, 10], [EOS, 11, 12, 13, EOS, 14, 15]])
+    batch = to_batch(windows, eos_id=EOS)
+    assert batch["input_ids"].tolist() == windows[:, :-1].tolist()
+    assert batch["labels"].tolist() == windows[:, 1:].tolist()
+    # document starts: 0, 3 (after row 0's EOS), 6 (row 1), 7 and 11 (after row 1's EOSes)
+    assert batch["cu_seqlens"].tolist() == [0, 3, 6, 7, 11, 12]
+    assert batch["cu_seqlens"].dtype == torch.int32
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2], [0, 0, 1, 2, 3, 0]]
+    plain = to_batch(np.array([[5, 6, 7, 8, EOS]]), eos_id=EOS)  # EOS only as a label
+    assert set(plain) == {"input_ids", "labels"}
+
+
+def test_random_windows_carry_document_boundaries_to_the_model():
+    EOS = 2
+    tokens = np.tile(np.array([5, 6, 7, 8, 9, EOS], dtype=np.uint16), 50)
+    batch = RandomWindows(tokens, seq_len=16, batch_size=3, seed=1, eos_id=EOS).batch(0)
+    ids = batch["input_ids"].flatten()
+    cu = batch["cu_seqlens"].long()
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        doc = ids[s:e]
+        assert (doc[:-1] != EOS).all()  # an EOS can only close a document
+        assert batch["position_ids"].flatten()[s:e].tolist() == list(range(e - s))
