@@ -60,12 +60,17 @@ from __future__ import annotations
 
 import torch
 
-from hylas.kernels.chunk_torch import CHUNK, Layout, _groups, from_chunks, make_layout, to_chunks
-
-
-def _heads_first(x):
-    """[P,G,C,H,*] -> [P,G,H,C,*]."""
-    return x.transpose(2, 3)
+from hylas.kernels.chunk_torch import (
+    CHUNK,
+    Layout,
+    _groups,
+    _heads_first,
+    _initial,
+    _stack_states,
+    from_chunks,
+    make_layout,
+    to_chunks,
+)
 
 
 def _causal(C: int, device, diagonal: int) -> torch.Tensor:
@@ -133,14 +138,6 @@ def _scan(ch: _Chunk, n0: int, state, h0, lay: Layout, finals: list):
         if n in lay.end_doc:
             finals.append(state)
     return torch.stack(entering, 1), torch.stack(deltas, 1), state
-
-
-def _initial(h0, docs, H, K, V, ref):
-    return ref.new_zeros(docs, H, K, V, dtype=torch.float32) if h0 is None else h0.float()
-
-
-def _stack_states(states: list, lay: Layout) -> torch.Tensor:
-    return states[0] if not lay.packed else torch.cat(states)
 
 
 def _forward(q, k, v, beta, g, scale, h0, lay: Layout):

@@ -23,3 +23,13 @@ def assert_close(
     err = rel_rms_error(actual, expected)
     diff = (actual.double() - expected.double()).pow(2).mean().sqrt().item()
     assert err <= tol or diff <= atol, f"{what}: relative RMS error {err:.3e} > {tol:.1e}"
+
+
+def outputs_and_grads(fn, inputs, h0, **kw):
+    """o, final state and the gradients (inputs, then h0) of a fixed random projection of
+    both, for a kernel call ``fn(*inputs, initial_state=h0, output_final_state=True, **kw)``."""
+    o, ht = fn(*inputs, initial_state=h0, output_final_state=True, **kw)
+    gen = torch.Generator().manual_seed(1)
+    do, dht = torch.randn(o.shape, generator=gen), torch.randn(ht.shape, generator=gen)
+    leaves = [*inputs] + ([h0] if h0 is not None else [])
+    return o, ht, torch.autograd.grad((o.float() * do).sum() + (ht * dht).sum(), leaves)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from hylas.kernels import gla, linear_attn, simple_gla
-from tests.helpers import assert_close
+from tests.helpers import assert_close, outputs_and_grads
 
 B, H, K, V = 2, 2, 16, 24  # K != V on purpose
 TOL = 1e-5  # fp32 against fp32: only summation order differs
@@ -31,15 +31,6 @@ def make_inputs(family, T, b=B, gate_scale=1.0, seed=0):
 FAMILIES = pytest.mark.parametrize(
     "family", [linear_attn, simple_gla, gla], ids=lambda f: f.__name__.split(".")[-1]
 )
-
-
-def outputs_and_grads(fn, inputs, h0, **kw):
-    """o, final state and the gradients of a fixed random projection of both."""
-    o, ht = fn(*inputs, initial_state=h0, output_final_state=True, **kw)
-    gen = torch.Generator().manual_seed(1)
-    do, dht = torch.randn(o.shape, generator=gen), torch.randn(ht.shape, generator=gen)
-    leaves = [*inputs] + ([h0] if h0 is not None else [])
-    return o, ht, torch.autograd.grad((o.float() * do).sum() + (ht * dht).sum(), leaves)
 
 
 def assert_all_close(mine, ref, n_gates, tol=TOL):
