@@ -4,13 +4,12 @@ Layout of ``<run>/checkpoints/step_000300/``::
 
     manifest.json       step, config, world layout, sha256 of every other file
     model.safetensors   model weights (tied weights stored once)
-    trainer.pt          optimizer, scheduler and RNG states
+    trainer.pt          optimizer, scheduler, RNG states and the data loader's position
     tokenizer.model     the tokenizer, so a checkpoint is self-contained
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -25,6 +24,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from hylas.data.tokenizer import file_sha256
 from hylas.train.config import Config, config_from_dict
 
 FORMAT_VERSION = 1
@@ -36,14 +36,6 @@ TOKENIZER_FILE = "tokenizer.model"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read; the message says which and why."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -81,6 +73,7 @@ def save_checkpoint(
     scheduler: Any,
     tokenizer_file: str | os.PathLike,
     metrics: dict[str, float] | None = None,
+    data_state: dict | None = None,
 ) -> Path:
     """Write ``<run_dir>/checkpoints/step_<step>`` atomically and return its path."""
     parent = Path(run_dir) / "checkpoints"
@@ -97,11 +90,12 @@ def save_checkpoint(
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "rng": rng_state(),
+                "data": data_state,
             },
             tmp / TRAINER_FILE,
         )
         shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
         manifest = {
             "format": FORMAT_VERSION,
             "step": step,
@@ -109,6 +103,7 @@ def save_checkpoint(
             "world": {"world_size": 1, "dp": 1, "sp": 1},
             "config": cfg.to_dict(),
             "metrics": metrics or {},
+            "data": data_state,
             "files": files,
         }
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
@@ -163,7 +158,7 @@ def open_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
         for name, digest in manifest["files"].items():
             if not (ckpt / name).is_file():
                 raise CheckpointError(f"{ckpt} is incomplete: {name} is missing")
-            if _sha256(ckpt / name) != digest:
+            if file_sha256(ckpt / name) != digest:
                 raise CheckpointError(f"{ckpt / name} does not match its checksum (corrupted?)")
     return Checkpoint(ckpt, manifest, config_from_dict(manifest["config"]))
 
@@ -180,8 +175,10 @@ def load_model_weights(ckpt: Checkpoint, model: torch.nn.Module) -> None:
         )
 
 
-def load_trainer_state(ckpt: Checkpoint, optimizer, scheduler) -> None:
+def load_trainer_state(ckpt: Checkpoint, optimizer, scheduler) -> dict | None:
+    """Restore optimizer, scheduler and RNG; returns the loader's state (None if absent)."""
     state = torch.load(ckpt.path / TRAINER_FILE, map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
+    return state.get("data")

@@ -1,4 +1,5 @@
-"""The ``hylas`` command: ``train``, ``generate``; later work adds ``data``, ``export``, ``import-hf``."""
+"""The ``hylas`` command: ``train``, ``generate``, ``data tokenizer``, ``data prepare``;
+later work adds ``export`` and ``import-hf``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import os
 import sys
 
 PLANNED_COMMANDS = {
-    "data": "tokenizer training and data preparation for user corpora",
     "export": "Hugging Face export",
     "import-hf": "Hugging Face import",
 }
@@ -106,6 +106,104 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_tokenizer(args: argparse.Namespace) -> int:
+    from hylas.data.sources import open_sources
+    from hylas.data.tokenizer import train_tokenizer
+
+    sources = open_sources(args.input, args.text_key, args.split, args.bad_utf8)
+    budget = args.max_characters
+
+    def documents():
+        nonlocal budget
+        for source in sources:
+            for text in source:
+                yield text
+                budget -= len(text)
+                if budget <= 0:
+                    return
+
+    logging.getLogger("hylas").info(
+        "training a %d-piece BPE tokenizer on %s (up to %.0fM characters)",
+        args.vocab_size,
+        ", ".join(args.input),
+        args.max_characters / 1e6,
+    )
+    tok = train_tokenizer(documents(), args.vocab_size, args.out)
+    used = sum(s.stats.characters for s in sources)
+    bad = sum(s.stats.bad_utf8_replaced for s in sources)
+    print(
+        f"wrote a {tok.vocab_size}-piece tokenizer to {args.out} (trained on {used:,} characters)"
+    )
+    print(f"ids: pad {tok.pad_id}, bos {tok.bos_id}, eos {tok.eos_id}; sha256 {tok.sha256[:16]}")
+    if bad:
+        print(f"replaced {bad} invalid UTF-8 sequences with U+FFFD")
+    print(f"load it with transformers: AutoTokenizer.from_pretrained({str(args.out)!r})")
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from hylas.data.prepare import prepare
+    from hylas.data.sources import open_sources
+    from hylas.data.tokenizer import Tokenizer
+
+    sources = open_sources(args.input, args.text_key, args.split, args.bad_utf8)
+    tokenizer = Tokenizer.load(args.tokenizer)
+    logging.getLogger("hylas").info(
+        "tokenizing %s with %d worker%s into %s",
+        ", ".join(args.input),
+        args.workers,
+        "" if args.workers == 1 else "s",
+        args.out,
+    )
+    m = prepare(
+        sources,
+        tokenizer,
+        args.out,
+        workers=args.workers,
+        val_fraction=args.val_fraction,
+        shard_tokens=args.shard_tokens,
+        progress=sys.stderr.isatty(),
+    )
+    train, val = m["splits"]["train"], m["splits"]["val"]
+    print(
+        f"prepared {train['documents'] + val['documents']:,} documents into {args.out}: "
+        f"{train['tokens']:,} training tokens in {len(train['shards'])} shard(s), "
+        f"{val['tokens']:,} held-out tokens ({val['documents']:,} documents), "
+        f"{m['dtype']}, in {m['seconds']:.1f}s "
+        f"({(train['tokens'] + val['tokens']) / max(m['seconds'], 1e-9):,.0f} tokens/s)"
+    )
+    for s in m["sources"]:
+        notes = []
+        if s["bad_utf8_replaced"]:
+            notes.append(f"replaced {s['bad_utf8_replaced']} invalid UTF-8 sequences")
+        if s["empty_skipped"]:
+            notes.append(f"skipped {s['empty_skipped']} empty documents")
+        if notes:
+            print(f"{s['input']}: {'; '.join(notes)}")
+    print(f"train on it: hylas train --set data.path={args.out}")
+    return 0
+
+
+def add_input_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        action="extend",
+        metavar="INPUT",
+        help="text (.txt, .md: one document per file), .jsonl, .parquet files, directories of "
+        "them, a directory saved with datasets, or hf:NAME[:CONFIG] for datasets.load_dataset",
+    )
+    p.add_argument("--text-key", default="text", help="the JSON field / column holding the text")
+    p.add_argument("--split", default="train", help="the datasets split to read (default: train)")
+    p.add_argument(
+        "--bad-utf8",
+        choices=("replace", "error"),
+        default="replace",
+        help="invalid UTF-8 in text/jsonl files: replace with U+FFFD and count (default), or stop",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hylas", description="Pretrain hybrid linear/softmax attention language models."
@@ -135,6 +233,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("data", help="train a tokenizer, prepare token shards")
+    data = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    p = data.add_parser(
+        "tokenizer", help="train a sentencepiece BPE tokenizer (with Hugging Face files)"
+    )
+    add_input_args(p)
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--out", required=True, help="the tokenizer directory to write")
+    p.add_argument(
+        "--max-characters",
+        type=float,
+        default=2e8,
+        help="train on at most this much text, from the start of the inputs (default 2e8)",
+    )
+    p.set_defaults(func=cmd_data_tokenizer)
+    p = data.add_parser("prepare", help="tokenize text into token shards for training")
+    add_input_args(p)
+    p.add_argument("--tokenizer", required=True, help="a directory from 'hylas data tokenizer'")
+    p.add_argument("--out", required=True, help="the prepared directory to write (must not exist)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="tokenizer processes (default: one per CPU)",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.005,
+        help="hold out every 1/F-th document for evaluation (default 0.005; 0 = none)",
+    )
+    p.add_argument(
+        "--shard-tokens",
+        type=int,
+        default=1 << 28,
+        help="tokens per shard file, at most (a longer document gets a shard of its own)",
+    )
+    p.set_defaults(func=cmd_data_prepare)
+
     for name, what in PLANNED_COMMANDS.items():  # listed in --help; refused in main()
         sub.add_parser(name, help=f"(not available yet) {what}")
     return parser
@@ -163,7 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hylas: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("hylas: interrupted; checkpoints already written are complete", file=sys.stderr)
+        print(
+            "hylas: interrupted; what was finished is complete, unfinished output is removed",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -92,15 +92,48 @@ class KernelsConfig:
 
 
 @dataclass
+class DataSource:
+    path: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    # A directory made by `hylas data prepare`, or a list of {path, weight} to train on a
+    # weighted mixture. Empty: the embedded corpus, with a tokenizer of model.vocab_size.
+    path: str | list[DataSource] = ""
+    tokenizer: str = ""  # empty: the tokenizer stored inside the (first) prepared directory
+    verify: bool = True  # check every shard's sha256 before training (reads the data once)
+
+    @property
+    def sources(self) -> list[DataSource]:
+        if isinstance(self.path, list):
+            return self.path
+        return [DataSource(self.path)] if self.path else []
+
+    def validate(self) -> DataConfig:
+        for i, src in enumerate(self.sources):
+            if not src.path:
+                raise ConfigError(f"data.path item {i} has no path")
+            if not src.weight > 0:
+                raise ConfigError(
+                    f"data.path item {i} ({src.path}) needs a positive weight, got {src.weight}"
+                )
+        return self
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def validate(self) -> Config:
         self.model.validate()
         self.train.validate()
         self.kernels.validate()
+        self.data.validate()
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,7 +143,6 @@ class Config:
 # Keys that belong to work not in this version: naming one is refused, never ignored.
 PLANNED = {
     "parallel": "multi-process training with DeepSpeed and LASP-2 arrives later",
-    "data": "this version trains on the embedded corpus",
 }
 
 
@@ -140,10 +172,11 @@ def _parse_scalar(key: str, text: str, tp: Any) -> Any:
     """Parse a string by the field's type annotation."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if text.strip().lower() in ("none", "null", "~", ""):
+        args = typing.get_args(tp)
+        if type(None) in args and text.strip().lower() in ("none", "null", "~", ""):
             return None
-        return _parse_scalar(key, text, args[0])
+        scalars = [a for a in args if a is not type(None) and typing.get_origin(a) is not list]
+        return _parse_scalar(key, text, scalars[0])
     try:
         if tp is bool:
             low = text.strip().lower()
@@ -176,10 +209,31 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str) -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"{key} is a section; give it keys, not {value!r}")
             _apply(current, value, key + ".")
+        elif isinstance(value, list) and _list_item_type(hints[name]) is not None:
+            setattr(obj, name, _parse_list(key, value, _list_item_type(hints[name])))
         else:
             if isinstance(value, (dict, list)):
                 raise ConfigError(f"{key} takes a single value, not {value!r}")
             setattr(obj, name, _parse_scalar(key, str(value), hints[name]))
+
+
+def _list_item_type(tp: Any) -> type | None:
+    """The dataclass of a ``list[Item]`` alternative of a field's type, if it has one."""
+    for alt in typing.get_args(tp) or (tp,):
+        if typing.get_origin(alt) is list:
+            return typing.get_args(alt)[0]
+    return None
+
+
+def _parse_list(key: str, items: list, item_type: type) -> list:
+    """A list of items, each a mapping of the item's fields or the value of its first field."""
+    first = dataclasses.fields(item_type)[0].name
+    out = []
+    for i, item in enumerate(items):
+        obj = item_type()
+        _apply(obj, item if isinstance(item, dict) else {first: item}, f"{key}[{i}].")
+        out.append(obj)
+    return out
 
 
 def recipe_names() -> list[str]:

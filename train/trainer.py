@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from hylas.data.loader import RandomWindows, eval_batches
-from hylas.data.prepare import load_tokenizer, load_tokens, prepare_embedded_corpus
+from hylas.data.dataset import PreparedData
+from hylas.data.loader import PackedLoader, eval_batches
+from hylas.data.prepare import prepare_embedded_corpus
+from hylas.data.tokenizer import Tokenizer
 from hylas.kernels import resolve_backend
 from hylas.model import HylasLM
 from hylas.train.checkpoint import (
@@ -73,16 +75,95 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict:
     return {k: batch[k].to(device) for k in keys if k in batch}
 
 
-def evaluate(model: HylasLM, batches, dtype: str, device: torch.device) -> float:
-    """Mean held-out cross-entropy (without MoE auxiliary losses)."""
+def evaluate(
+    model: HylasLM, batches, dtype: str, device: torch.device, names: list[str] | None = None
+) -> dict[str, float]:
+    """Held-out cross-entropy (without MoE auxiliary losses) per target token: ``eval_loss``
+    over all sources and, with several sources, ``eval_loss/<name>`` for each."""
     model.eval()
-    total = 0.0
-    for batch in batches:
+    sums: dict[int, list[float]] = {}
+    for source, batch in batches:
         with autocast(dtype, device):
             out = model(**model_inputs(batch, device), logits=False)
-        total += out.lm_loss.item()
+        targets = int((batch["labels"] != -100).sum())
+        acc = sums.setdefault(source, [0.0, 0])
+        acc[0] += out.lm_loss.item() * targets
+        acc[1] += targets
     model.train()
-    return total / len(batches)
+    result = {"eval_loss": sum(a[0] for a in sums.values()) / sum(a[1] for a in sums.values())}
+    if names and len(names) > 1:
+        result.update({f"eval_loss/{names[i]}": a[0] / a[1] for i, a in sorted(sums.items())})
+    return result
+
+
+@dataclass
+class Data:
+    tokenizer: Tokenizer
+    loader: PackedLoader
+    held_out: list
+    names: list[str]
+    description: str
+
+
+def open_data(cfg: Config) -> Data:
+    """The tokenizer, the training loader and the held-out batches of ``cfg.data``."""
+    tc, dc = cfg.train, cfg.data
+    if not dc.sources:
+        tok_dir, data_dir = prepare_embedded_corpus(cfg.model.vocab_size)
+        paths, weights, names = [data_dir], [1.0], ["shakespeare"]
+        tokenizer_dir = Path(dc.tokenizer) if dc.tokenizer else tok_dir
+    else:
+        paths = [Path(s.path) for s in dc.sources]
+        weights = [s.weight for s in dc.sources]
+        names = [p.name or str(p) for p in paths]
+        names = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+        tokenizer_dir = None if not dc.tokenizer else Path(dc.tokenizer)
+    if dc.verify:
+        log.info(
+            "checking %d prepared data director%s (sha256 of every shard)",
+            len(paths),
+            "y" if len(paths) == 1 else "ies",
+        )
+    prepared = [PreparedData(p, verify=dc.verify) for p in paths]
+    tokenizer = Tokenizer.load(tokenizer_dir or prepared[0].tokenizer_dir)
+    for p in prepared:
+        p.check_tokenizer(tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise TrainError(
+            f"the tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size is "
+            f"{cfg.model.vocab_size}; set model.vocab_size to at least {tokenizer.vocab_size}"
+        )
+    loader = PackedLoader(
+        [p.split("train") for p in prepared],
+        tc.seq_len,
+        tc.batch_size,
+        tc.seed,
+        pad_id=tokenizer.pad_id,
+        weights=weights,
+        names=names,
+    )
+    with_val = [
+        i for i, p in enumerate(prepared) if p.splits.get("val") and p.splits["val"].num_documents
+    ]
+    if not with_val:
+        raise TrainError(
+            f"no held-out documents in {', '.join(map(str, paths))}; prepare with --val-fraction > 0"
+        )
+    held_out = eval_batches(
+        [prepared[i].split("val") for i in with_val],
+        tc.seq_len,
+        tc.batch_size,
+        tc.eval_batches,
+        pad_id=tokenizer.pad_id,
+        weights=[weights[i] for i in with_val],
+    )
+    held_out = [(with_val[i], b) for i, b in held_out]
+    tokens = [s.stream_tokens for s in loader.sources]
+    mix = ", ".join(
+        f"{n} {w:.0%} ({t / 1e6:.2f}M tokens)"
+        for n, w, t in zip(names, loader.weights, tokens, strict=True)
+    )
+    return Data(tokenizer, loader, held_out, names, mix)
 
 
 def keep_freed_memory() -> None:
@@ -136,17 +217,8 @@ def train(cfg: Config, resume: str | None = None) -> RunResult:
     resolve_backend(cfg.kernels.backend, torch.empty(0, device=device))  # refuse early, not mid-run
     dtype = compute_dtype(tc.dtype, device)
 
-    prepared = prepare_embedded_corpus(cfg.model.vocab_size)
-    tokenizer = load_tokenizer(prepared)
-    if tokenizer.vocab_size != cfg.model.vocab_size:
-        raise TrainError(
-            f"the tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size is {cfg.model.vocab_size}"
-        )
-    eos = tokenizer.eos_id
-    loader = RandomWindows(load_tokens(prepared, "train"), tc.seq_len, tc.batch_size, tc.seed, eos)
-    held_out = eval_batches(
-        load_tokens(prepared, "val"), tc.seq_len, tc.batch_size, tc.eval_batches, eos
-    )
+    data = open_data(cfg)
+    loader, held_out, names = data.loader, data.held_out, data.names
 
     model = HylasLM(cfg.model, cfg.kernels.backend).to(device)
     optimizer = build_optimizer(model, tc)
@@ -159,7 +231,10 @@ def train(cfg: Config, resume: str | None = None) -> RunResult:
                 f"{ckpt.path} was trained with a different model config; resume needs the same"
             )
         load_model_weights(ckpt, model)
-        load_trainer_state(ckpt, optimizer, scheduler)
+        data_state = load_trainer_state(ckpt, optimizer, scheduler)
+        if data_state is None:
+            raise TrainError(f"{ckpt.path} holds no data position; it cannot be resumed exactly")
+        loader.load_state_dict(data_state)
         start = ckpt.step
         log.info("resuming from %s at step %d", ckpt.path, start)
 
@@ -180,19 +255,21 @@ def train(cfg: Config, resume: str | None = None) -> RunResult:
         dtype if dtype == tc.dtype else f"{dtype} (train.dtype=auto)",
         device.type,
     )
+    log.info("data: %s", data.description)
     log.info(
         "training %d steps of %d tokens (batch %d x %d), %d held-out windows",
         tc.steps,
         tokens_per_step,
         tc.batch_size,
         tc.seq_len,
-        sum(len(b["input_ids"]) for b in held_out),
+        sum(len(b["input_ids"]) for _, b in held_out),
     )
 
     first_eval = last_eval = None
     if start == 0:
-        first_eval = last_eval = evaluate(model, held_out, dtype, device)
-        metrics.write({"step": 0, "eval_loss": first_eval})
+        result = evaluate(model, held_out, dtype, device, names)
+        first_eval = last_eval = result["eval_loss"]
+        metrics.write({"step": 0, **result})
         log.info("step 0: held-out loss %.4f", first_eval)
 
     progress = Progress(tc.steps, start)
@@ -202,7 +279,7 @@ def train(cfg: Config, resume: str | None = None) -> RunResult:
     checkpoint, done = resume_from, start
     model.train()
     for step in range(start, tc.steps):
-        batch = loader.batch(step)
+        batch = loader.next_batch()
         lr = scheduler.get_last_lr()[0]
         with autocast(dtype, device):
             out = model(**model_inputs(batch, device), logits=False)
@@ -241,8 +318,9 @@ def train(cfg: Config, resume: str | None = None) -> RunResult:
         progress.update(done, tc.steps, record)
 
         if (tc.eval_every and done % tc.eval_every == 0) or done == tc.steps:
-            last_eval = evaluate(model, held_out, dtype, device)
-            metrics.write({"step": done, "eval_loss": last_eval})
+            result = evaluate(model, held_out, dtype, device, names)
+            last_eval = result["eval_loss"]
+            metrics.write({"step": done, **result})
             progress.write(f"step {done}: held-out loss {last_eval:.4f}")
         if (tc.save_every and done % tc.save_every == 0) or done in (tc.steps, tc.exit_at_step):
             checkpoint = save_checkpoint(
@@ -252,8 +330,9 @@ def train(cfg: Config, resume: str | None = None) -> RunResult:
                 model,
                 optimizer,
                 scheduler,
-                tokenizer.model_file,
+                data.tokenizer.model_file,
                 metrics={"eval_loss": last_eval} if last_eval is not None else None,
+                data_state=loader.state_dict(),
             )
             progress.write(f"step {done}: saved checkpoint {checkpoint}")
         if done == tc.exit_at_step and done < tc.steps:
@@ -264,5 +343,5 @@ def train(cfg: Config, resume: str | None = None) -> RunResult:
     progress.close()
     metrics.close()
     if last_eval is None:
-        last_eval = evaluate(model, held_out, dtype, device)
+        last_eval = evaluate(model, held_out, dtype, device)["eval_loss"]
     return RunResult(run_dir, checkpoint, done, first_eval, last_eval)

@@ -210,3 +210,75 @@ def test_a_tiny_moe_hybrid_trains(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if "moe_load_imbalance" in r]
     assert logged and all(r["moe_load_imbalance"] >= 1.0 for r in logged)
+
+
+@pytest.fixture(scope="module")
+def mixture(tmp_path_factory):
+    """Two prepared sources (comedies and histories, as jsonl) sharing one tokenizer."""
+    from hylas.data.corpus import load_corpus
+    from hylas.data.prepare import prepare
+    from hylas.data.sources import open_sources
+    from hylas.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("mixture")
+    works = load_corpus()
+    tok = train_tokenizer((w.text for w in works[:6]), 512, root / "tok")
+    for name, part in (("comedies", works[:6]), ("histories", works[6:10])):
+        scenes = [s for w in part for s in w.text.split("\n\n\n") if s.strip()]
+        (root / f"{name}.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in scenes))
+        src = open_sources([str(root / f"{name}.jsonl")])
+        prepare(src, tok, root / name, val_fraction=0.05, progress=False)
+    yaml = root / "mix.yaml"
+    yaml.write_text(
+        "model: {vocab_size: 512}\n"
+        f"data:\n  path:\n    - {{path: {root / 'comedies'}, weight: 3}}\n"
+        f"    - {{path: {root / 'histories'}, weight: 1}}\n"
+    )
+    return root
+
+
+def test_training_on_a_prepared_mixture_resumes_exactly(tmp_path, mixture):
+    cfg = ["--set", *FAST, "train.steps=6"]
+    args = ["train", "--config", str(mixture / "mix.yaml"), *cfg]
+    assert main([*args, f"train.out_dir={tmp_path / 'a'}"]) == 0
+    assert main([*args, f"train.out_dir={tmp_path / 'b'}", "train.exit_at_step=3"]) == 0
+    assert main([*args, f"train.out_dir={tmp_path / 'b'}", "--resume", "auto"]) == 0
+
+    def records(run):
+        text = (tmp_path / run / "metrics.jsonl").read_text()
+        return [json.loads(line) for line in text.splitlines()]
+
+    assert {"eval_loss", "eval_loss/comedies", "eval_loss/histories"} <= set(records("a")[-1])
+    steps = [[(r["step"], r.get("loss"), r.get("eval_loss")) for r in records(run)] for run in "ab"]
+    assert steps[0] == steps[1]
+    a = safetensors.torch.load_file(
+        tmp_path / "a" / "checkpoints" / "step_000006" / "model.safetensors"
+    )
+    b = safetensors.torch.load_file(
+        tmp_path / "b" / "checkpoints" / "step_000006" / "model.safetensors"
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run saw other batches"
+    manifest = json.loads(
+        (tmp_path / "a" / "checkpoints" / "step_000006" / "manifest.json").read_text()
+    )
+    assert sum(manifest["data"]["consumed"]) == 6 * 8  # steps x batch size, split 3:1
+    assert manifest["data"]["consumed"] == [36, 12]
+
+
+def test_training_refuses_data_that_does_not_fit(tmp_path, mixture, capsys):
+    from hylas.data.tokenizer import train_tokenizer
+
+    other = train_tokenizer(["quite different words\n"] * 300, 300, tmp_path / "other")
+    base = ["train", "--set", *FAST, f"train.out_dir={tmp_path / 'r'}", "model.vocab_size=512"]
+    cases = [
+        (
+            [f"data.path={mixture / 'comedies'}", f"data.tokenizer={other.model_file.parent}"],
+            "does not match the one",
+        ),
+        ([f"data.path={tmp_path / 'nothing'}"], "does not exist"),
+        ([f"data.path={mixture / 'comedies'}", "model.vocab_size=384"], "model.vocab_size is 384"),
+    ]
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
