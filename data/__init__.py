@@ -1,2 +1,3 @@
-"""Text to training batches: the embedded corpus, the sentencepiece tokenizer, token files
-and the batch loaders. Later work adds ``hylas data prepare`` for user corpora."""
+"""Text to training batches: sources (``sources``), the sentencepiece tokenizer with its
+Hugging Face files (``tokenizer``), token shards (``prepare``, ``dataset``) and the packed
+loader (``loader``)."""

@@ -8,16 +8,18 @@ so every token of the epoch is an input exactly once. The last sample of an epoc
 visited in a second seeded order, so one long document does not fill a batch.
 
 A mixture of sources is a weighted interleaving of their sample sequences: each next sample
-comes from the source furthest behind its share (weight * samples so far), so the mix is
-exact at every step, not only on average, and a source starts its next epoch on its own
-when its samples run out. Batches never drop anything: a step can straddle an epoch.
+comes from the source furthest behind its share (weight * samples so far), so the mix holds
+at every step, not only on average (each source within about one sample of its share; within
+one for up to three sources), and a source starts its next epoch on its own when its samples
+run out. Batches never drop anything: a step can straddle an epoch.
 
 Step s takes the next dp * batch_size samples of that one global sequence; data-parallel
 rank r keeps samples [r * batch_size, (r + 1) * batch_size) and sequence-parallel rank q
 keeps columns [q * T / sp, (q + 1) * T / sp) of each. A batch is the dict of ARCHITECTURE.md:
 ``input_ids``, ``labels`` [B, T / sp]; when a document starts inside a sample (always when
-sp > 1), ``position_ids`` [B, T / sp] (the token's position in its document, counted from
-the document's true start, also across segments) and ``cu_seqlens`` int32 over this rank's
+sp > 1), ``position_ids`` [B, T / sp] (the token's position in its document, counted across
+sp segments; a sample is its own sequence, so a document carried over from the previous sample
+counts from the sample's start) and ``cu_seqlens`` int32 over this rank's
 flattened tokens (every document start, and every sample's segment start); with sp > 1 also
 ``global_cu_seqlens`` over the whole B x T samples, which softmax layers need, and
 ``segment_start`` (q * T / sp). A rank that receives a segment whose first position id is
