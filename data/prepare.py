@@ -30,7 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -224,11 +224,12 @@ def write_prepared(
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     sources: list | None = None,
     settings: dict | None = None,
-    total_characters: int | None = None,
+    input_bytes: tuple[int, Callable[[], int]] | None = None,
     progress: bool = True,
 ) -> dict:
     """Tokenize ``(text, held_out)`` pairs into the prepared directory ``out``; returns the
-    manifest. ``sources`` are dicts, or objects with ``to_dict()`` (a source's counts, complete
+    manifest. ``input_bytes`` is (total, a function giving the bytes read so far), for the
+    progress bar; without it the bar counts characters. ``sources`` are dicts, or objects with ``to_dict()`` (a source's counts, complete
     once its documents are consumed) for the manifest."""
     out = Path(out)
     if out.exists():
@@ -249,23 +250,33 @@ def write_prepared(
         writers = {s: ShardWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
         pool = _Pool(workers, tokenizer.model_file, dtype, tokenizer.eos_id)
         bar = tqdm(
-            total=total_characters,
-            unit="char",
+            total=input_bytes[0] if input_bytes else None,
+            unit="B" if input_bytes else "char",
             unit_scale=True,
             disable=not progress,
             desc="tokenizing",
             dynamic_ncols=True,
             mininterval=1.0,
         )
-        n_tokens = 0
+        n_tokens, logged = 0, time.perf_counter()
         with bar:
             for ((train_tok, train_ends), (val_tok, val_ends)), size in pool.map(_jobs(documents)):
                 writers["train"].add(train_tok, train_ends)
                 if len(val_ends):
                     writers["val"].add(val_tok, val_ends)
                 n_tokens += len(train_tok) + len(val_tok)
-                bar.update(size)
+                if input_bytes:
+                    bar.update(input_bytes[1]() - bar.n)
+                else:
+                    bar.update(size)
                 bar.set_postfix_str(f"{n_tokens:,} tokens", refresh=False)
+                if not progress and time.perf_counter() - logged > 30:  # no bar: log lines
+                    logged = time.perf_counter()
+                    log.info(
+                        "tokenized %s tokens so far (%.0f tokens/s)",
+                        f"{n_tokens:,}",
+                        n_tokens / (logged - t0),
+                    )
         splits = {s: w.finish() for s, w in writers.items()}
         if splits["train"]["documents"] == 0:
             raise DataError("no training documents: the inputs hold nothing to train on")
@@ -323,7 +334,9 @@ def prepare(
         shard_tokens=shard_tokens,
         sources=[s.stats for s in sources],
         settings={"val_fraction": val_fraction},
-        total_characters=None if None in sizes else sum(sizes),
+        input_bytes=None
+        if None in sizes
+        else (sum(sizes), lambda: sum(s.stats.bytes_read for s in sources)),
         progress=progress,
     )
 

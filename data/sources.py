@@ -45,6 +45,7 @@ class SourceStats:
     kind: str
     documents: int = 0
     characters: int = 0  # in the documents kept
+    bytes_read: int = 0  # of the input files so far (for progress)
     empty_skipped: int = 0
     bad_utf8_replaced: int = 0
     files: list[str] = field(default_factory=list)
@@ -145,17 +146,21 @@ class Source:
 
     def _file(self, f: Path) -> Iterator[str]:
         if f.suffix in TEXT_SUFFIXES:
-            text, bad = _decode(f.read_bytes(), str(f), self.bad_utf8)
+            raw = f.read_bytes()
+            text, bad = _decode(raw, str(f), self.bad_utf8)
             self.stats.bad_utf8_replaced += bad
+            self.stats.bytes_read += len(raw)
             yield from self._keep([text])
         elif f.suffix in JSONL_SUFFIXES:
             yield from self._keep(self._jsonl(f))
         else:
             yield from self._keep(self._parquet(f))
+            self.stats.bytes_read += f.stat().st_size
 
     def _jsonl(self, f: Path) -> Iterator[str]:
         with open(f, "rb") as fh:
             for lineno, raw in enumerate(fh, 1):
+                self.stats.bytes_read += len(raw)
                 if not raw.strip():
                     continue
                 where = f"{f}:{lineno}"
