@@ -3,8 +3,10 @@
 The packed stream of a source in epoch e is its training documents in a shuffled order
 (seeded by (seed, source, e)), each followed by EOS. Sample j of the epoch is the input
 window ``stream[j*T : j*T + T]`` with labels ``stream[j*T + 1 : j*T + T + 1]`` (T = seq_len),
-so every token of the epoch is an input exactly once. The last sample of an epoch is padded
-(PAD inputs, label -100) where the stream ends; the last EOS has no label. Samples are then
+and an epoch of S tokens has ceil((S - 1) / T) samples: every token but the first is a label
+exactly once, and every token is an input once (but the final EOS when it would be a
+sample's only token: it has nothing to predict). The last sample of an epoch is padded (PAD
+inputs, label -100) where the stream ends, so every sample has at least one label. Samples are then
 visited in a second seeded order, so one long document does not fill a batch.
 
 A mixture of sources is a weighted interleaving of their sample sequences: each next sample
@@ -64,7 +66,7 @@ class PackedSource:
         self.stream_tokens = split.num_tokens
         if self.stream_tokens == 0:
             raise DataError(f"the {split.name} split has no tokens")
-        self.samples_per_epoch = -(-self.stream_tokens // seq_len)
+        self.samples_per_epoch = max(1, -(-(self.stream_tokens - 1) // seq_len))
         self._epochs: dict[int, _Epoch] = {}
 
     def _epoch(self, e: int) -> _Epoch:

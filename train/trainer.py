@@ -86,6 +86,8 @@ def evaluate(
         with autocast(dtype, device):
             out = model(**model_inputs(batch, device), logits=False)
         targets = int((batch["labels"] != -100).sum())
+        if targets == 0:  # nothing to predict (the loader never makes such a batch)
+            continue
         acc = sums.setdefault(source, [0.0, 0])
         acc[0] += out.lm_loss.item() * targets
         acc[1] += targets

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections import Counter
 from fractions import Fraction
 
@@ -83,7 +84,7 @@ class RefSource:
     def __init__(self, docs, T, seed=0, index=0, shuffle=True):
         self.docs, self.T, self.seed, self.index, self.shuffle = docs, T, seed, index, shuffle
         self.tokens = sum(len(d) for d in docs)
-        self.samples_per_epoch = -(-self.tokens // T)
+        self.samples_per_epoch = -(-(self.tokens - 1) // T)  # every label once
         self._epochs: dict[int, tuple] = {}
 
     def epoch(self, e: int):
@@ -410,3 +411,22 @@ def find_sample(samples, batch: dict, row: int) -> int:
     hits = [j for j, (i, lab, _) in enumerate(samples) if (i == x).all() and (lab == y).all()]
     assert len(hits) == 1
     return hits[0]
+
+
+@pytest.mark.parametrize("residue", [0, 1, 2, 5])
+def test_every_label_once_and_no_sample_without_one(residue):
+    T = 8
+    docs = make_docs(lengths_ending(T, residue))
+    stream = np.concatenate(docs)
+    data = loader([make_split(docs)], T, 1, seed=3)
+    S = data.sources[0].samples_per_epoch
+    assert math.ceil((len(stream) - 1) / T) == S
+    labels = Counter()
+    for _ in range(S):
+        batch = data.next_batch()
+        row = batch["labels"][0]
+        assert (row != IGNORE).any(), "a sample with nothing to predict"
+        labels.update(row[row != IGNORE].tolist())
+    missing = Counter(stream.tolist()) - labels
+    assert sum(missing.values()) == 1 and not labels - Counter(stream.tolist())
+    assert next(iter(missing)) in {int(d[0]) for d in docs}  # only the epoch's first token
