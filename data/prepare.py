@@ -31,6 +31,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -189,30 +191,37 @@ def _jobs(documents: Iterable[tuple[str, bool]]) -> Iterator[tuple[list[str], li
 
 
 class _Pool:
-    """Worker processes fed in order with a bounded number of tasks in flight."""
+    """Worker processes fed in order with a bounded number of tasks in flight. A worker that
+    dies (killed, out of memory) stops the run with an error instead of a hang."""
 
     def __init__(self, workers: int, model_file: Path, dtype: np.dtype, eos_id: int):
         ctx = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
-        self.pool = ctx.Pool(workers, _init_worker, (str(model_file), dtype.name, eos_id))
+        self.pool = ProcessPoolExecutor(
+            workers, ctx, initializer=_init_worker, initargs=(str(model_file), dtype.name, eos_id)
+        )
         self.limit = 2 * workers
 
     def map(self, jobs: Iterator) -> Iterator:
         pending: collections.deque = collections.deque()
-        for texts, flags, size in jobs:
-            pending.append((self.pool.apply_async(_encode_job, ((texts, flags),)), size))
-            if len(pending) >= self.limit:
-                result, n = pending.popleft()
-                yield result.get(), n
-        while pending:
-            result, n = pending.popleft()
-            yield result.get(), n
+        try:
+            for texts, flags, size in jobs:
+                pending.append((self.pool.submit(_encode_job, (texts, flags)), size))
+                if len(pending) >= self.limit:
+                    future, n = pending.popleft()
+                    yield future.result(), n
+            while pending:
+                future, n = pending.popleft()
+                yield future.result(), n
+        except BrokenProcessPool:
+            raise DataError(
+                "a tokenizer worker process died (out of memory, or killed); try fewer --workers"
+            ) from None
 
     def close(self, ok: bool) -> None:
-        if ok:
-            self.pool.close()
-        else:
-            self.pool.terminate()
-        self.pool.join()
+        if not ok:
+            for p in list(getattr(self.pool, "_processes", {}).values()):
+                p.terminate()  # do not wait for tasks nobody will read
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def write_prepared(

@@ -3,6 +3,7 @@ back, and every kind of bad input stopped with one sentence and nothing half-wri
 
 import itertools
 import json
+import os
 
 import numpy as np
 import pytest
@@ -274,3 +275,16 @@ def test_command_line_prepares_and_reports_errors_in_one_line(tmp_path, tokenize
     assert main(["data", "tokenizer", "--input", str(tmp_path / "a.jsonl"), *tok_args]) == 0
     assert "1000-piece tokenizer" in capsys.readouterr().out
     assert (tmp_path / "tok" / "tokenizer.json").is_file()
+
+
+def _die(job):
+    os._exit(3)
+
+
+def test_a_dead_worker_stops_the_run_instead_of_hanging(tmp_path, tokenizer, texts, monkeypatch):
+    import hylas.data.prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "_encode_job", _die)
+    with pytest.raises(DataError, match="a tokenizer worker process died"):
+        write_prepared(((t, False) for t in texts), tokenizer, tmp_path / "out", progress=False)
+    assert_nothing_written(tmp_path)
