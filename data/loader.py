@@ -56,13 +56,8 @@ class PackedSource:
     """One source's split as an endless sequence of shuffled samples, epoch after epoch."""
 
     def __init__(self, split: Split, seq_len: int, seed: int, index: int, shuffle: bool = True):
-        self.split, self.seq_len, self.seed, self.index, self.shuffle = (
-            split,
-            seq_len,
-            seed,
-            index,
-            shuffle,
-        )
+        self.split, self.seq_len, self.seed = split, seq_len, seed
+        self.index, self.shuffle = index, shuffle
         self.stream_tokens = split.num_tokens
         if self.stream_tokens == 0:
             raise DataError(f"the {split.name} split has no tokens")
@@ -113,12 +108,14 @@ class PackedSource:
             d += 1
             if d == len(ep.order):
                 break
-        if b - a < T + 1 and b - a < T:  # the padding after the final EOS starts a segment
+        if b - a < T:  # the padding after the final EOS starts a segment
             starts.append(b - a)
         return b - a, [s for s in starts if s < T]
 
 
 class PackedLoader:
+    """This rank's batches of a weighted mixture of splits (see the module docstring)."""
+
     def __init__(
         self,
         splits: list[Split],

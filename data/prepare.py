@@ -79,12 +79,8 @@ class ShardWriter:
     """The shards of one split, rotated at document boundaries, hashed as they are written."""
 
     def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int):
-        self.directory, self.split, self.dtype, self.shard_tokens = (
-            directory,
-            split,
-            dtype,
-            shard_tokens,
-        )
+        self.directory, self.split = directory, split
+        self.dtype, self.shard_tokens = dtype, shard_tokens
         self.shards: list[dict] = []
         self.file = None
 
