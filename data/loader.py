@@ -11,9 +11,9 @@ visited in a second seeded order, so one long document does not fill a batch.
 
 A mixture of sources is a weighted interleaving of their sample sequences: each next sample
 comes from the source furthest behind its share (weight * samples so far), so the mix holds
-at every step, not only on average (each source within about one sample of its share; within
-one for up to three sources), and a source starts its next epoch on its own when its samples
-run out. Batches never drop anything: a step can straddle an epoch.
+at every step, not only on average (each source within about one sample of its share: under
+one in the tests, which use up to three sources), and a source starts its next epoch on its
+own when its samples run out. Batches never drop anything: a step can straddle an epoch.
 
 Step s takes the next dp * batch_size samples of that one global sequence; data-parallel
 rank r keeps samples [r * batch_size, (r + 1) * batch_size) and sequence-parallel rank q
