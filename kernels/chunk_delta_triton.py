@@ -64,7 +64,7 @@ document) serves both. Tensors are indexed in their [T_all, H, *] layout directl
 intermediates are fp32.
 
 Kernels (grids in brackets):
-    _local_cumsum   [H/BD, NT, 1]      gamma = cumsum of g inside each chunk (chunk_triton)
+    local_cumsum   [H/BD, NT, 1]      gamma = cumsum of g inside each chunk (chunk_triton)
     _fwd_kkt        [NT, H]            Akk [T_all, H, BT]
     _solve_tril     [NT, H]            Ai = (I + Akk)^{-1} [T_all, H, BT] (lower triangle)
     _fwd_wu         [NT, H]            w [T_all, H, K], u [T_all, H, V]
@@ -93,15 +93,15 @@ import triton
 import triton.language as tl
 
 from hylas.kernels.chunk_triton import (
-    _GATE_NONE,
-    _GATE_SCALAR,
-    _block,
-    _chunk_span,
-    _Chunks,
-    _dot_precision,
-    _fwd_o_kernel,
-    _local_cumsum,
-    _scores,
+    GATE_NONE,
+    GATE_SCALAR,
+    Chunks,
+    block_size,
+    chunk_scores,
+    chunk_span,
+    dot_precision,
+    fwd_o_kernel,
+    local_cumsum,
 )
 
 _BT = 64
@@ -135,7 +135,7 @@ def _fwd_kkt_kernel(
     """A [T_all, H, BT]: row t, column j = beta_t (k_t . k_j) exp(gamma_t - gamma_j) for
     j < t in t's chunk, else 0 (every column of a chunk's rows is written)."""
     i_tg, i_h = tl.program_id(0), tl.program_id(1)
-    _, t0, L = _chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
+    _, t0, L = chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
     o_t = tl.arange(0, BT)
     m_t = o_t < L
 
@@ -214,7 +214,7 @@ def _solve_tril_kernel(
     sub-diagonal at a time (each block needs those of the rows above it)."""
     tl.static_assert(BT == 4 * BC)
     i_tg, i_h = tl.program_id(0), tl.program_id(1)
-    _, t0, L = _chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
+    _, t0, L = chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
     o_c = tl.arange(0, BC)
     # Block (i, j) of the chunk: p_00 + i BC rows + j BC columns, rows masked to the chunk.
     p_A = A + (t0 + o_c)[:, None] * (H * BT) + i_h * BT + o_c[None, :]
@@ -278,7 +278,7 @@ def _fwd_wu_kernel(
 ):
     """w [T_all, H, K] = Ai (beta k exp(gamma)), u [T_all, H, V] = Ai (beta v), fp32."""
     i_tg, i_h = tl.program_id(0), tl.program_id(1)
-    _, t0, L = _chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
+    _, t0, L = chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
     o_t = tl.arange(0, BT)
     m_t = o_t < L
     b_Ai = tl.load(
@@ -518,7 +518,7 @@ def _bwd_dqkwg_kernel(
     and dg [K / BK, T_all, H] = q . dq - k . dk over this K block, plus at the chunk's last
     token sum(exp(gamma_L) h * dh') + sum_j r_j over it (g only)."""
     i_k, i_tg, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    _, t0, L = _chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
+    _, t0, L = chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
     o_t = tl.arange(0, BT)
     m_t = o_t < L
     o_k = i_k * BK + tl.arange(0, BK)
@@ -615,7 +615,7 @@ def _bwd_wy_kernel(
     inside the chunk of dgamma = sum of the NK_O blocks of dg_o + sum_K(Xw dXw) + the row
     sums minus the column sums of dAkk * Akk."""
     i_tg, i_h = tl.program_id(0), tl.program_id(1)
-    _, t0, L = _chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
+    _, t0, L = chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
     o_t = tl.arange(0, BT)
     m_t = o_t < L
     # Ai^T [BT, BT] read transposed: lower triangle of Ai, so upper triangle here.
@@ -709,7 +709,7 @@ def _bwd_wy_kernel(
 def _state_blocks(K: int, V: int) -> tuple[int, int]:
     """(BK, BV) of the scans: all of K, and as many value columns as the cap allows."""
     BK = max(16, triton.next_power_of_2(K))
-    return BK, min(_block(V), max(16, _MAX_STATE_BLOCK // BK))
+    return BK, min(block_size(V), max(16, _MAX_STATE_BLOCK // BK))
 
 
 def _ut_transform(k, v, beta, gamma, ch, prec):
@@ -721,7 +721,7 @@ def _ut_transform(k, v, beta, gamma, ch, prec):
     A = k.new_empty(T_all, H, BT, dtype=torch.float32)
     _fwd_kkt_kernel[(ch.NT, H)](
         k, beta, gamma, A, ch.cu_seqlens, ch.chunk_indices,
-        H=H, K=K, BT=BT, BK=_block(K), USE_G=use_g, DOT_PREC=prec,
+        H=H, K=K, BT=BT, BK=block_size(K), USE_G=use_g, DOT_PREC=prec,
     )  # fmt: skip
     Ai = torch.empty_like(A)
     _solve_tril_kernel[(ch.NT, H)](A, Ai, ch.cu_seqlens, ch.chunk_indices, H=H, BT=BT, BC=_BC)
@@ -730,7 +730,7 @@ def _ut_transform(k, v, beta, gamma, ch, prec):
     u = k.new_empty(T_all, H, V, dtype=torch.float32)
     _fwd_wu_kernel[(ch.NT, H)](
         k, v, beta, gamma, Ai, w, u, ch.cu_seqlens, ch.chunk_indices,
-        H=H, K=K, V=V, BT=BT, BK=_block(K), BV=_block(V), USE_G=use_g, DOT_PREC=prec,
+        H=H, K=K, V=V, BT=BT, BK=block_size(K), BV=block_size(V), USE_G=use_g, DOT_PREC=prec,
     )  # fmt: skip
     return Ai, w, u
 
@@ -759,21 +759,21 @@ class _ChunkDelta(torch.autograd.Function):
         q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
         g = None if g is None else g.contiguous()
         h0 = None if initial_state is None else initial_state.float().contiguous()
-        gate = _GATE_NONE if g is None else _GATE_SCALAR
-        prec = _dot_precision(q, k, v)
+        gate = GATE_NONE if g is None else GATE_SCALAR
+        prec = dot_precision(q, k, v)
         _, H, K = q.shape
         V = v.shape[-1]
-        BV = _block(V)
+        BV = block_size(V)
 
-        gamma = None if g is None else _local_cumsum(g, gate, ch)
+        gamma = None if g is None else local_cumsum(g, gate, ch)
         _, w, u = _ut_transform(k, v, beta, gamma, ch, prec)
         h, delta, ht = _states(k, u, w, gamma, h0, output_final_state, ch, prec)
         del w, u
-        A = _scores(q, k, gamma, gate, scale, ch, prec)
+        A = chunk_scores(q, k, gamma, gate, scale, ch, prec)
         o = torch.empty_like(v)
-        _fwd_o_kernel[(triton.cdiv(V, BV), ch.NT, H)](
+        fwd_o_kernel[(triton.cdiv(V, BV), ch.NT, H)](
             q, delta, gamma, h, A, o, ch.cu_seqlens, ch.chunk_indices, scale,
-            H=H, K=K, V=V, BT=ch.BT, BK=_block(K), BV=BV, GATE=gate, DOT_PREC=prec,
+            H=H, K=K, V=V, BT=ch.BT, BK=block_size(K), BV=BV, GATE=gate, DOT_PREC=prec,
         )  # fmt: skip
 
         # Only the inputs are kept: the UT transform and the states are recomputed.
@@ -790,18 +790,18 @@ class _ChunkDelta(torch.autograd.Function):
         scale, ch, prec = ctx.scale, ctx.ch, ctx.prec
         T_all, H, K = q.shape
         V = v.shape[-1]
-        BT, BK, BV = ch.BT, _block(K), _block(V)
+        BT, BK, BV = ch.BT, block_size(K), block_size(V)
         NK = triton.cdiv(K, BK)
-        gate = _GATE_NONE if g is None else _GATE_SCALAR
+        gate = GATE_NONE if g is None else GATE_SCALAR
         use_g = g is not None
         do = torch.zeros_like(v) if do is None else do.contiguous()
         dht = None if dht is None else dht.float().contiguous()
 
         # Recompute what the forward dropped.
-        gamma = None if g is None else _local_cumsum(g, gate, ch)
+        gamma = None if g is None else local_cumsum(g, gate, ch)
         Ai, w, u = _ut_transform(k, v, beta, gamma, ch, prec)
         h, delta, _ = _states(k, u, w, gamma, h0, False, ch, prec)
-        A = _scores(q, k, gamma, gate, scale, ch, prec)
+        A = chunk_scores(q, k, gamma, gate, scale, ch, prec)
 
         BKs, BVs = _state_blocks(K, V)
         dh = q.new_empty(ch.NT, H, K, V, dtype=torch.float32)
@@ -869,7 +869,7 @@ def chunk_delta_triton(
     """
     B, T, H, _ = q.shape
     V = v.shape[-1]
-    ch = _Chunks(cu_seqlens, B, T, _BT, q.device)
+    ch = Chunks(cu_seqlens, B, T, _BT, q.device)
     # Fold B into the token axis: B documents of length T (a view for contiguous inputs).
     flat = [x.reshape(B * T, *x.shape[2:]) for x in (q, k, v, beta)]
     g_flat = None if g is None else g.reshape(B * T, H)

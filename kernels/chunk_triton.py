@@ -36,7 +36,7 @@ path (``cu_seqlens``, chunks aligned to document starts, a partial last chunk pe
 document) serves both. Tensors are indexed in their [T_all, H, *] layout directly.
 
 Kernels (grids in brackets):
-    _local_cumsum    [D/BD, NT, H]   b = cumsum of g inside each chunk
+    local_cumsum    [D/BD, NT, H]   b = cumsum of g inside each chunk
     _fwd_h           [K/BK, V/BV, N*H] states entering every chunk (+ final): a scan
     _fwd_A           [NT, NC*NC, H]  intra-chunk scores A [T_all, H, BT], scale included
     _fwd_o           [V/BV, NT, H]   o = scale (q exp(b)) h + A v
@@ -58,6 +58,10 @@ cumsum of that over the document.
 Precision: every load is cast to fp32 (bf16 arithmetic is unreliable in the interpreter,
 and decays need fp32 anyway). tl.dot runs in IEEE fp32 for fp32 inputs and in TF32 for
 16-bit inputs, whose own precision is below TF32's.
+
+The names without a leading underscore (``GATE_*``, ``block_size``, ``chunk_span``,
+``Chunks``, ``local_cumsum``, ``chunk_scores``, ``dot_precision``, ``fwd_o_kernel``) are the
+building blocks ``chunk_delta_triton`` shares with this module.
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ import triton.language as tl
 
 from hylas.kernels.common import check_cu_seqlens, check_qkv, check_state
 
-_GATE_NONE, _GATE_SCALAR, _GATE_CHANNEL = 0, 1, 2
+GATE_NONE, GATE_SCALAR, GATE_CHANNEL = 0, 1, 2
 # Sub-chunk of the per-channel diagonal blocks: the elementwise work grows with BC**2 * K,
 # and 16 is the smallest tile tl.dot takes for the off-diagonal blocks.
 _BC = 16
@@ -80,7 +84,7 @@ _BKD = 16
 _MAX_BLOCK = 64
 
 
-def _block(n: int) -> int:
+def block_size(n: int) -> int:
     """Power-of-two block covering n (masked), between 16 (tl.dot's minimum) and 64."""
     return min(_MAX_BLOCK, max(16, triton.next_power_of_2(n)))
 
@@ -90,7 +94,7 @@ def _block(n: int) -> int:
 
 
 @triton.jit
-def _chunk_span(cu_seqlens, chunk_indices, i_tg, BT: tl.constexpr):
+def chunk_span(cu_seqlens, chunk_indices, i_tg, BT: tl.constexpr):
     """Chunk i_tg -> (document, first token t0 as int64, number of tokens L <= BT)."""
     i_n = tl.load(chunk_indices + 2 * i_tg)
     i_t = tl.load(chunk_indices + 2 * i_tg + 1)
@@ -113,7 +117,7 @@ def _local_cumsum_kernel(
 ):
     """g, b [T_all, H, D]: b = inclusive cumsum of g inside each chunk, fp32."""
     i_d, i_tg, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    _, t0, L = _chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
+    _, t0, L = chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
     o_t = tl.arange(0, BT)
     o_d = i_d * BD + tl.arange(0, BD)
     m = (o_t < L)[:, None] & (o_d < D)[None, :]
@@ -265,7 +269,7 @@ def _fwd_A_kernel(
     i_tg, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NC: tl.constexpr = BT // BC
     i_i, i_j = i_c // NC, i_c % NC
-    _, t0, L = _chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
+    _, t0, L = chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
     if i_i * BC >= L:
         return  # the query sub-chunk holds no token of this chunk
 
@@ -349,7 +353,7 @@ def _fwd_A_kernel(
 
 
 @triton.jit
-def _fwd_o_kernel(
+def fwd_o_kernel(
     q,
     v,
     b,
@@ -370,7 +374,7 @@ def _fwd_o_kernel(
 ):
     """o [T_all, H, V] = scale (q exp(b)) h + A v, one [BT, BV] block per program."""
     i_v, i_tg, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    _, t0, L = _chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
+    _, t0, L = chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
     o_t = tl.arange(0, BT)
     m_t = o_t < L
     o_tc = tl.minimum(o_t, L - 1)
@@ -513,7 +517,7 @@ def _bwd_dA_kernel(
 ):
     """dA [T_all, H, BT] = scale dO_i . v_j for j <= i in the chunk, else 0."""
     i_tg, i_h = tl.program_id(0), tl.program_id(1)
-    _, t0, L = _chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
+    _, t0, L = chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
     o_t = tl.arange(0, BT)
     m_t = o_t < L
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)
@@ -557,7 +561,7 @@ def _bwd_dv_kernel(
 ):
     """dv [T_all, H, V] = A^T dO + (k exp(b_L - b)) dh_out."""
     i_v, i_tg, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    _, t0, L = _chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
+    _, t0, L = chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
     o_t = tl.arange(0, BT)
     m_t = o_t < L
     o_tc = tl.minimum(o_t, L - 1)
@@ -627,7 +631,7 @@ def _bwd_dqk_intra_kernel(
     i_k, i_tc, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NC: tl.constexpr = BT // BC
     i_tg, i_i = i_tc // NC, i_tc % NC
-    _, t0, L = _chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
+    _, t0, L = chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
     if i_i * BC >= L:
         return
 
@@ -756,7 +760,7 @@ def _bwd_dqk_kernel(
     gate's local term q dq - k dk: dg [T_all, H, K] (GATE 2) or its sum over this K block,
     dg [K / BK, T_all, H] (GATE 1)."""
     i_k, i_tg, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    _, t0, L = _chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
+    _, t0, L = chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
     o_t = tl.arange(0, BT)
     m_t = o_t < L
     o_tc = tl.minimum(o_t, L - 1)
@@ -819,7 +823,7 @@ def _bwd_dqk_kernel(
 # Host side
 
 
-class _Chunks:
+class Chunks:
     """Document-aligned chunking of the packed token axis, shared by every kernel launch.
 
     cu_seqlens int32 [N + 1]; chunk_indices int32 [NT, 2] = (document, chunk within it);
@@ -849,22 +853,22 @@ class _Chunks:
 
 def _gate_kind(g, q) -> int:
     if g is None:
-        return _GATE_NONE
+        return GATE_NONE
     if tuple(g.shape) == tuple(q.shape[:3]):
-        return _GATE_SCALAR
+        return GATE_SCALAR
     if tuple(g.shape) == tuple(q.shape):
-        return _GATE_CHANNEL
+        return GATE_CHANNEL
     raise ValueError(
         f"g must be None, [B, T, H] = {list(q.shape[:3])} or [B, T, H, K] = {list(q.shape)} "
         f"(log decay), got {list(g.shape)}"
     )
 
 
-def _local_cumsum(g, gate, ch):
+def local_cumsum(g, gate, ch):
     """g [T_all, H] or [T_all, H, K] -> b, the fp32 cumsum inside each chunk."""
-    H_, D = (1, g.shape[1]) if gate == _GATE_SCALAR else (g.shape[1], g.shape[2])
+    H_, D = (1, g.shape[1]) if gate == GATE_SCALAR else (g.shape[1], g.shape[2])
     b = torch.empty(g.shape, dtype=torch.float32, device=g.device)
-    BD = _block(D)
+    BD = block_size(D)
     grid = (triton.cdiv(D, BD), ch.NT, H_)
     _local_cumsum_kernel[grid](g, b, ch.cu_seqlens, ch.chunk_indices, H=H_, D=D, BT=ch.BT, BD=BD)
     return b
@@ -874,7 +878,7 @@ def _states(k, v, b, gate, h0, store_ht, ch, prec):
     """-> h [NT, H, K, V] entering states, ht [N, H, K, V] or None."""
     _, H, K = k.shape
     V = v.shape[-1]
-    BK, BV = _block(K), _block(V)
+    BK, BV = block_size(K), block_size(V)
     h = k.new_empty(ch.NT, H, K, V, dtype=torch.float32)
     ht = k.new_empty(ch.N, H, K, V, dtype=torch.float32) if store_ht else None
     grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), ch.N * H)
@@ -886,21 +890,21 @@ def _states(k, v, b, gate, h0, store_ht, ch, prec):
     return h, ht
 
 
-def _scores(q, k, b, gate, scale, ch, prec):
+def chunk_scores(q, k, b, gate, scale, ch, prec):
     """-> A [T_all, H, BT] fp32."""
     T_all, H, K = q.shape
     BT = ch.BT
-    BC = min(_BC, BT) if gate == _GATE_CHANNEL else BT
+    BC = min(_BC, BT) if gate == GATE_CHANNEL else BT
     NC = BT // BC
     A = q.new_empty(T_all, H, BT, dtype=torch.float32)
     _fwd_A_kernel[(ch.NT, NC * NC, H)](
         q, k, b, A, ch.cu_seqlens, ch.chunk_indices, scale,
-        H=H, K=K, BT=BT, BC=BC, BK=_block(K), BKD=_BKD, GATE=gate, DOT_PREC=prec,
+        H=H, K=K, BT=BT, BC=BC, BK=block_size(K), BKD=_BKD, GATE=gate, DOT_PREC=prec,
     )  # fmt: skip
     return A
 
 
-def _dot_precision(*xs) -> str:
+def dot_precision(*xs) -> str:
     # fp32 callers expect fp32 results; 16-bit inputs lose nothing to TF32's 10-bit mantissa.
     return "ieee" if all(x.dtype == torch.float32 for x in xs) else "tf32"
 
@@ -913,19 +917,19 @@ class _ChunkGated(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         g = None if g is None else g.contiguous()
         h0 = None if initial_state is None else initial_state.float().contiguous()
-        gate = _GATE_NONE if g is None else (_GATE_SCALAR if g.dim() == 2 else _GATE_CHANNEL)
-        prec = _dot_precision(q, k, v)
+        gate = GATE_NONE if g is None else (GATE_SCALAR if g.dim() == 2 else GATE_CHANNEL)
+        prec = dot_precision(q, k, v)
         _, H, K = q.shape
         V = v.shape[-1]
-        BV = _block(V)
+        BV = block_size(V)
 
-        b = None if g is None else _local_cumsum(g, gate, ch)
+        b = None if g is None else local_cumsum(g, gate, ch)
         h, ht = _states(k, v, b, gate, h0, output_final_state, ch, prec)
-        A = _scores(q, k, b, gate, scale, ch, prec)
+        A = chunk_scores(q, k, b, gate, scale, ch, prec)
         o = torch.empty_like(v)
-        _fwd_o_kernel[(triton.cdiv(V, BV), ch.NT, H)](
+        fwd_o_kernel[(triton.cdiv(V, BV), ch.NT, H)](
             q, v, b, h, A, o, ch.cu_seqlens, ch.chunk_indices, scale,
-            H=H, K=K, V=V, BT=ch.BT, BK=_block(K), BV=BV, GATE=gate, DOT_PREC=prec,
+            H=H, K=K, V=V, BT=ch.BT, BK=block_size(K), BV=BV, GATE=gate, DOT_PREC=prec,
         )  # fmt: skip
 
         # Only the inputs are kept: b, the states and A are recomputed in the backward.
@@ -942,17 +946,17 @@ class _ChunkGated(torch.autograd.Function):
         gate, scale, ch, prec = ctx.gate, ctx.scale, ctx.ch, ctx.prec
         T_all, H, K = q.shape
         V = v.shape[-1]
-        BT, BK, BV = ch.BT, _block(K), _block(V)
+        BT, BK, BV = ch.BT, block_size(K), block_size(V)
         NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
         do = torch.zeros_like(v) if do is None else do.contiguous()
         dht = None if dht is None else dht.float().contiguous()
 
         # Recompute what the forward dropped. The final state is needed only for the
         # gate gradient's sum_v ht dht term.
-        b = None if g is None else _local_cumsum(g, gate, ch)
-        need_ht = gate != _GATE_NONE and dht is not None
+        b = None if g is None else local_cumsum(g, gate, ch)
+        need_ht = gate != GATE_NONE and dht is not None
         h, ht = _states(k, v, b, gate, h0, need_ht, ch, prec)
-        A = _scores(q, k, b, gate, scale, ch, prec)
+        A = chunk_scores(q, k, b, gate, scale, ch, prec)
 
         dh = q.new_empty(ch.NT, H, K, V, dtype=torch.float32)
         dh0 = None if h0 is None else torch.empty_like(h0)
@@ -974,7 +978,7 @@ class _ChunkGated(torch.autograd.Function):
         del A
 
         # Per-channel gates: narrow K blocks keep the [BC, BC, BK] diagonal tile small.
-        BC, BKI = (min(_BC, BT), _BKD) if gate == _GATE_CHANNEL else (BT, BK)
+        BC, BKI = (min(_BC, BT), _BKD) if gate == GATE_CHANNEL else (BT, BK)
         dq_intra = q.new_empty(T_all, H, K, dtype=torch.float32)
         dk_intra = torch.empty_like(dq_intra)
         _bwd_dqk_intra_kernel[(triton.cdiv(K, BKI), ch.NT * (BT // BC), H)](
@@ -982,9 +986,9 @@ class _ChunkGated(torch.autograd.Function):
             H=H, K=K, BT=BT, BC=BC, BK=BKI, GATE=gate, DOT_PREC=prec,
         )  # fmt: skip
         dq, dk = torch.empty_like(q), torch.empty_like(k)
-        if gate == _GATE_SCALAR:
+        if gate == GATE_SCALAR:
             dg_local = q.new_empty(NK, T_all, H, dtype=torch.float32)
-        elif gate == _GATE_CHANNEL:
+        elif gate == GATE_CHANNEL:
             dg_local = q.new_empty(T_all, H, K, dtype=torch.float32)
         else:
             dg_local = None
@@ -995,17 +999,17 @@ class _ChunkGated(torch.autograd.Function):
         )  # fmt: skip
 
         dg = None
-        if gate != _GATE_NONE:
+        if gate != GATE_NONE:
             # The final state's own term sum_v ht dht seeds the reverse cumsum.
             init = None if ht is None else (ht * dht).sum(-1)  # [N, H, K]
-            if gate == _GATE_SCALAR:
+            if gate == GATE_SCALAR:
                 x = dg_local.sum(0)  # [T_all, H]
                 init = None if init is None else init.sum(-1).contiguous()
                 H_, D = 1, H
             else:
                 x, H_, D = dg_local, H, K
             dg = torch.empty_like(x)
-            BD = _block(D)
+            BD = block_size(D)
             _rev_cumsum_kernel[(triton.cdiv(D, BD), ch.N * H_)](
                 x, dg, init, ch.cu_seqlens, ch.chunk_offsets,
                 H=H_, D=D, BT=BT, BD=BD, USE_INIT=init is not None,
@@ -1051,7 +1055,7 @@ def chunk_gated_triton(
     _gate_kind(g, q)
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
-    ch = _Chunks(cu_seqlens, B, T, chunk_size, q.device)
+    ch = Chunks(cu_seqlens, B, T, chunk_size, q.device)
     check_state(initial_state, ch.N, H, K, V)
     # Fold B into the token axis: B documents of length T (a view for contiguous inputs).
     flat = [x.reshape(B * T, *x.shape[2:]) for x in (q, k, v)]
