@@ -17,7 +17,7 @@ own when its samples run out. Batches never drop anything: a step can straddle a
 
 Step s takes the next dp * batch_size samples of that one global sequence; data-parallel
 rank r keeps samples [r * batch_size, (r + 1) * batch_size) and sequence-parallel rank q
-keeps columns [q * T / sp, (q + 1) * T / sp) of each. A batch is the dict of ARCHITECTURE.md:
+keeps columns [q * T / sp, (q + 1) * T / sp) of each. A batch is the dict of docs/architecture.md:
 ``input_ids``, ``labels`` [B, T / sp]; when a document starts inside a sample (always when
 sp > 1), ``position_ids`` [B, T / sp] (the token's position in its document, counted across
 sp segments; a sample is its own sequence, so a document carried over from the previous sample

@@ -1,6 +1,6 @@
 """Hylas's chunkwise linear-recurrence ops, one module per op family.
 
-Every family offers the same calls (ARCHITECTURE.md, "One op family, three
+Every family offers the same calls (docs/architecture.md, "One op family, three
 implementations"): ``naive`` (the fp32 per-token oracle), ``chunk`` (the chunkwise
 algorithm, ``backend="auto" | "torch" | "triton"``), ``recurrent`` (decoding from a
 state) and the LASP-2 protocol ``transition`` / ``entering_state_grad``. Kernels import

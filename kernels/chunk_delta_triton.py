@@ -99,18 +99,19 @@ from hylas.kernels.chunk_triton import (
     block_size,
     chunk_scores,
     chunk_span,
+    document_span,
     dot_precision,
     fwd_o_kernel,
+    load_cols,
+    load_rows,
     local_cumsum,
 )
+from hylas.kernels.gpu_limits import launch_options
 
 _BT = 64
 # Diagonal blocks of the triangular solve: the forward substitution runs row by row over
 # these, and 16 is the smallest tile tl.dot takes to combine them.
 _BC = 16
-# Cap on the fp32 state slice a scan program holds (BK * BV elements): 32 registers a
-# thread at 4 warps.
-_MAX_STATE_BLOCK = 4096
 
 
 # ----------------------------------------------------------------------------------------
@@ -125,8 +126,8 @@ def _fwd_kkt_kernel(
     A,
     cu_seqlens,
     chunk_indices,
-    H: tl.constexpr,
-    K: tl.constexpr,
+    H,
+    K,
     BT: tl.constexpr,
     BK: tl.constexpr,
     USE_G: tl.constexpr,
@@ -204,7 +205,7 @@ def _solve_tril_kernel(
     Ai,
     cu_seqlens,
     chunk_indices,
-    H: tl.constexpr,
+    H,
     BT: tl.constexpr,
     BC: tl.constexpr,
 ):
@@ -219,7 +220,7 @@ def _solve_tril_kernel(
     # Block (i, j) of the chunk: p_00 + i BC rows + j BC columns, rows masked to the chunk.
     p_A = A + (t0 + o_c)[:, None] * (H * BT) + i_h * BT + o_c[None, :]
     p_Ai = Ai + (t0 + o_c)[:, None] * (H * BT) + i_h * BT + o_c[None, :]
-    R: tl.constexpr = BC * H * BT  # BC rows down
+    R = BC * H * BT  # BC rows down
     m_1 = (BC + o_c < L)[:, None]
     m_2 = (2 * BC + o_c < L)[:, None]
     m_3 = (3 * BC + o_c < L)[:, None]
@@ -267,9 +268,9 @@ def _fwd_wu_kernel(
     u,
     cu_seqlens,
     chunk_indices,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
+    H,
+    K,
+    V,
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
@@ -312,6 +313,32 @@ def _fwd_wu_kernel(
 
 
 @triton.jit
+def _state_ptrs(base, i_kb: tl.constexpr, o_v, m_v, K, V):
+    """Pointers and mask of rows [64 i_kb, 64 i_kb + 64) x columns o_v of a [K, V] state."""
+    o_k = i_kb * 64 + tl.arange(0, 64)
+    return base + o_k[:, None] * V + o_v[None, :], (o_k < K)[:, None] & m_v[None, :]
+
+
+@triton.jit
+def _load_state(base, i_kb: tl.constexpr, o_v, m_v, K, V):
+    p, m = _state_ptrs(base, i_kb, o_v, m_v, K, V)
+    return tl.load(p, mask=m, other=0.0)
+
+
+@triton.jit
+def _store_state(base, x, i_kb: tl.constexpr, o_v, m_v, K, V):
+    p, m = _state_ptrs(base, i_kb, o_v, m_v, K, V)
+    tl.store(p, x, mask=m)
+
+
+@triton.jit
+def _key_cols(i_kb: tl.constexpr, K):
+    """Columns [64 i_kb, 64 i_kb + 64) of a K axis, and their mask."""
+    o_k = i_kb * 64 + tl.arange(0, 64)
+    return o_k, o_k < K
+
+
+@triton.jit
 def _fwd_h_kernel(
     k,
     u,
@@ -323,11 +350,11 @@ def _fwd_h_kernel(
     ht,
     cu_seqlens,
     chunk_offsets,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
+    H,
+    K,
+    V,
     BT: tl.constexpr,
-    BK: tl.constexpr,
+    NKB: tl.constexpr,
     BV: tl.constexpr,
     USE_G: tl.constexpr,
     USE_H0: tl.constexpr,
@@ -335,55 +362,98 @@ def _fwd_h_kernel(
     DOT_PREC: tl.constexpr,
 ):
     """h [NT, H, K, V] entering states, delta [T_all, H, V] = u - w h, ht [N, H, K, V].
-    Sequential over one document's chunks; the state block stays in registers. It holds
-    all of K (BK >= K: w h contracts over K) and a block of V (columns are independent)."""
+    Sequential over one document's chunks. A program owns BV columns of the state (columns
+    are independent) and all of K, as NKB <= 4 row blocks of 64 in registers (w h
+    contracts over K); every tile it loads is [BT, 64] or [BT, BV], so its shared memory
+    does not grow with K."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    NT = tl.cdiv(eos - bos, BT)
-    boh = tl.load(chunk_offsets + i_n).to(tl.int64)
-
+    i_h, bos, eos, NT, boh = document_span(cu_seqlens, chunk_offsets, i_nh, H, BT)
     o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    p_kv = o_k[:, None] * V + o_v[None, :]
-    m_kv = m_k[:, None] & m_v[None, :]
+    m_v = o_v < V
+    o_k1, m_k1 = _key_cols(0, K)
+    o_k2, m_k2 = _key_cols(1, K)
+    o_k3, m_k3 = _key_cols(2, K)
+    o_k4, m_k4 = _key_cols(3, K)
 
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    b_h1 = tl.zeros([64, BV], dtype=tl.float32)
+    b_h2 = tl.zeros([64, BV], dtype=tl.float32)
+    b_h3 = tl.zeros([64, BV], dtype=tl.float32)
+    b_h4 = tl.zeros([64, BV], dtype=tl.float32)
     if USE_H0:
-        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0)
+        p_h0 = h0 + i_nh.to(tl.int64) * K * V
+        b_h1 += _load_state(p_h0, 0, o_v, m_v, K, V)
+        if NKB > 1:
+            b_h2 += _load_state(p_h0, 1, o_v, m_v, K, V)
+        if NKB > 2:
+            b_h3 += _load_state(p_h0, 2, o_v, m_v, K, V)
+        if NKB > 3:
+            b_h4 += _load_state(p_h0, 3, o_v, m_v, K, V)
 
     for i_t in range(NT):
         t0 = bos + i_t * BT
         L = tl.minimum(eos - t0, BT)
-        tl.store(h + ((boh + i_t) * H + i_h) * K * V + p_kv, b_h, mask=m_kv)
         m_t = o_t < L
-        m_tk = m_t[:, None] & m_k[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
-        b_w = tl.load(
-            w + (t0 + o_t)[:, None] * (H * K) + i_h * K + o_k[None, :], mask=m_tk, other=0.0
-        )
+        p_h = h + ((boh + i_t) * H + i_h) * K * V
+        _store_state(p_h, b_h1, 0, o_v, m_v, K, V)
+        if NKB > 1:
+            _store_state(p_h, b_h2, 1, o_v, m_v, K, V)
+        if NKB > 2:
+            _store_state(p_h, b_h3, 2, o_v, m_v, K, V)
+        if NKB > 3:
+            _store_state(p_h, b_h4, 3, o_v, m_v, K, V)
+
+        # delta = u - w h, one K block at a time.
+        b_d = load_rows(u, t0, o_t, m_t, i_h, H, V, o_v, m_v)
+        b_w = load_rows(w, t0, o_t, m_t, i_h, H, K, o_k1, m_k1)
+        b_d -= tl.dot(b_w, b_h1, input_precision=DOT_PREC)
+        if NKB > 1:
+            b_w = load_rows(w, t0, o_t, m_t, i_h, H, K, o_k2, m_k2)
+            b_d -= tl.dot(b_w, b_h2, input_precision=DOT_PREC)
+        if NKB > 2:
+            b_w = load_rows(w, t0, o_t, m_t, i_h, H, K, o_k3, m_k3)
+            b_d -= tl.dot(b_w, b_h3, input_precision=DOT_PREC)
+        if NKB > 3:
+            b_w = load_rows(w, t0, o_t, m_t, i_h, H, K, o_k4, m_k4)
+            b_d -= tl.dot(b_w, b_h4, input_precision=DOT_PREC)
         p_v = (t0 + o_t)[:, None] * (H * V) + i_h * V + o_v[None, :]
-        b_d = tl.load(u + p_v, mask=m_tv, other=0.0) - tl.dot(b_w, b_h, input_precision=DOT_PREC)
-        tl.store(delta + p_v, b_d, mask=m_tv)
-        # k^T [BK, BT] straight from memory: the update is k^T delta.
-        b_kt = tl.load(
-            k + (t0 + o_t)[None, :] * (H * K) + i_h * K + o_k[:, None],
-            mask=m_k[:, None] & m_t[None, :],
-            other=0.0,
-        ).to(tl.float32)
+        tl.store(delta + p_v, b_d, mask=m_t[:, None] & m_v[None, :])
+
         if USE_G:
             b_gl = tl.load(gamma + (t0 + L - 1) * H + i_h)
             b_g = tl.load(gamma + (t0 + tl.minimum(o_t, L - 1)) * H + i_h)
-            b_h *= tl.exp(b_gl)
             # The decay is per token: fold exp(gamma_L - gamma) into delta (BT x BV).
             b_d *= tl.exp(b_gl - b_g)[:, None]
-        b_h += tl.dot(b_kt, b_d, input_precision=DOT_PREC)
+            b_h1 *= tl.exp(b_gl)
+            b_h2 *= tl.exp(b_gl)
+            b_h3 *= tl.exp(b_gl)
+            b_h4 *= tl.exp(b_gl)
+        # h' = decayed h + k^T delta; k^T [64, BT] straight from memory.
+        b_h1 += tl.dot(
+            load_cols(k, t0, o_t, m_t, i_h, H, K, o_k1, m_k1), b_d, input_precision=DOT_PREC
+        )
+        if NKB > 1:
+            b_h2 += tl.dot(
+                load_cols(k, t0, o_t, m_t, i_h, H, K, o_k2, m_k2), b_d, input_precision=DOT_PREC
+            )
+        if NKB > 2:
+            b_h3 += tl.dot(
+                load_cols(k, t0, o_t, m_t, i_h, H, K, o_k3, m_k3), b_d, input_precision=DOT_PREC
+            )
+        if NKB > 3:
+            b_h4 += tl.dot(
+                load_cols(k, t0, o_t, m_t, i_h, H, K, o_k4, m_k4), b_d, input_precision=DOT_PREC
+            )
 
     if STORE_HT:
-        tl.store(ht + i_nh.to(tl.int64) * K * V + p_kv, b_h, mask=m_kv)
+        p_ht = ht + i_nh.to(tl.int64) * K * V
+        _store_state(p_ht, b_h1, 0, o_v, m_v, K, V)
+        if NKB > 1:
+            _store_state(p_ht, b_h2, 1, o_v, m_v, K, V)
+        if NKB > 2:
+            _store_state(p_ht, b_h3, 2, o_v, m_v, K, V)
+        if NKB > 3:
+            _store_state(p_ht, b_h4, 3, o_v, m_v, K, V)
 
 
 # ----------------------------------------------------------------------------------------
@@ -405,11 +475,11 @@ def _bwd_dh_kernel(
     cu_seqlens,
     chunk_offsets,
     scale,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
+    H,
+    K,
+    V,
     BT: tl.constexpr,
-    BK: tl.constexpr,
+    NKB: tl.constexpr,
     BV: tl.constexpr,
     USE_G: tl.constexpr,
     USE_DHT: tl.constexpr,
@@ -419,70 +489,112 @@ def _bwd_dh_kernel(
     """dh [NT, H, K, V]: gradient of the state LEAVING every chunk; ddelta [T_all, H, V];
     dh0 [N, H, K, V]. Reverse scan, last chunk first, with A = scale q k^T * Gam (causal):
     ddelta = A^T dO + (k exp(gamma_L - gamma)) dh',
-    dh = exp(gamma_L) dh' + scale (q exp(gamma))^T dO - w^T ddelta. All of K per program."""
+    dh = exp(gamma_L) dh' + scale (q exp(g))^T dO - w^T ddelta.
+    All of K per program, in NKB <= 4 row blocks of 64, as in _fwd_h_kernel."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    NT = tl.cdiv(eos - bos, BT)
-    boh = tl.load(chunk_offsets + i_n).to(tl.int64)
-
+    i_h, bos, eos, NT, boh = document_span(cu_seqlens, chunk_offsets, i_nh, H, BT)
     o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    p_kv = o_k[:, None] * V + o_v[None, :]
-    m_kv = m_k[:, None] & m_v[None, :]
+    m_v = o_v < V
+    o_k1, m_k1 = _key_cols(0, K)
+    o_k2, m_k2 = _key_cols(1, K)
+    o_k3, m_k3 = _key_cols(2, K)
+    o_k4, m_k4 = _key_cols(3, K)
 
-    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    b_dh1 = tl.zeros([64, BV], dtype=tl.float32)
+    b_dh2 = tl.zeros([64, BV], dtype=tl.float32)
+    b_dh3 = tl.zeros([64, BV], dtype=tl.float32)
+    b_dh4 = tl.zeros([64, BV], dtype=tl.float32)
     if USE_DHT:
-        b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0)
+        p_dht = dht + i_nh.to(tl.int64) * K * V
+        b_dh1 += _load_state(p_dht, 0, o_v, m_v, K, V)
+        if NKB > 1:
+            b_dh2 += _load_state(p_dht, 1, o_v, m_v, K, V)
+        if NKB > 2:
+            b_dh3 += _load_state(p_dht, 2, o_v, m_v, K, V)
+        if NKB > 3:
+            b_dh4 += _load_state(p_dht, 3, o_v, m_v, K, V)
 
     for it in range(NT):
         i_t = NT - 1 - it
         t0 = bos + i_t * BT
         L = tl.minimum(eos - t0, BT)
-        tl.store(dh + ((boh + i_t) * H + i_h) * K * V + p_kv, b_dh, mask=m_kv)
         m_t = o_t < L
-        p_v = (t0 + o_t)[:, None] * (H * V) + i_h * V + o_v[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
-        b_do = tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32)
-        # A^T [BT, BT] read transposed from memory.
-        b_At = tl.load(
+        p_dh = dh + ((boh + i_t) * H + i_h) * K * V
+        _store_state(p_dh, b_dh1, 0, o_v, m_v, K, V)
+        if NKB > 1:
+            _store_state(p_dh, b_dh2, 1, o_v, m_v, K, V)
+        if NKB > 2:
+            _store_state(p_dh, b_dh3, 2, o_v, m_v, K, V)
+        if NKB > 3:
+            _store_state(p_dh, b_dh4, 3, o_v, m_v, K, V)
+
+        if USE_G:
+            b_gl = tl.load(gamma + (t0 + L - 1) * H + i_h)
+            b_g = tl.load(gamma + (t0 + tl.minimum(o_t, L - 1)) * H + i_h)
+            b_kdec = tl.exp(b_gl - b_g)  # k's factor exp(gamma_L - gamma)
+            b_qdec = tl.exp(b_g) * scale  # q's factor scale exp(gamma)
+        else:
+            b_kdec = tl.full([BT], 1.0, dtype=tl.float32)
+            b_qdec = tl.full([BT], scale, dtype=tl.float32)
+
+        # ddelta = A^T dO + (k exp(gamma_L - gamma)) dh', one K block at a time.
+        b_do = load_rows(do, t0, o_t, m_t, i_h, H, V, o_v, m_v)
+        b_At = tl.load(  # A^T [BT, BT] read transposed from memory
             A + (t0 + o_t)[None, :] * (H * BT) + i_h * BT + o_t[:, None],
             mask=m_t[None, :],
             other=0.0,
         )
-        b_k = tl.load(
-            k + (t0 + o_t)[:, None] * (H * K) + i_h * K + o_k[None, :],
-            mask=m_t[:, None] & m_k[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        b_qt = tl.load(
-            q + (t0 + o_t)[None, :] * (H * K) + i_h * K + o_k[:, None],
-            mask=m_k[:, None] & m_t[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        b_wt = tl.load(
-            w + (t0 + o_t)[None, :] * (H * K) + i_h * K + o_k[:, None],
-            mask=m_k[:, None] & m_t[None, :],
-            other=0.0,
-        )
-        if USE_G:
-            b_gl = tl.load(gamma + (t0 + L - 1) * H + i_h)
-            b_g = tl.load(gamma + (t0 + tl.minimum(o_t, L - 1)) * H + i_h)
-            b_k *= tl.exp(b_gl - b_g)[:, None]
-            b_qt *= tl.exp(b_g)[None, :]
         b_dd = tl.dot(b_At, b_do, input_precision=DOT_PREC)
-        b_dd += tl.dot(b_k, b_dh, input_precision=DOT_PREC)
-        tl.store(ddelta + p_v, b_dd, mask=m_tv)
+        b_k = load_rows(k, t0, o_t, m_t, i_h, H, K, o_k1, m_k1) * b_kdec[:, None]
+        b_dd += tl.dot(b_k, b_dh1, input_precision=DOT_PREC)
+        if NKB > 1:
+            b_k = load_rows(k, t0, o_t, m_t, i_h, H, K, o_k2, m_k2) * b_kdec[:, None]
+            b_dd += tl.dot(b_k, b_dh2, input_precision=DOT_PREC)
+        if NKB > 2:
+            b_k = load_rows(k, t0, o_t, m_t, i_h, H, K, o_k3, m_k3) * b_kdec[:, None]
+            b_dd += tl.dot(b_k, b_dh3, input_precision=DOT_PREC)
+        if NKB > 3:
+            b_k = load_rows(k, t0, o_t, m_t, i_h, H, K, o_k4, m_k4) * b_kdec[:, None]
+            b_dd += tl.dot(b_k, b_dh4, input_precision=DOT_PREC)
+        p_v = (t0 + o_t)[:, None] * (H * V) + i_h * V + o_v[None, :]
+        tl.store(ddelta + p_v, b_dd, mask=m_t[:, None] & m_v[None, :])
+
+        # dh = exp(gamma_L) dh' + (scale q exp(gamma))^T dO - w^T ddelta, per K block.
         if USE_G:
-            b_dh *= tl.exp(b_gl)
-        b_dh += tl.dot(b_qt, b_do, input_precision=DOT_PREC) * scale
-        b_dh -= tl.dot(b_wt, b_dd, input_precision=DOT_PREC)
+            b_dh1 *= tl.exp(b_gl)
+            b_dh2 *= tl.exp(b_gl)
+            b_dh3 *= tl.exp(b_gl)
+            b_dh4 *= tl.exp(b_gl)
+        b_qt = load_cols(q, t0, o_t, m_t, i_h, H, K, o_k1, m_k1) * b_qdec[None, :]
+        b_wt = load_cols(w, t0, o_t, m_t, i_h, H, K, o_k1, m_k1)
+        b_dh1 += tl.dot(b_qt, b_do, input_precision=DOT_PREC)
+        b_dh1 -= tl.dot(b_wt, b_dd, input_precision=DOT_PREC)
+        if NKB > 1:
+            b_qt = load_cols(q, t0, o_t, m_t, i_h, H, K, o_k2, m_k2) * b_qdec[None, :]
+            b_wt = load_cols(w, t0, o_t, m_t, i_h, H, K, o_k2, m_k2)
+            b_dh2 += tl.dot(b_qt, b_do, input_precision=DOT_PREC)
+            b_dh2 -= tl.dot(b_wt, b_dd, input_precision=DOT_PREC)
+        if NKB > 2:
+            b_qt = load_cols(q, t0, o_t, m_t, i_h, H, K, o_k3, m_k3) * b_qdec[None, :]
+            b_wt = load_cols(w, t0, o_t, m_t, i_h, H, K, o_k3, m_k3)
+            b_dh3 += tl.dot(b_qt, b_do, input_precision=DOT_PREC)
+            b_dh3 -= tl.dot(b_wt, b_dd, input_precision=DOT_PREC)
+        if NKB > 3:
+            b_qt = load_cols(q, t0, o_t, m_t, i_h, H, K, o_k4, m_k4) * b_qdec[None, :]
+            b_wt = load_cols(w, t0, o_t, m_t, i_h, H, K, o_k4, m_k4)
+            b_dh4 += tl.dot(b_qt, b_do, input_precision=DOT_PREC)
+            b_dh4 -= tl.dot(b_wt, b_dd, input_precision=DOT_PREC)
 
     if STORE_DH0:
-        tl.store(dh0 + i_nh.to(tl.int64) * K * V + p_kv, b_dh, mask=m_kv)
+        p_dh0 = dh0 + i_nh.to(tl.int64) * K * V
+        _store_state(p_dh0, b_dh1, 0, o_v, m_v, K, V)
+        if NKB > 1:
+            _store_state(p_dh0, b_dh2, 1, o_v, m_v, K, V)
+        if NKB > 2:
+            _store_state(p_dh0, b_dh3, 2, o_v, m_v, K, V)
+        if NKB > 3:
+            _store_state(p_dh0, b_dh4, 3, o_v, m_v, K, V)
 
 
 @triton.jit
@@ -503,9 +615,9 @@ def _bwd_dqkwg_kernel(
     chunk_indices,
     scale,
     T_all,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
+    H,
+    K,
+    V,
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
@@ -600,9 +712,9 @@ def _bwd_wy_kernel(
     chunk_indices,
     T_all,
     NK_O,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
+    H,
+    K,
+    V,
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
@@ -706,10 +818,12 @@ def _bwd_wy_kernel(
 # Host side
 
 
-def _state_blocks(K: int, V: int) -> tuple[int, int]:
-    """(BK, BV) of the scans: all of K, and as many value columns as the cap allows."""
-    BK = max(16, triton.next_power_of_2(K))
-    return BK, min(block_size(V), max(16, _MAX_STATE_BLOCK // BK))
+def _scan_blocks(K: int, V: int) -> tuple[int, int]:
+    """(NKB, BV) of the state scans: all of K as 64-row blocks, and a block of value
+    columns small enough that the NKB blocks stay in registers (32 a thread at 4 warps
+    for each 64 x BV block at BV = 32)."""
+    nkb = triton.cdiv(K, 64)
+    return nkb, 32 if nkb > 2 else min(64, block_size(V))
 
 
 def _ut_transform(k, v, beta, gamma, ch, prec):
@@ -721,16 +835,18 @@ def _ut_transform(k, v, beta, gamma, ch, prec):
     A = k.new_empty(T_all, H, BT, dtype=torch.float32)
     _fwd_kkt_kernel[(ch.NT, H)](
         k, beta, gamma, A, ch.cu_seqlens, ch.chunk_indices,
-        H=H, K=K, BT=BT, BK=block_size(K), USE_G=use_g, DOT_PREC=prec,
+        H=H, K=K, BT=BT, BK=block_size(K), USE_G=use_g, DOT_PREC=prec, **launch_options(),
     )  # fmt: skip
     Ai = torch.empty_like(A)
-    _solve_tril_kernel[(ch.NT, H)](A, Ai, ch.cu_seqlens, ch.chunk_indices, H=H, BT=BT, BC=_BC)
+    _solve_tril_kernel[(ch.NT, H)](
+        A, Ai, ch.cu_seqlens, ch.chunk_indices, H=H, BT=BT, BC=_BC, **launch_options()
+    )
     del A
     w = k.new_empty(T_all, H, K, dtype=torch.float32)
     u = k.new_empty(T_all, H, V, dtype=torch.float32)
     _fwd_wu_kernel[(ch.NT, H)](
         k, v, beta, gamma, Ai, w, u, ch.cu_seqlens, ch.chunk_indices,
-        H=H, K=K, V=V, BT=BT, BK=block_size(K), BV=block_size(V), USE_G=use_g, DOT_PREC=prec,
+        H=H, K=K, V=V, BT=BT, BK=block_size(K), BV=block_size(V), USE_G=use_g, DOT_PREC=prec, **launch_options(),
     )  # fmt: skip
     return Ai, w, u
 
@@ -739,14 +855,14 @@ def _states(k, u, w, gamma, h0, store_ht, ch, prec):
     """-> h [NT, H, K, V] entering states, delta [T_all, H, V], ht [N, H, K, V] or None."""
     _, H, K = k.shape
     V = u.shape[-1]
-    BK, BV = _state_blocks(K, V)
+    NKB, BV = _scan_blocks(K, V)
     h = k.new_empty(ch.NT, H, K, V, dtype=torch.float32)
     delta = torch.empty_like(u)
     ht = k.new_empty(ch.N, H, K, V, dtype=torch.float32) if store_ht else None
     _fwd_h_kernel[(triton.cdiv(V, BV), ch.N * H)](
         k, u, w, gamma, h, delta, h0, ht, ch.cu_seqlens, ch.chunk_offsets,
-        H=H, K=K, V=V, BT=ch.BT, BK=BK, BV=BV, USE_G=gamma is not None,
-        USE_H0=h0 is not None, STORE_HT=store_ht, DOT_PREC=prec,
+        H=H, K=K, V=V, BT=ch.BT, NKB=NKB, BV=BV, USE_G=gamma is not None,
+        USE_H0=h0 is not None, STORE_HT=store_ht, DOT_PREC=prec, **launch_options(),
     )  # fmt: skip
     return h, delta, ht
 
@@ -774,6 +890,7 @@ class _ChunkDelta(torch.autograd.Function):
         fwd_o_kernel[(triton.cdiv(V, BV), ch.NT, H)](
             q, delta, gamma, h, A, o, ch.cu_seqlens, ch.chunk_indices, scale,
             H=H, K=K, V=V, BT=ch.BT, BK=block_size(K), BV=BV, GATE=gate, DOT_PREC=prec,
+            **launch_options(),
         )  # fmt: skip
 
         # Only the inputs are kept: the UT transform and the states are recomputed.
@@ -803,14 +920,16 @@ class _ChunkDelta(torch.autograd.Function):
         h, delta, _ = _states(k, u, w, gamma, h0, False, ch, prec)
         A = chunk_scores(q, k, gamma, gate, scale, ch, prec)
 
-        BKs, BVs = _state_blocks(K, V)
+        NKB, BVs = _scan_blocks(K, V)
         dh = q.new_empty(ch.NT, H, K, V, dtype=torch.float32)
         ddelta = torch.empty_like(delta)
         dh0 = None if h0 is None else torch.empty_like(h0)
         _bwd_dh_kernel[(triton.cdiv(V, BVs), ch.N * H)](
             q, k, w, gamma, A, do, dh, ddelta, dht, dh0, ch.cu_seqlens, ch.chunk_offsets,
-            scale, H=H, K=K, V=V, BT=BT, BK=BKs, BV=BVs, USE_G=use_g,
+            scale, H=H, K=K, V=V, BT=BT, NKB=NKB, BV=BVs, USE_G=use_g,
             USE_DHT=dht is not None, STORE_DH0=h0 is not None, DOT_PREC=prec,
+            # A chunk loads 3 NKB key tiles: two stages of them pass H100's limit at K > 128.
+            **launch_options(max_stages=1 if NKB > 2 else 2),
         )  # fmt: skip
         del A
 
@@ -821,7 +940,7 @@ class _ChunkDelta(torch.autograd.Function):
         _bwd_dqkwg_kernel[(NK, ch.NT, H)](
             q, k, delta, gamma, h, do, dh, ddelta, dq, dk_o, dw, dg_o,
             ch.cu_seqlens, ch.chunk_indices, scale, T_all,
-            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, DOT_PREC=prec,
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, DOT_PREC=prec, **launch_options(),
         )  # fmt: skip
         del h, dh, delta
 
@@ -830,7 +949,7 @@ class _ChunkDelta(torch.autograd.Function):
         _bwd_wy_kernel[(ch.NT, H)](
             k, v, beta, gamma, Ai, u, w, ddelta, dw, dk_o, dg_o, dk, dv, dbeta, dg,
             ch.cu_seqlens, ch.chunk_indices, T_all, NK,
-            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, DOT_PREC=prec,
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, DOT_PREC=prec, **launch_options(),
         )  # fmt: skip
         if dh0 is not None:
             dh0 = dh0.to(ctx.h0_dtype)

@@ -73,6 +73,7 @@ import triton
 import triton.language as tl
 
 from hylas.kernels.common import check_cu_seqlens, check_qkv, check_state
+from hylas.kernels.gpu_limits import launch_options
 
 GATE_NONE, GATE_SCALAR, GATE_CHANNEL = 0, 1, 2
 # Sub-chunk of the per-channel diagonal blocks: the elementwise work grows with BC**2 * K,
@@ -105,13 +106,40 @@ def chunk_span(cu_seqlens, chunk_indices, i_tg, BT: tl.constexpr):
 
 
 @triton.jit
+def document_span(cu_seqlens, chunk_offsets, i_nh, H, BT: tl.constexpr):
+    """Program (document, head) i_nh of a scan -> (head i_h, the document's first token bos
+    and end eos as int64, its number of chunks NT, the index of its first chunk boh)."""
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    NT = tl.cdiv(eos - bos, BT)
+    boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    return i_h, bos, eos, NT, boh
+
+
+@triton.jit
+def load_rows(x, t0, o_t, m_t, i_h, H, D, o_d, m_d):
+    """[BT, BD] fp32 tile of x [T_all, H, D]: tokens t0 + o_t where m_t, head i_h,
+    columns o_d where m_d (0 elsewhere)."""
+    p = x + (t0 + o_t)[:, None] * (H * D) + i_h * D + o_d[None, :]
+    return tl.load(p, mask=m_t[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def load_cols(x, t0, o_t, m_t, i_h, H, D, o_d, m_d):
+    """The same tile transposed, [BD, BT], read straight from memory."""
+    p = x + (t0 + o_t)[None, :] * (H * D) + i_h * D + o_d[:, None]
+    return tl.load(p, mask=m_d[:, None] & m_t[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _local_cumsum_kernel(
     g,
     b,
     cu_seqlens,
     chunk_indices,
-    H: tl.constexpr,
-    D: tl.constexpr,
+    H,
+    D,
     BT: tl.constexpr,
     BD: tl.constexpr,
 ):
@@ -133,8 +161,8 @@ def _rev_cumsum_kernel(
     init,
     cu_seqlens,
     chunk_offsets,
-    H: tl.constexpr,
-    D: tl.constexpr,
+    H,
+    D,
     BT: tl.constexpr,
     BD: tl.constexpr,
     USE_INIT: tl.constexpr,
@@ -175,9 +203,9 @@ def _fwd_h_kernel(
     ht,
     cu_seqlens,
     chunk_offsets,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
+    H,
+    K,
+    V,
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
@@ -255,8 +283,8 @@ def _fwd_A_kernel(
     cu_seqlens,
     chunk_indices,
     scale,
-    H: tl.constexpr,
-    K: tl.constexpr,
+    H,
+    K,
     BT: tl.constexpr,
     BC: tl.constexpr,
     BK: tl.constexpr,
@@ -363,9 +391,9 @@ def fwd_o_kernel(
     cu_seqlens,
     chunk_indices,
     scale,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
+    H,
+    K,
+    V,
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
@@ -433,9 +461,9 @@ def _bwd_dh_kernel(
     cu_seqlens,
     chunk_offsets,
     scale,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
+    H,
+    K,
+    V,
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
@@ -509,8 +537,8 @@ def _bwd_dA_kernel(
     cu_seqlens,
     chunk_indices,
     scale,
-    H: tl.constexpr,
-    V: tl.constexpr,
+    H,
+    V,
     BT: tl.constexpr,
     BV: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -550,9 +578,9 @@ def _bwd_dv_kernel(
     dv,
     cu_seqlens,
     chunk_indices,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
+    H,
+    K,
+    V,
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
@@ -617,8 +645,8 @@ def _bwd_dqk_intra_kernel(
     dk,
     cu_seqlens,
     chunk_indices,
-    H: tl.constexpr,
-    K: tl.constexpr,
+    H,
+    K,
     BT: tl.constexpr,
     BC: tl.constexpr,
     BK: tl.constexpr,
@@ -747,9 +775,9 @@ def _bwd_dqk_kernel(
     chunk_indices,
     scale,
     T_all,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
+    H,
+    K,
+    V,
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
@@ -870,7 +898,9 @@ def local_cumsum(g, gate, ch):
     b = torch.empty(g.shape, dtype=torch.float32, device=g.device)
     BD = block_size(D)
     grid = (triton.cdiv(D, BD), ch.NT, H_)
-    _local_cumsum_kernel[grid](g, b, ch.cu_seqlens, ch.chunk_indices, H=H_, D=D, BT=ch.BT, BD=BD)
+    _local_cumsum_kernel[grid](
+        g, b, ch.cu_seqlens, ch.chunk_indices, H=H_, D=D, BT=ch.BT, BD=BD, **launch_options()
+    )
     return b
 
 
@@ -885,7 +915,7 @@ def _states(k, v, b, gate, h0, store_ht, ch, prec):
     _fwd_h_kernel[grid](
         k, v, b, h, h0, ht, ch.cu_seqlens, ch.chunk_offsets,
         H=H, K=K, V=V, BT=ch.BT, BK=BK, BV=BV, GATE=gate,
-        USE_H0=h0 is not None, STORE_HT=store_ht, DOT_PREC=prec,
+        USE_H0=h0 is not None, STORE_HT=store_ht, DOT_PREC=prec, **launch_options(),
     )  # fmt: skip
     return h, ht
 
@@ -899,14 +929,14 @@ def chunk_scores(q, k, b, gate, scale, ch, prec):
     A = q.new_empty(T_all, H, BT, dtype=torch.float32)
     _fwd_A_kernel[(ch.NT, NC * NC, H)](
         q, k, b, A, ch.cu_seqlens, ch.chunk_indices, scale,
-        H=H, K=K, BT=BT, BC=BC, BK=block_size(K), BKD=_BKD, GATE=gate, DOT_PREC=prec,
+        H=H, K=K, BT=BT, BC=BC, BK=block_size(K), BKD=_BKD, GATE=gate, DOT_PREC=prec, **launch_options(),
     )  # fmt: skip
     return A
 
 
 def dot_precision(*xs) -> str:
     # fp32 callers expect fp32 results; 16-bit inputs lose nothing to TF32's 10-bit mantissa.
-    return "ieee" if all(x.dtype == torch.float32 for x in xs) else "tf32"
+    return "tf32x3" if all(x.dtype == torch.float32 for x in xs) else "tf32"
 
 
 class _ChunkGated(torch.autograd.Function):
@@ -929,7 +959,7 @@ class _ChunkGated(torch.autograd.Function):
         o = torch.empty_like(v)
         fwd_o_kernel[(triton.cdiv(V, BV), ch.NT, H)](
             q, v, b, h, A, o, ch.cu_seqlens, ch.chunk_indices, scale,
-            H=H, K=K, V=V, BT=ch.BT, BK=block_size(K), BV=BV, GATE=gate, DOT_PREC=prec,
+            H=H, K=K, V=V, BT=ch.BT, BK=block_size(K), BV=BV, GATE=gate, DOT_PREC=prec, **launch_options(),
         )  # fmt: skip
 
         # Only the inputs are kept: b, the states and A are recomputed in the backward.
@@ -963,17 +993,17 @@ class _ChunkGated(torch.autograd.Function):
         _bwd_dh_kernel[(NK, NV, ch.N * H)](
             q, do, b, dh, dht, dh0, ch.cu_seqlens, ch.chunk_offsets, scale,
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate,
-            USE_DHT=dht is not None, STORE_DH0=h0 is not None, DOT_PREC=prec,
+            USE_DHT=dht is not None, STORE_DH0=h0 is not None, DOT_PREC=prec, **launch_options(),
         )  # fmt: skip
         dA = q.new_empty(T_all, H, BT, dtype=torch.float32)
         _bwd_dA_kernel[(ch.NT, H)](
             do, v, dA, ch.cu_seqlens, ch.chunk_indices, scale,
-            H=H, V=V, BT=BT, BV=BV, DOT_PREC=prec,
+            H=H, V=V, BT=BT, BV=BV, DOT_PREC=prec, **launch_options(),
         )  # fmt: skip
         dv = torch.empty_like(v)
         _bwd_dv_kernel[(NV, ch.NT, H)](
             k, b, A, do, dh, dv, ch.cu_seqlens, ch.chunk_indices,
-            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate, DOT_PREC=prec,
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate, DOT_PREC=prec, **launch_options(),
         )  # fmt: skip
         del A
 
@@ -983,7 +1013,7 @@ class _ChunkGated(torch.autograd.Function):
         dk_intra = torch.empty_like(dq_intra)
         _bwd_dqk_intra_kernel[(triton.cdiv(K, BKI), ch.NT * (BT // BC), H)](
             q, k, b, dA, dq_intra, dk_intra, ch.cu_seqlens, ch.chunk_indices,
-            H=H, K=K, BT=BT, BC=BC, BK=BKI, GATE=gate, DOT_PREC=prec,
+            H=H, K=K, BT=BT, BC=BC, BK=BKI, GATE=gate, DOT_PREC=prec, **launch_options(),
         )  # fmt: skip
         dq, dk = torch.empty_like(q), torch.empty_like(k)
         if gate == GATE_SCALAR:
@@ -995,7 +1025,7 @@ class _ChunkGated(torch.autograd.Function):
         _bwd_dqk_kernel[(NK, ch.NT, H)](
             q, k, v, b, h, do, dh, dq_intra, dk_intra, dq, dk, dg_local,
             ch.cu_seqlens, ch.chunk_indices, scale, T_all,
-            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate, DOT_PREC=prec,
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate, DOT_PREC=prec, **launch_options(),
         )  # fmt: skip
 
         dg = None
@@ -1012,7 +1042,7 @@ class _ChunkGated(torch.autograd.Function):
             BD = block_size(D)
             _rev_cumsum_kernel[(triton.cdiv(D, BD), ch.N * H_)](
                 x, dg, init, ch.cu_seqlens, ch.chunk_offsets,
-                H=H_, D=D, BT=BT, BD=BD, USE_INIT=init is not None,
+                H=H_, D=D, BT=BT, BD=BD, USE_INIT=init is not None, **launch_options(),
             )  # fmt: skip
             dg = dg.to(g.dtype)
         if dh0 is not None:

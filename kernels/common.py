@@ -4,24 +4,43 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
 
 
+def triton_interpreted() -> bool:
+    """Whether Triton kernels run in its interpreter (``TRITON_INTERPRET=1``, tests)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_takes_cpu_tensors() -> bool:
+    """Whether Triton may run on CPU tensors here: under its interpreter
+    (``TRITON_INTERPRET=1``, the numerical tests) or while a compile-only Triton driver is
+    active (the GPU compile gate, which launches nothing; docs/architecture.md)."""
+    if triton_interpreted():
+        return True
+    triton = sys.modules.get("triton")
+    if triton is None:
+        return False
+    active = getattr(triton.runtime.driver, "_active", None)
+    return bool(getattr(active, "accepts_cpu_tensors", False))
+
+
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """Turn ``backend`` into the implementation that runs on ``x``.
+    """Turn ``backend`` into the implementation that runs on ``x``: the one rule every
+    ``chunk`` and ``recurrent`` call goes through.
 
     ``auto`` is Triton for CUDA tensors and torch otherwise. Triton on CPU tensors runs
-    only under the interpreter (``TRITON_INTERPRET=1``, for tests); otherwise it is
-    refused with one sentence.
+    only where ``triton_takes_cpu_tensors()``; otherwise it is refused with one sentence.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if backend == "auto":
         return "triton" if x.is_cuda else "torch"
-    if backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if backend == "triton" and not x.is_cuda and not triton_takes_cpu_tensors():
         raise ValueError(
             "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for tests); "
             f"these are on {x.device}, use backend='torch' or 'auto'"

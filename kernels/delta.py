@@ -5,7 +5,7 @@
 The family modules check their gates and call these with ``g`` = None (DeltaNet) or
 [B, T, H] (Gated DeltaNet, log decay <= 0) and ``beta`` [B, T, H].
 
-The LASP-2 protocol (ARCHITECTURE.md, "Sequence parallelism"): the segment's transition
+The LASP-2 protocol (docs/architecture.md, "Sequence parallelism (LASP-2)"): the segment's transition
 is dense, so ``transition`` gives A [N, H, K, K], the ordered product
 M_last ... M_first of M_t = exp(g_t) (I - beta_t k_t^T k_t), and B [N, H, K, V], the final
 state from zero, with S_out = A @ S_in + B (fp32). ``entering_state_grad`` gives G, the
@@ -56,11 +56,11 @@ def chunk(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens
     )
 
 
-def recurrent(q, k, v, beta, g, scale, initial_state, output_final_state):
+def recurrent(q, k, v, beta, g, scale, initial_state, output_final_state, backend):
     B, _T, H, K, V = check_qkv(q, k, v)
     check_state(initial_state, B, H, K, V)
     scale = default_scale(scale, K)
-    if q.is_cuda:
+    if resolve_backend(backend, q) == "triton":
         from hylas.kernels.recurrent_triton import fused_recurrent_delta
 
         return fused_recurrent_delta(q, k, v, beta, g, scale, initial_state, output_final_state)

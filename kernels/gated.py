@@ -3,7 +3,7 @@
 The family modules (``linear_attn``, ``simple_gla``, ``gla``) check their own gate and
 call these with ``g`` = None, [B, T, H] or [B, T, H, K] (log decays, <= 0).
 
-The LASP-2 protocol (ARCHITECTURE.md, "Sequence parallelism"): for a segment,
+The LASP-2 protocol (docs/architecture.md, "Sequence parallelism (LASP-2)"): for a segment,
 ``transition`` gives (A, B) with S_out = A * S_in + B (A broadcast over V: [N, H] for a
 scalar or no decay, [N, H, K] per channel; B [N, H, K, V], the final state from zero),
 and ``entering_state_grad`` gives G, the gradient the segment's own outputs put on its
@@ -43,11 +43,11 @@ def chunk(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, back
     )
 
 
-def recurrent(q, k, v, g, scale, initial_state, output_final_state):
+def recurrent(q, k, v, g, scale, initial_state, output_final_state, backend):
     B, _T, H, K, V = check_qkv(q, k, v)
     check_state(initial_state, B, H, K, V)
     scale = default_scale(scale, K)
-    if q.is_cuda:
+    if resolve_backend(backend, q) == "triton":
         from hylas.kernels.recurrent_triton import fused_recurrent_gated
 
         return fused_recurrent_gated(q, k, v, g, scale, initial_state, output_final_state)

@@ -155,7 +155,9 @@ class LinearMixer(nn.Module):
     def _kernel(self, q, k, v, gates, state, use_cache, seq):
         B, T = q.shape[:2]
         if state is not None and T <= RECURRENT_MAX_TOKENS:
-            return self.family.recurrent(q, k, v, *gates, scale=self.scale, initial_state=state)
+            return self.family.recurrent(
+                q, k, v, *gates, scale=self.scale, initial_state=state, backend=self.kernel_backend
+            )
         if seq is not None and seq.cu_seqlens is not None:  # packed: one row, states restart
             if use_cache:
                 raise ValueError("decoding caches are for unpacked batches; drop cu_seqlens")

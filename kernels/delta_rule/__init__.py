@@ -41,10 +41,14 @@ def naive(q, k, v, beta, scale=None, initial_state=None, output_final_state=Fals
     )
 
 
-def recurrent(q, k, v, beta, scale=None, initial_state=None, output_final_state=True):
-    """Decode a few tokens from ``initial_state`` [B, H, K, V] (fused Triton on CUDA)."""
+def recurrent(
+    q, k, v, beta, scale=None, initial_state=None, output_final_state=True, backend="auto"
+):
+    """Decode a few tokens from ``initial_state`` [B, H, K, V] (fused Triton on CUDA).
+
+    backend: auto | torch | triton, as for ``chunk``."""
     delta.check_beta(beta, q)
-    return delta.recurrent(q, k, v, beta, None, scale, initial_state, output_final_state)
+    return delta.recurrent(q, k, v, beta, None, scale, initial_state, output_final_state, backend)
 
 
 def transition(q, k, v, beta, scale=None, cu_seqlens=None, starts_document=False):

@@ -46,10 +46,14 @@ def naive(
     return delta.naive_delta(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)
 
 
-def recurrent(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=True):
-    """Decode a few tokens from ``initial_state`` [B, H, K, V] (fused Triton on CUDA)."""
+def recurrent(
+    q, k, v, g, beta, scale=None, initial_state=None, output_final_state=True, backend="auto"
+):
+    """Decode a few tokens from ``initial_state`` [B, H, K, V] (fused Triton on CUDA).
+
+    backend: auto | torch | triton, as for ``chunk``."""
     _check(q, g, beta)
-    return delta.recurrent(q, k, v, beta, g, scale, initial_state, output_final_state)
+    return delta.recurrent(q, k, v, beta, g, scale, initial_state, output_final_state, backend)
 
 
 def transition(q, k, v, g, beta, scale=None, cu_seqlens=None, starts_document=False):

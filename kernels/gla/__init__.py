@@ -34,10 +34,12 @@ def naive(q, k, v, gk, scale=None, initial_state=None, output_final_state=False,
     return gated.naive_gated(q, k, v, gk, scale, initial_state, output_final_state, cu_seqlens)
 
 
-def recurrent(q, k, v, gk, scale=None, initial_state=None, output_final_state=True):
-    """Decode a few tokens from ``initial_state`` [B, H, K, V] (fused Triton on CUDA)."""
+def recurrent(q, k, v, gk, scale=None, initial_state=None, output_final_state=True, backend="auto"):
+    """Decode a few tokens from ``initial_state`` [B, H, K, V] (fused Triton on CUDA).
+
+    backend: auto | torch | triton, as for ``chunk``."""
     check_gate(gk, q, "channel", "gk")
-    return gated.recurrent(q, k, v, gk, scale, initial_state, output_final_state)
+    return gated.recurrent(q, k, v, gk, scale, initial_state, output_final_state, backend)
 
 
 def transition(q, k, v, gk, scale=None, cu_seqlens=None, starts_document=False):

@@ -30,9 +30,11 @@ def naive(q, k, v, scale=None, initial_state=None, output_final_state=False, cu_
     return gated.naive_gated(q, k, v, None, scale, initial_state, output_final_state, cu_seqlens)
 
 
-def recurrent(q, k, v, scale=None, initial_state=None, output_final_state=True):
-    """Decode a few tokens from ``initial_state`` [B, H, K, V] (fused Triton on CUDA)."""
-    return gated.recurrent(q, k, v, None, scale, initial_state, output_final_state)
+def recurrent(q, k, v, scale=None, initial_state=None, output_final_state=True, backend="auto"):
+    """Decode a few tokens from ``initial_state`` [B, H, K, V] (fused Triton on CUDA).
+
+    backend: auto | torch | triton, as for ``chunk``."""
+    return gated.recurrent(q, k, v, None, scale, initial_state, output_final_state, backend)
 
 
 def transition(q, k, v, scale=None, cu_seqlens=None, starts_document=False):
