@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hylas.kernels import delta_rule, gated_delta_rule, gla, linear_attn, simple_gla
+from hylas.kernels.gpu_limits import check_head_sizes
 from hylas.model.config import ConfigError, ModelConfig
 from hylas.model.conv import ShortConv
 from hylas.model.layers import RMSNorm
@@ -83,6 +84,10 @@ class LinearMixer(nn.Module):
                 f"{cls.name}: key size {key_dim} and value size {value_dim} must divide into "
                 f"{cfg.n_heads} q/k heads and {hv} value heads"
             )
+        try:  # refused here, not at the first backward on a GPU
+            check_head_sizes(cls.name, key_dim // cfg.n_heads, value_dim // hv)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     # -- what a mixer supplies -------------------------------------------------------------
     def build_gates(self, cfg: ModelConfig) -> None:

@@ -145,10 +145,24 @@ def test_no_exp_of_a_positive_number(monkeypatch):
 
 @pytest.mark.parametrize("gated", GATED, ids=["deltanet", "gated"])
 def test_several_key_and_value_blocks(gated):
-    """K = 72 and V = 80: two 64-wide key blocks in the per-chunk kernels and three 32-wide
-    value blocks in the scans (which hold all of K), the last ones masked."""
+    """K = 72 and V = 80: two 64-wide key blocks (in the scans, two register blocks of
+    the state) and two 64-wide value blocks, the last ones masked."""
     q, k, v, beta, g = make_inputs(70, gated, b=1, h=1, k_dim=72, v_dim=80, seed=6)
     check_against_naive(q, k, v, beta, g, torch.randn(1, 1, 72, 80))
+
+
+@pytest.mark.parametrize("gated", GATED, ids=["deltanet", "gated"])
+@pytest.mark.parametrize(
+    ("k_dim", "v_dim"), [(96, 192), (200, 40)], ids=["recipe-96x192", "four-key-blocks"]
+)
+def test_recipe_and_wide_heads(gated, k_dim, v_dim):
+    """The recipes' heads, K = 96 and V = 192 (the scans hold two 64-row key blocks and
+    run three 64-column value blocks), and K = 200 (four key blocks, the last masked, over
+    32-column value blocks), fp32, packed, with a partial last chunk."""
+    q, k, v, beta, g = make_inputs(90, gated, b=1, h=1, k_dim=k_dim, v_dim=v_dim, seed=11)
+    cu = torch.tensor([0, 20, 90], dtype=torch.int32)
+    h0 = torch.randn(2, 1, k_dim, v_dim)
+    check_against_naive(q, k, v, beta, g, h0, cu_seqlens=cu)
 
 
 def test_without_final_state():

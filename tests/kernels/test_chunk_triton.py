@@ -157,6 +157,15 @@ def test_several_key_and_value_blocks(gate):
     check_against_naive(q, k, v, g, torch.randn(1, 1, 72, 80))
 
 
+@pytest.mark.parametrize("gate", GATES)
+def test_recipe_head_sizes(gate):
+    """The recipes' heads, K = 96 and V = 192 (two key blocks, three value blocks), fp32,
+    packed, with a partial last chunk."""
+    q, k, v, g = make_inputs(90, gate, b=1, h=1, k_dim=96, v_dim=192, seed=12)
+    cu = torch.tensor([0, 20, 90], dtype=torch.int32)
+    check_against_naive(q, k, v, g, torch.randn(2, 1, 96, 192), cu_seqlens=cu)
+
+
 def test_without_final_state():
     """output_final_state=False: ht is None and the gradients need no dht."""
     q, k, v, g = make_inputs(70, "channel", seed=7)

@@ -203,3 +203,33 @@ def test_delta_bad_shapes_raise(bad):
     args = {"beta": beta, "g": g} | bad
     with pytest.raises(ValueError, match="fused_recurrent_delta expects"):
         fused_recurrent_delta(q, k, v, args["beta"], args["g"], 1.0)
+
+
+@pytest.mark.parametrize("family", ["gla", "gated_delta_rule"])
+def test_public_recurrent_follows_the_backend_rule(family, monkeypatch):
+    """``recurrent(backend=...)`` goes through resolve_backend like ``chunk``: "triton" runs
+    the fused kernel (here in the interpreter), "torch" and "auto" on CPU the recurrence."""
+    from hylas import kernels
+    from hylas.kernels import recurrent_triton
+
+    mod = getattr(kernels, family)
+    fused = "fused_recurrent_gated" if family == "gla" else "fused_recurrent_delta"
+    calls = []
+    original = getattr(recurrent_triton, fused)
+    monkeypatch.setattr(recurrent_triton, fused, lambda *a: calls.append(1) or original(*a))
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 3, 2, 16, generator=gen), torch.randn(1, 3, 2, 16, generator=gen)
+    k = F.normalize(k, dim=-1)
+    v = torch.randn(1, 3, 2, 24, generator=gen)
+    if family == "gla":
+        gates = [F.logsigmoid(torch.randn(1, 3, 2, 16, generator=gen))]
+    else:
+        gates = [F.logsigmoid(torch.randn(1, 3, 2, generator=gen)), torch.rand(1, 3, 2)]
+    h0 = torch.randn(1, 2, 16, 24, generator=gen)
+    outs = {}
+    for backend in ("torch", "auto", "triton"):
+        outs[backend] = mod.recurrent(q, k, v, *gates, initial_state=h0, backend=backend)
+        assert len(calls) == (backend == "triton"), backend
+    for backend in ("auto", "triton"):
+        assert_close(outs[backend][0], outs["torch"][0], 1e-5, f"o ({backend})")
+        assert_close(outs[backend][1], outs["torch"][1], 1e-5, f"ht ({backend})")

@@ -187,6 +187,9 @@ def test_bad_mixer_settings_are_refused_at_load_time():
         config("gla", attention={"window": -1})
     with pytest.raises(ConfigError, match="must divide into"):
         config("gla", linear_v_heads=6)
+    # One head of K = 384 and V = 768: over what the GPU kernels serve.
+    with pytest.raises(ConfigError, match=r"gated_deltanet: head sizes K=384, V=768 are over"):
+        config("gated_deltanet", d_model=512, n_heads=1)
 
 
 def test_flops_per_token_counts_matmuls_and_attention_by_hand():
