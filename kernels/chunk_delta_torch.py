@@ -63,12 +63,12 @@ import torch
 from hylas.kernels.chunk_torch import (
     CHUNK,
     Layout,
-    _groups,
-    _heads_first,
-    _initial,
-    _stack_states,
+    chunk_groups,
     from_chunks,
+    heads_first,
+    initial_states,
     make_layout,
+    stack_states,
     to_chunks,
 )
 
@@ -77,7 +77,7 @@ def _causal(C: int, device, diagonal: int) -> torch.Tensor:
     return torch.ones(C, C, dtype=torch.bool, device=device).tril(diagonal)
 
 
-class _Chunk:
+class DeltaChunk:
     """The UT-transform quantities of a group of chunks, heads first: [P, G, H, C, *] fp32."""
 
     def __init__(self, q, k, v, beta, gamma, scale):
@@ -112,9 +112,9 @@ class _Chunk:
         return self.e_last.unsqueeze(-1) * eye - self.k_dec.transpose(-1, -2) @ self.w
 
 
-def _prepare(q, k, v, beta, g, lay: Layout):
+def prepare_chunks(q, k, v, beta, g, lay: Layout):
     """Inputs in the chunked layout, fp32, heads first: [P, N, H, C, *] (beta, gamma [P,N,H,C])."""
-    qc, kc, vc = (_heads_first(to_chunks(x.float(), lay)) for x in (q, k, v))
+    qc, kc, vc = (heads_first(to_chunks(x.float(), lay)) for x in (q, k, v))
     bc = to_chunks(beta.float(), lay).transpose(2, 3)
     if g is None:
         gamma = torch.zeros_like(bc)
@@ -123,7 +123,7 @@ def _prepare(q, k, v, beta, g, lay: Layout):
     return qc, kc, vc, bc, gamma
 
 
-def _scan(ch: _Chunk, n0: int, state, h0, lay: Layout, finals: list):
+def scan_states(ch: DeltaChunk, n0: int, state, h0, lay: Layout, finals: list):
     """Walk a group's chunks in order: entering states [P,G,H,K,V], deltas, carried state."""
     entering, deltas = [], []
     for i in range(ch.k.shape[1]):
@@ -142,15 +142,15 @@ def _scan(ch: _Chunk, n0: int, state, h0, lay: Layout, finals: list):
 
 def _forward(q, k, v, beta, g, scale, h0, lay: Layout):
     H, K, V = q.shape[-2], q.shape[-1], v.shape[-1]
-    qc, kc, vc, bc, gc = _prepare(q, k, v, beta, g, lay)
-    h0 = _initial(h0, lay.docs, H, K, V, q)
+    qc, kc, vc, bc, gc = prepare_chunks(q, k, v, beta, g, lay)
+    h0 = initial_states(h0, lay.docs, H, K, V, q)
     o = torch.empty(*vc.shape, dtype=torch.float32, device=q.device)
     state, finals = None, []
-    for grp in _groups(lay.N, lay.C):
-        ch = _Chunk(qc[:, grp], kc[:, grp], vc[:, grp], bc[:, grp], gc[:, grp], scale)
-        h, delta, state = _scan(ch, grp.start, state, h0, lay, finals)
+    for grp in chunk_groups(lay.N, lay.C):
+        ch = DeltaChunk(qc[:, grp], kc[:, grp], vc[:, grp], bc[:, grp], gc[:, grp], scale)
+        h, delta, state = scan_states(ch, grp.start, state, h0, lay, finals)
         o[:, grp] = ch.q_dec @ h + ch.QK @ delta
-    return o, _stack_states(finals, lay)
+    return o, stack_states(finals, lay)
 
 
 class ChunkDelta(torch.autograd.Function):
@@ -159,7 +159,7 @@ class ChunkDelta(torch.autograd.Function):
         o, finals = _forward(q, k, v, beta, g, scale, h0, lay)
         ctx.save_for_backward(q, k, v, beta, g, h0)
         ctx.meta = (scale, lay, T)
-        return from_chunks(_heads_first(o), lay, T).to(v.dtype), finals
+        return from_chunks(heads_first(o), lay, T).to(v.dtype), finals
 
     @staticmethod
     def backward(ctx, do, dht):
@@ -171,20 +171,20 @@ class ChunkDelta(torch.autograd.Function):
         q, k, v, beta, g, h0 = ctx.saved_tensors
         scale, lay, T = ctx.meta
         H, K, V = q.shape[-2], q.shape[-1], v.shape[-1]
-        qc, kc, vc, bc, gc = _prepare(q, k, v, beta, g, lay)
-        doc = _heads_first(to_chunks(do.float(), lay))
-        h0 = _initial(h0, lay.docs, H, K, V, q)
-        groups = _groups(lay.N, lay.C)
+        qc, kc, vc, bc, gc = prepare_chunks(q, k, v, beta, g, lay)
+        doc = heads_first(to_chunks(do.float(), lay))
+        h0 = initial_states(h0, lay.docs, H, K, V, q)
+        groups = chunk_groups(lay.N, lay.C)
 
         def chunks_of(grp):
-            return _Chunk(qc[:, grp], kc[:, grp], vc[:, grp], bc[:, grp], gc[:, grp], scale)
+            return DeltaChunk(qc[:, grp], kc[:, grp], vc[:, grp], bc[:, grp], gc[:, grp], scale)
 
         # Pass 1: the state entering each group (and the final states).
         group_states, finals, state = [], [], None
         for grp in groups:
             group_states.append(state)
-            _, _, state = _scan(chunks_of(grp), grp.start, state, h0, lay, finals)
-        finals = _stack_states(finals, lay)
+            _, _, state = scan_states(chunks_of(grp), grp.start, state, h0, lay, finals)
+        finals = stack_states(finals, lay)
         dht = torch.zeros_like(finals) if dht is None else dht.float()
 
         dq, dk, dv = torch.empty_like(qc), torch.empty_like(kc), torch.empty_like(vc)
@@ -193,7 +193,7 @@ class ChunkDelta(torch.autograd.Function):
         # Pass 2, last group first: recompute the group, then the reverse state scan.
         for grp, state in zip(reversed(groups), reversed(group_states), strict=True):
             ch = chunks_of(grp)
-            h, delta, _ = _scan(ch, grp.start, state, h0, lay, [])
+            h, delta, _ = scan_states(ch, grp.start, state, h0, lay, [])
             dog = doc[:, grp]
             ddelta_local = ch.QK.transpose(-1, -2) @ dog
             q_dec_do = ch.q_dec.transpose(-1, -2) @ dog
@@ -219,7 +219,7 @@ class ChunkDelta(torch.autograd.Function):
             dq[:, grp], dk[:, grp], dv[:, grp], dbeta[:, grp], dgamma[:, grp] = grads
 
         def back(x):
-            return from_chunks(_heads_first(x), lay, T)
+            return from_chunks(heads_first(x), lay, T)
 
         dq_t, dk_t, dv_t = back(dq * scale), back(dk), back(dv)
         dbeta_t = from_chunks(dbeta.transpose(2, 3), lay, T)
@@ -227,7 +227,7 @@ class ChunkDelta(torch.autograd.Function):
         if g is not None:  # gamma is the within-chunk cumsum of g: reverse cumsum inside chunks
             dg_chunks = dgamma.flip(-1).cumsum(-1).flip(-1)
             dg = from_chunks(dg_chunks.transpose(2, 3), lay, T).to(g.dtype)
-        dh0 = None if not ctx.needs_input_grad[5] else _stack_states(dh0[::-1], lay)
+        dh0 = None if not ctx.needs_input_grad[5] else stack_states(dh0[::-1], lay)
         return (
             dq_t.to(q.dtype),
             dk_t.to(k.dtype),
@@ -241,7 +241,7 @@ class ChunkDelta(torch.autograd.Function):
         )
 
 
-def _chunk_grads(ch: _Chunk, do, h, delta, ddelta, dh_out):
+def _chunk_grads(ch: DeltaChunk, do, h, delta, ddelta, dh_out):
     """dq (of q before scaling), dk, dv, dbeta and dgamma of a group of chunks, given the
     reverse scan's ddelta and the gradients of the states leaving the chunks. Heads first,
     fp32; the formulas are those of the module docstring."""

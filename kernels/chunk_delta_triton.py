@@ -4,7 +4,10 @@ Legend: B batch, T tokens (per sample; T_all = B * T, or the packed length), H h
 K key dim, V value dim, N documents (N = B for a fixed-length batch), BT = 64 the chunk
 length, NT the number of chunks over all documents, BC = 16 the diagonal blocks of the
 triangular solve, BK / BV the key / value blocks one program owns (powers of two, at
-least 16 so that every tl.dot has all dims >= 16; the state scans hold all of K).
+least 16 so that every tl.dot has all dims >= 16). The state scans hold all of K (w h
+contracts over it) as NKB = ceil(K / 64) <= 4 register blocks of [64, BV], with BV = 32
+when NKB > 2: every tile they load is [BT, 64] or [BT, BV], so their shared memory does
+not grow with K, and K up to 256 fits every supported GPU (gpu_limits).
 
 Recurrence per head, with row vectors q_t, k_t in R^K, v_t in R^V, a write strength
 beta_t (in [0, 1], or [0, 2] for negative eigenvalues) and a log decay g_t <= 0 (g = 0
@@ -82,7 +85,8 @@ largest activation of the layer.
 
 Precision: every load is cast to fp32 (bf16 arithmetic is unreliable in the interpreter,
 and decays need fp32 anyway). The triangular inverse always runs in IEEE fp32; the other
-tl.dot run in IEEE fp32 for fp32 inputs and in TF32 for 16-bit inputs. Keys are expected
+tl.dot run as three TF32 products for fp32 inputs and in TF32 for 16-bit inputs (see
+chunk_triton). Keys are expected
 L2-normalised (||k_t|| = 1) with beta in [0, 2]: then every transition has norm <= 1.
 """
 

@@ -114,7 +114,7 @@ def from_chunks(x: torch.Tensor, lay: Layout, T: int) -> torch.Tensor:
     return out
 
 
-def _gate_cumsum(g: torch.Tensor | None, lay: Layout, K: int, ref: torch.Tensor) -> torch.Tensor:
+def gate_cumsum(g: torch.Tensor | None, lay: Layout, K: int, ref: torch.Tensor) -> torch.Tensor:
     """Within-chunk inclusive cumsum of the log decay, fp32: [P, N, C, H, 1 or K]."""
     if g is None:
         return ref.new_zeros(lay.P, lay.N, lay.C, ref.shape[-2], 1, dtype=torch.float32)
@@ -123,11 +123,11 @@ def _gate_cumsum(g: torch.Tensor | None, lay: Layout, K: int, ref: torch.Tensor)
     return to_chunks(g.float(), lay).cumsum(dim=2)
 
 
-def _initial(h0: torch.Tensor | None, P: int, H: int, K: int, V: int, ref: torch.Tensor):
+def initial_states(h0: torch.Tensor | None, P: int, H: int, K: int, V: int, ref: torch.Tensor):
     return ref.new_zeros(P, H, K, V, dtype=torch.float32) if h0 is None else h0.float()
 
 
-def _writes(kc, vc, b):
+def chunk_writes(kc, vc, b):
     """A group's chunk writes from a zero state and decays: k_dec [P,G,C,H,K], writes [P,G,H,K,V], decay [P,G,H,K|1,1]."""
     b_last = b[:, :, -1:]
     k_dec = kc * (b_last - b).exp()  # exponent <= 0
@@ -135,7 +135,7 @@ def _writes(kc, vc, b):
     return k_dec, writes, b_last.squeeze(2).exp().unsqueeze(-1)
 
 
-def _scan_forward(writes, decay, n0, state, h0, lay: Layout, finals: list):
+def scan_forward(writes, decay, n0, state, h0, lay: Layout, finals: list):
     """States entering chunks n0.. of a group [P,G,H,K,V]; the carried state goes on.
 
     Documents restart from their row of h0; the state leaving a document's last chunk is
@@ -154,7 +154,7 @@ def _scan_forward(writes, decay, n0, state, h0, lay: Layout, finals: list):
     return torch.stack(entering, dim=1), state
 
 
-def _scan_backward(q_dec_do, decay, n0, grad, dht, lay: Layout, dh0: list):
+def scan_backward(q_dec_do, decay, n0, grad, dht, lay: Layout, dh0: list):
     """Reverse pass over a group. q_dec_do [P,G,H,K,V] = (q exp(b))^T dO per chunk.
 
     Returns the gradients w.r.t. the states LEAVING the group's chunks [P,G,H,K,V] and the
@@ -245,7 +245,7 @@ def _intra_channel_backward(qs, k, b, dA, sub):
     return A.reshape(*lead, C, C), dq.reshape(*lead, C, K), dk.reshape(*lead, C, K)
 
 
-def _groups(N: int, C: int, K: int = 128, V: int = 128):
+def chunk_groups(N: int, C: int, K: int = 128, V: int = 128):
     tokens = min(MAX_GROUP_TOKENS, GROUP_TOKENS * max(1, (128 * 128) // (K * V)))
     size = max(1, tokens // C)
     return [slice(s, min(N, s + size)) for s in range(0, N, size)]
@@ -254,37 +254,37 @@ def _groups(N: int, C: int, K: int = 128, V: int = 128):
 def _forward(q, k, v, g, scale, h0, lay: Layout, sub: int):
     """In the chunked layout: o [P,N,C,H,V] and the final states [D,H,K,V]."""
     H, K, V = q.shape[-2], q.shape[-1], v.shape[-1]
-    b = _gate_cumsum(g, lay, K, q)  # [P,N,C,H,K|1]
+    b = gate_cumsum(g, lay, K, q)  # [P,N,C,H,K|1]
     qc, kc, vc = to_chunks(q, lay), to_chunks(k, lay), to_chunks(v, lay)
-    h0 = _initial(h0, lay.docs, H, K, V, q)
+    h0 = initial_states(h0, lay.docs, H, K, V, q)
     o = torch.empty(*qc.shape[:-1], V, dtype=vc.dtype, device=q.device)
     state, finals = None, []
-    for grp in _groups(lay.N, lay.C, K, V):  # the group's states stay in cache
-        _, writes, decay = _writes(kc[:, grp], vc[:, grp], b[:, grp])
-        entering, state = _scan_forward(writes, decay, grp.start, state, h0, lay, finals)
+    for grp in chunk_groups(lay.N, lay.C, K, V):  # the group's states stay in cache
+        _, writes, decay = chunk_writes(kc[:, grp], vc[:, grp], b[:, grp])
+        entering, state = scan_forward(writes, decay, grp.start, state, h0, lay, finals)
         o[:, grp] = _output_group(
             qc[:, grp] * scale, kc[:, grp], vc[:, grp], b[:, grp], entering, sub
         )
-    return o, _stack_states(finals, lay)
+    return o, stack_states(finals, lay)
 
 
-def _stack_states(states: list, lay: Layout) -> torch.Tensor:
+def stack_states(states: list, lay: Layout) -> torch.Tensor:
     return states[0] if not lay.packed else torch.cat(states)
 
 
-def _heads_first(x):
+def heads_first(x):
     """[P,N,C,H,*] -> [P,N,H,C,*]."""
     return x.transpose(2, 3)
 
 
 def _output_group(qs, kc, vc, b, h, sub):
-    qh, kh, vh, bh = (_heads_first(x) for x in (qs, kc, vc, b))  # [P,G,H,C,*]
+    qh, kh, vh, bh = (heads_first(x) for x in (qs, kc, vc, b))  # [P,G,H,C,*]
     if bh.shape[-1] == 1:
         A = (qh @ kh.transpose(-1, -2)).float() * _decay_matrix(bh[..., 0], bh[..., 0])
     else:
         A = _intra_scores_channel(qh, kh, bh, sub)
     o = A.to(vh.dtype) @ vh + (qh * bh.exp()).to(vh.dtype) @ h.to(vh.dtype)
-    return _heads_first(o)
+    return heads_first(o)
 
 
 class ChunkGated(torch.autograd.Function):
@@ -306,18 +306,18 @@ class ChunkGated(torch.autograd.Function):
         q, k, v, g, h0 = ctx.saved_tensors
         scale, lay, sub, T = ctx.meta
         H, K, V = q.shape[-2], q.shape[-1], v.shape[-1]
-        b = _gate_cumsum(g, lay, K, q)
+        b = gate_cumsum(g, lay, K, q)
         qc, kc, vc, doc = (to_chunks(x, lay) for x in (q, k, v, do))
-        h0 = _initial(h0, lay.docs, H, K, V, q)
-        groups = _groups(lay.N, lay.C, K, V)
+        h0 = initial_states(h0, lay.docs, H, K, V, q)
+        groups = chunk_groups(lay.N, lay.C, K, V)
 
         # Pass 1: only the states entering each group are kept (and the final states).
         group_states, finals, state = [], [], None
         for grp in groups:
             group_states.append(state)
-            _, writes, decay = _writes(kc[:, grp], vc[:, grp], b[:, grp])
-            _, state = _scan_forward(writes, decay, grp.start, state, h0, lay, finals)
-        finals = _stack_states(finals, lay)
+            _, writes, decay = chunk_writes(kc[:, grp], vc[:, grp], b[:, grp])
+            _, state = scan_forward(writes, decay, grp.start, state, h0, lay, finals)
+        finals = stack_states(finals, lay)
         dht = torch.zeros_like(finals) if dht is None else dht.float()
 
         # Pass 2, last group first: recompute the group's states, carry the state gradient.
@@ -326,12 +326,12 @@ class ChunkGated(torch.autograd.Function):
         grad, dh0 = None, []
         for grp, state in zip(reversed(groups), reversed(group_states), strict=True):
             qs, kg, vg, bg, dog = qc[:, grp] * scale, kc[:, grp], vc[:, grp], b[:, grp], doc[:, grp]
-            k_dec, writes, decay = _writes(kg, vg, bg)
-            entering, _ = _scan_forward(writes, decay, grp.start, state, h0, lay, [])
+            k_dec, writes, decay = chunk_writes(kg, vg, bg)
+            entering, _ = scan_forward(writes, decay, grp.start, state, h0, lay, [])
             q_dec_do = torch.einsum(
                 "pnchk,pnchv->pnhkv", (qs * bg.exp()).to(dog.dtype), dog
             ).float()
-            leaving, grad = _scan_backward(q_dec_do, decay, grp.start, grad, dht, lay, dh0)
+            leaving, grad = scan_backward(q_dec_do, decay, grp.start, grad, dht, lay, dh0)
             dq[:, grp], dk[:, grp], dv[:, grp] = _backward_group(
                 qs, kg, vg, bg, dog, entering, leaving, k_dec, sub
             )
@@ -339,7 +339,7 @@ class ChunkGated(torch.autograd.Function):
         dg = None
         if g is not None:
             dg = _gate_grad(q, k, dq_t, dk_t, finals, dht, lay, per_channel=g.dim() == 4)
-        dh0 = None if ctx.needs_input_grad[4] is False else _stack_states(dh0[::-1], lay)
+        dh0 = None if ctx.needs_input_grad[4] is False else stack_states(dh0[::-1], lay)
         return (
             dq_t.to(q.dtype),
             dk_t.to(k.dtype),
@@ -355,8 +355,8 @@ class ChunkGated(torch.autograd.Function):
 
 def _backward_group(qs, kc, vc, b, do, h, dh, k_dec, sub):
     """dq (w.r.t. scaled q), dk, dv for a group of chunks, all [P,G,C,H,*] fp32."""
-    qh, kh, vh, bh, doh = (_heads_first(x) for x in (qs, kc, vc, b, do))
-    k_dec_h = _heads_first(k_dec)
+    qh, kh, vh, bh, doh = (heads_first(x) for x in (qs, kc, vc, b, do))
+    k_dec_h = heads_first(k_dec)
     dA = (doh @ vh.transpose(-1, -2)).float()  # [P,G,H,C,C]
     if bh.shape[-1] == 1:
         Dm = _decay_matrix(bh[..., 0], bh[..., 0])
@@ -373,7 +373,7 @@ def _backward_group(qs, kc, vc, b, do, h, dh, k_dec, sub):
     dq = dq + bh.exp() * (doh.float() @ h.transpose(-1, -2))
     dk = dk + (bh[..., -1:, :] - bh).exp() * (vh.float() @ dh.transpose(-1, -2))
     dv = dv + k_dec_h.float() @ dh
-    return _heads_first(dq), _heads_first(dk), _heads_first(dv)
+    return heads_first(dq), heads_first(dk), heads_first(dv)
 
 
 def _gate_grad(q, k, dq, dk, finals, dht, lay: Layout, per_channel: bool):

@@ -14,21 +14,21 @@ g is one of: None (no decay, ``linear_attn``), [B, T, H] (one decay per head and
 ``simple_gla``) or [B, T, H, K] (one per key channel, ``gla``). One set of kernels serves
 all three through the constexpr ``GATE`` = 0, 1, 2.
 
-Chunkwise, with b the inclusive cumulative log decay inside a chunk (fp32, <= 0 and
-non-increasing along the chunk), h the state entering the chunk and b_L = b at its last
+Chunkwise, with g_cum the inclusive cumulative log decay inside a chunk (fp32, <= 0 and
+non-increasing along the chunk), h the state entering the chunk and g_L = g_cum at its last
 token::
 
-    o_i = scale * ( sum_{j <= i} (q_i . k_j exp(b_i - b_j)) v_j  +  (q_i exp(b_i)) h )
-    h'  = Diag(exp(b_L)) h + sum_j (k_j exp(b_L - b_j))^T v_j
+    o_i = scale * ( sum_{j <= i} (q_i . k_j exp(g_i - g_j)) v_j  +  (q_i exp(g_i)) h )
+    h'  = Diag(exp(g_L)) h + sum_j (k_j exp(g_L - g_j))^T v_j
 
-Every exponent is kept <= 0, so nothing overflows at any decay: exp(b_i) and
-exp(b_L - b_j) are so by construction, and exp(b_i - b_j) is only formed for i >= j (the
+Every exponent is kept <= 0, so nothing overflows at any decay: exp(g_i) and
+exp(g_L - g_j) are so by construction, and exp(g_i - g_j) is only formed for i >= j (the
 exponent is zeroed before exp elsewhere). For per-channel gates the intra-chunk scores
 are not a plain matmul; they are split GLA-style into BC x BC blocks: an off-diagonal
 block (query sub-chunk I after key sub-chunk J) factors through a reference row r of I,
-exp(b_i - b_j) = exp(b_i - b_r) exp(b_r - b_j) with both factors <= 1, so it is a tl.dot;
+exp(g_i - g_j) = exp(g_i - g_r) exp(g_r - g_j) with both factors <= 1, so it is a tl.dot;
 diagonal blocks are formed elementwise, as [BC, BC, 16] tiles over K. Rows past the end of a partial last chunk
-read b of the chunk's last token (the pointer is clamped), so b stays non-increasing over
+read g_cum of the chunk's last token (the pointer is clamped), so g_cum stays non-increasing over
 the whole padded chunk and the same bounds hold there.
 
 Layout: every fixed-length batch is run as B packed documents of length T, so one code
@@ -36,18 +36,18 @@ path (``cu_seqlens``, chunks aligned to document starts, a partial last chunk pe
 document) serves both. Tensors are indexed in their [T_all, H, *] layout directly.
 
 Kernels (grids in brackets):
-    local_cumsum    [D/BD, NT, H]   b = cumsum of g inside each chunk
+    local_cumsum    [D/BD, NT, H]   g_cum = cumsum of g inside each chunk
     _fwd_h           [K/BK, V/BV, N*H] states entering every chunk (+ final): a scan
     _fwd_A           [NT, NC*NC, H]  intra-chunk scores A [T_all, H, BT], scale included
-    _fwd_o           [V/BV, NT, H]   o = scale (q exp(b)) h + A v
+    _fwd_o           [V/BV, NT, H]   o = scale (q exp(g_cum)) h + A v
     _bwd_dh          [K/BK, V/BV, N*H] gradient of the state leaving every chunk (+ dh0)
     _bwd_dA          [NT, H]         dA = scale dO v^T, causal
-    _bwd_dv          [V/BV, NT, H]   dv = A^T dO + (k exp(b_L - b)) dh
+    _bwd_dv          [V/BV, NT, H]   dv = A^T dO + (k exp(g_L - g_cum)) dh
     _bwd_dqk_intra   [K/BK, NT*NC, H] intra-chunk parts of dq, dk (BK = 16 for per-channel)
     _bwd_dqk         [K/BK, NT, H]   inter-chunk parts, totals, and q dq - k dk for the gate
     _rev_cumsum      [D/BD, N*H]     per-document reverse cumsum: the gate gradient
 
-The backward recomputes b, the chunk states and A from the inputs instead of keeping them
+The backward recomputes g_cum, the chunk states and A from the inputs instead of keeping them
 from the forward: the [NT, H, K, V] states are the largest activation of the layer.
 
 Gate gradient: with G_t the cumulative log decay from the document start, o and the final
@@ -56,12 +56,22 @@ dL/dG_t = q_t dq_t - k_t dk_t (+ sum_v ht dht at the last token), and dg is the 
 cumsum of that over the document.
 
 Precision: every load is cast to fp32 (bf16 arithmetic is unreliable in the interpreter,
-and decays need fp32 anyway). tl.dot runs in IEEE fp32 for fp32 inputs and in TF32 for
-16-bit inputs, whose own precision is below TF32's.
+and decays need fp32 anyway). tl.dot runs in TF32 for 16-bit inputs, whose own precision
+is below TF32's, and as three TF32 products ("tf32x3": each fp32 operand split into a TF32
+high part and a TF32 remainder) for fp32 inputs: close to fp32 accuracy, on tensor cores.
+Plain IEEE fp32 dots run on CUDA cores; they were 4x slower to compile, and spill heavily
+at these tiles.
+
+Launches: ``gpu_limits.launch_options`` gives every launch its pipelining depth and warps
+from the device's shared memory per block (docs/architecture.md, "Kernels on real GPUs");
+the GPU compile gate (tests/gpu_compile_gate.py) checks every kernel against sm_80, sm_89
+and sm_90. H, K, V and D are runtime values: they only index and mask, so heads of 96 and
+of 128 run the same compiled kernel.
 
 The names without a leading underscore (``GATE_*``, ``block_size``, ``chunk_span``,
-``Chunks``, ``local_cumsum``, ``chunk_scores``, ``dot_precision``, ``fwd_o_kernel``) are the
-building blocks ``chunk_delta_triton`` shares with this module.
+``document_span``, ``load_rows``, ``load_cols``, ``Chunks``, ``local_cumsum``,
+``chunk_scores``, ``dot_precision``, ``fwd_o_kernel``) are the building blocks
+``chunk_delta_triton`` shares with this module.
 """
 
 from __future__ import annotations
@@ -135,7 +145,7 @@ def load_cols(x, t0, o_t, m_t, i_h, H, D, o_d, m_d):
 @triton.jit
 def _local_cumsum_kernel(
     g,
-    b,
+    g_cum,
     cu_seqlens,
     chunk_indices,
     H,
@@ -143,7 +153,7 @@ def _local_cumsum_kernel(
     BT: tl.constexpr,
     BD: tl.constexpr,
 ):
-    """g, b [T_all, H, D]: b = inclusive cumsum of g inside each chunk, fp32."""
+    """g, g_cum [T_all, H, D]: g_cum = inclusive cumsum of g inside each chunk, fp32."""
     i_d, i_tg, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _, t0, L = chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
     o_t = tl.arange(0, BT)
@@ -151,7 +161,7 @@ def _local_cumsum_kernel(
     m = (o_t < L)[:, None] & (o_d < D)[None, :]
     p = (t0 + o_t)[:, None] * (H * D) + i_h * D + o_d[None, :]
     x = tl.load(g + p, mask=m, other=0.0).to(tl.float32)
-    tl.store(b + p, tl.cumsum(x, 0), mask=m)
+    tl.store(g_cum + p, tl.cumsum(x, 0), mask=m)
 
 
 @triton.jit
@@ -169,10 +179,7 @@ def _rev_cumsum_kernel(
 ):
     """x, y [T_all, H, D], init [N, H, D]: y_t = init + sum_{s >= t in the document} x_s."""
     i_d, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    NT = tl.cdiv(eos - bos, BT)
+    i_h, bos, eos, NT, _ = document_span(cu_seqlens, chunk_offsets, i_nh, H, BT)
     o_t = tl.arange(0, BT)
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
@@ -197,7 +204,7 @@ def _rev_cumsum_kernel(
 def _fwd_h_kernel(
     k,
     v,
-    b,
+    g_cum,
     h,
     h0,
     ht,
@@ -214,16 +221,12 @@ def _fwd_h_kernel(
     STORE_HT: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """k [T_all, H, K], v [T_all, H, V], b log-decay cumsum -> h [NT, H, K, V] entering
+    """k [T_all, H, K], v [T_all, H, V], g_cum log-decay cumsum -> h [NT, H, K, V] entering
     states, ht [N, H, K, V]. Sequential over one document's chunks; the state block stays
     in registers (K and V split across programs: every update acts on rows and columns
     independently)."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    NT = tl.cdiv(eos - bos, BT)
-    boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    i_h, bos, eos, NT, boh = document_span(cu_seqlens, chunk_offsets, i_nh, H, BT)
 
     o_t = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
@@ -254,20 +257,20 @@ def _fwd_h_kernel(
             other=0.0,
         ).to(tl.float32)
         if GATE == 1:
-            b_bl = tl.load(b + (t0 + L - 1) * H + i_h)
-            b_b = tl.load(b + (t0 + o_tc) * H + i_h)
-            b_h *= tl.exp(b_bl)
+            b_gl = tl.load(g_cum + (t0 + L - 1) * H + i_h)
+            b_g = tl.load(g_cum + (t0 + o_tc) * H + i_h)
+            b_h *= tl.exp(b_gl)
             # The scalar decay is per token: fold it into v (BT x BV) rather than k.
-            b_v *= tl.exp(b_bl - b_b)[:, None]
+            b_v *= tl.exp(b_gl - b_g)[:, None]
         if GATE == 2:
-            b_bl = tl.load(b + (t0 + L - 1) * (H * K) + i_h * K + o_k, mask=m_k, other=0.0)
-            b_bt = tl.load(
-                b + (t0 + o_tc)[None, :] * (H * K) + i_h * K + o_k[:, None],
+            b_gl = tl.load(g_cum + (t0 + L - 1) * (H * K) + i_h * K + o_k, mask=m_k, other=0.0)
+            b_gt = tl.load(
+                g_cum + (t0 + o_tc)[None, :] * (H * K) + i_h * K + o_k[:, None],
                 mask=m_k[:, None],
                 other=0.0,
             )
-            b_h *= tl.exp(b_bl)[:, None]
-            b_kt *= tl.exp(b_bl[:, None] - b_bt)
+            b_h *= tl.exp(b_gl)[:, None]
+            b_kt *= tl.exp(b_gl[:, None] - b_gt)
         b_h += tl.dot(b_kt, b_v, input_precision=DOT_PREC)
 
     if STORE_HT:
@@ -278,7 +281,7 @@ def _fwd_h_kernel(
 def _fwd_A_kernel(
     q,
     k,
-    b,
+    g_cum,
     A,
     cu_seqlens,
     chunk_indices,
@@ -292,7 +295,7 @@ def _fwd_A_kernel(
     GATE: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """A [T_all, H, BT]: row t, column j = scale q_t . k_j exp(b_t - b_j) for j <= t in
+    """A [T_all, H, BT]: row t, column j = scale q_t . k_j exp(g_t - g_j) for j <= t in
     t's chunk, else 0. One program per BC x BC block (BC = BT unless GATE == 2)."""
     i_tg, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NC: tl.constexpr = BT // BC
@@ -314,9 +317,11 @@ def _fwd_A_kernel(
             for i_k in range(tl.cdiv(K, BK)):
                 o_k = i_k * BK + tl.arange(0, BK)
                 m_k = o_k < K
-                p_bi = b + (t0 + o_ic)[:, None] * (H * K) + i_h * K + o_k[None, :]
-                b_bi = tl.load(p_bi, mask=m_k[None, :], other=0.0)
-                b_br = tl.load(b + (t0 + i_i * BC) * (H * K) + i_h * K + o_k, mask=m_k, other=0.0)
+                p_bi = g_cum + (t0 + o_ic)[:, None] * (H * K) + i_h * K + o_k[None, :]
+                b_gi = tl.load(p_bi, mask=m_k[None, :], other=0.0)
+                b_gr = tl.load(
+                    g_cum + (t0 + i_i * BC) * (H * K) + i_h * K + o_k, mask=m_k, other=0.0
+                )
                 b_q = tl.load(
                     q + (t0 + o_i)[:, None] * (H * K) + i_h * K + o_k[None, :],
                     mask=m_i[:, None] & m_k[None, :],
@@ -327,13 +332,13 @@ def _fwd_A_kernel(
                     mask=m_k[:, None],
                     other=0.0,
                 ).to(tl.float32)
-                b_bjt = tl.load(
-                    b + (t0 + o_j)[None, :] * (H * K) + i_h * K + o_k[:, None],
+                b_gjt = tl.load(
+                    g_cum + (t0 + o_j)[None, :] * (H * K) + i_h * K + o_k[:, None],
                     mask=m_k[:, None],
                     other=0.0,
                 )
-                b_qg = b_q * tl.exp(b_bi - b_br[None, :])
-                b_kg = b_kt * tl.exp(b_br[:, None] - b_bjt)
+                b_qg = b_q * tl.exp(b_gi - b_gr[None, :])
+                b_kg = b_kt * tl.exp(b_gr[:, None] - b_gjt)
                 b_A += tl.dot(b_qg, b_kg, input_precision=DOT_PREC)
         elif i_i == i_j:
             # Diagonal block elementwise over K, BKD channels at a time as a [BC, BC, BKD]
@@ -346,12 +351,12 @@ def _fwd_A_kernel(
                 m_ik = m_i[:, None] & m_k[None, :]
                 b_q = tl.load(q + p_i, mask=m_ik, other=0.0).to(tl.float32)
                 b_k = tl.load(k + p_i, mask=m_ik, other=0.0).to(tl.float32)
-                b_bi = tl.load(
-                    b + (t0 + o_ic)[:, None] * (H * K) + i_h * K + o_k[None, :],
+                b_gi = tl.load(
+                    g_cum + (t0 + o_ic)[:, None] * (H * K) + i_h * K + o_k[None, :],
                     mask=m_k[None, :],
                     other=0.0,
                 )
-                b_e = tl.exp(tl.where(m_ge, b_bi[:, None, :] - b_bi[None, :, :], 0.0))
+                b_e = tl.exp(tl.where(m_ge, b_gi[:, None, :] - b_gi[None, :, :], 0.0))
                 b_A += tl.sum(b_q[:, None, :] * b_k[None, :, :] * b_e, 2)
     else:
         # One block per chunk (BC == BT): scores are a single dot, the decay a rank-1 mask.
@@ -371,9 +376,9 @@ def _fwd_A_kernel(
             ).to(tl.float32)
             b_A += tl.dot(b_q, b_kt, input_precision=DOT_PREC)
         if GATE == 1:
-            b_b = tl.load(b + (t0 + o_ic) * H + i_h)
+            b_g = tl.load(g_cum + (t0 + o_ic) * H + i_h)
             m_ge = o_i[:, None] >= o_j[None, :]
-            b_A *= tl.exp(tl.where(m_ge, b_b[:, None] - b_b[None, :], 0.0))
+            b_A *= tl.exp(tl.where(m_ge, b_g[:, None] - b_g[None, :], 0.0))
 
     b_A = tl.where(o_i[:, None] >= o_j[None, :], b_A * scale, 0.0)
     p_A = A + (t0 + o_i)[:, None] * (H * BT) + i_h * BT + o_j[None, :]
@@ -384,7 +389,7 @@ def _fwd_A_kernel(
 def fwd_o_kernel(
     q,
     v,
-    b,
+    g_cum,
     h,
     A,
     o,
@@ -400,7 +405,7 @@ def fwd_o_kernel(
     GATE: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """o [T_all, H, V] = scale (q exp(b)) h + A v, one [BT, BV] block per program."""
+    """o [T_all, H, V] = scale (q exp(g_cum)) h + A v, one [BT, BV] block per program."""
     i_v, i_tg, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _, t0, L = chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
     o_t = tl.arange(0, BT)
@@ -420,18 +425,18 @@ def fwd_o_kernel(
             other=0.0,
         ).to(tl.float32)
         if GATE == 2:
-            b_b = tl.load(
-                b + (t0 + o_tc)[:, None] * (H * K) + i_h * K + o_k[None, :],
+            b_g = tl.load(
+                g_cum + (t0 + o_tc)[:, None] * (H * K) + i_h * K + o_k[None, :],
                 mask=m_k[None, :],
                 other=0.0,
             )
-            b_q *= tl.exp(b_b)
+            b_q *= tl.exp(b_g)
         b_h = tl.load(
             p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0
         )
         b_o += tl.dot(b_q, b_h, input_precision=DOT_PREC)
     if GATE == 1:
-        b_o *= tl.exp(tl.load(b + (t0 + o_tc) * H + i_h))[:, None]
+        b_o *= tl.exp(tl.load(g_cum + (t0 + o_tc) * H + i_h))[:, None]
     b_o *= scale
 
     b_A = tl.load(
@@ -454,7 +459,7 @@ def fwd_o_kernel(
 def _bwd_dh_kernel(
     q,
     do,
-    b,
+    g_cum,
     dh,
     dht,
     dh0,
@@ -473,13 +478,9 @@ def _bwd_dh_kernel(
     DOT_PREC: tl.constexpr,
 ):
     """dh [NT, H, K, V]: gradient of the state LEAVING every chunk; dh0 [N, H, K, V] that of
-    the initial state. Reverse scan: dh_in = Diag(exp(b_L)) dh_out + scale (q exp(b))^T dO."""
+    the initial state. Reverse scan: dh_in = Diag(exp(g_L)) dh_out + scale (q exp(g_cum))^T dO."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    NT = tl.cdiv(eos - bos, BT)
-    boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    i_h, bos, eos, NT, boh = document_span(cu_seqlens, chunk_offsets, i_nh, H, BT)
 
     o_t = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
@@ -510,19 +511,19 @@ def _bwd_dh_kernel(
             other=0.0,
         ).to(tl.float32)
         if GATE == 1:
-            b_bl = tl.load(b + (t0 + L - 1) * H + i_h)
-            b_b = tl.load(b + (t0 + o_tc) * H + i_h)
-            b_dh *= tl.exp(b_bl)
-            b_qt *= tl.exp(b_b)[None, :]
+            b_gl = tl.load(g_cum + (t0 + L - 1) * H + i_h)
+            b_g = tl.load(g_cum + (t0 + o_tc) * H + i_h)
+            b_dh *= tl.exp(b_gl)
+            b_qt *= tl.exp(b_g)[None, :]
         if GATE == 2:
-            b_bl = tl.load(b + (t0 + L - 1) * (H * K) + i_h * K + o_k, mask=m_k, other=0.0)
-            b_bt = tl.load(
-                b + (t0 + o_tc)[None, :] * (H * K) + i_h * K + o_k[:, None],
+            b_gl = tl.load(g_cum + (t0 + L - 1) * (H * K) + i_h * K + o_k, mask=m_k, other=0.0)
+            b_gt = tl.load(
+                g_cum + (t0 + o_tc)[None, :] * (H * K) + i_h * K + o_k[:, None],
                 mask=m_k[:, None],
                 other=0.0,
             )
-            b_dh *= tl.exp(b_bl)[:, None]
-            b_qt *= tl.exp(b_bt)
+            b_dh *= tl.exp(b_gl)[:, None]
+            b_qt *= tl.exp(b_gt)
         b_dh += tl.dot(b_qt, b_do, input_precision=DOT_PREC) * scale
 
     if STORE_DH0:
@@ -571,7 +572,7 @@ def _bwd_dA_kernel(
 @triton.jit
 def _bwd_dv_kernel(
     k,
-    b,
+    g_cum,
     A,
     do,
     dh,
@@ -587,7 +588,7 @@ def _bwd_dv_kernel(
     GATE: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """dv [T_all, H, V] = A^T dO + (k exp(b_L - b)) dh_out."""
+    """dv [T_all, H, V] = A^T dO + (k exp(g_L - g_cum)) dh_out."""
     i_v, i_tg, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _, t0, L = chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
     o_t = tl.arange(0, BT)
@@ -607,20 +608,20 @@ def _bwd_dv_kernel(
             other=0.0,
         ).to(tl.float32)
         if GATE == 2:
-            b_bl = tl.load(b + (t0 + L - 1) * (H * K) + i_h * K + o_k, mask=m_k, other=0.0)
-            b_b = tl.load(
-                b + (t0 + o_tc)[:, None] * (H * K) + i_h * K + o_k[None, :],
+            b_gl = tl.load(g_cum + (t0 + L - 1) * (H * K) + i_h * K + o_k, mask=m_k, other=0.0)
+            b_g = tl.load(
+                g_cum + (t0 + o_tc)[:, None] * (H * K) + i_h * K + o_k[None, :],
                 mask=m_k[None, :],
                 other=0.0,
             )
-            b_k *= tl.exp(b_bl[None, :] - b_b)
+            b_k *= tl.exp(b_gl[None, :] - b_g)
         b_dh = tl.load(
             p_dh + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0
         )
         b_dv += tl.dot(b_k, b_dh, input_precision=DOT_PREC)
     if GATE == 1:
-        b_bl = tl.load(b + (t0 + L - 1) * H + i_h)
-        b_dv *= tl.exp(b_bl - tl.load(b + (t0 + o_tc) * H + i_h))[:, None]
+        b_gl = tl.load(g_cum + (t0 + L - 1) * H + i_h)
+        b_dv *= tl.exp(b_gl - tl.load(g_cum + (t0 + o_tc) * H + i_h))[:, None]
 
     # A^T [BT, BT] read transposed from memory.
     b_At = tl.load(
@@ -639,7 +640,7 @@ def _bwd_dv_kernel(
 def _bwd_dqk_intra_kernel(
     q,
     k,
-    b,
+    g_cum,
     dA,
     dq,
     dk,
@@ -654,7 +655,7 @@ def _bwd_dqk_intra_kernel(
     DOT_PREC: tl.constexpr,
 ):
     """Intra-chunk parts, fp32 [T_all, H, K], for the rows of one BC sub-chunk I:
-    dq_i = sum_{j <= i} dA_ij k_j exp(b_i - b_j), dk_j = sum_{i >= j} dA_ij q_i exp(b_i - b_j).
+    dq_i = sum_{j <= i} dA_ij k_j exp(g_i - g_j), dk_j = sum_{i >= j} dA_ij q_i exp(g_i - g_j).
     """
     i_k, i_tc, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NC: tl.constexpr = BT // BC
@@ -674,8 +675,8 @@ def _bwd_dqk_intra_kernel(
     b_k = tl.load(k + p_i, mask=m_ik, other=0.0).to(tl.float32)
 
     if GATE == 2:
-        b_bi = tl.load(
-            b + (t0 + o_ic)[:, None] * (H * K) + i_h * K + o_k[None, :],
+        b_gi = tl.load(
+            g_cum + (t0 + o_ic)[:, None] * (H * K) + i_h * K + o_k[None, :],
             mask=m_k[None, :],
             other=0.0,
         )
@@ -683,24 +684,24 @@ def _bwd_dqk_intra_kernel(
         b_dk = tl.zeros([BC, BK], dtype=tl.float32)
 
         # dq from earlier sub-chunks J < I (all inside the chunk), through r = first row of I.
-        b_br = tl.load(b + (t0 + i_i * BC) * (H * K) + i_h * K + o_k, mask=m_k, other=0.0)
+        b_gr = tl.load(g_cum + (t0 + i_i * BC) * (H * K) + i_h * K + o_k, mask=m_k, other=0.0)
         for i_j in range(0, i_i):
             o_j = i_j * BC + tl.arange(0, BC)
             p_j = (t0 + o_j)[:, None] * (H * K) + i_h * K + o_k[None, :]
             b_kj = tl.load(k + p_j, mask=m_k[None, :], other=0.0).to(tl.float32)
-            b_bj = tl.load(b + p_j, mask=m_k[None, :], other=0.0)
+            b_gj = tl.load(g_cum + p_j, mask=m_k[None, :], other=0.0)
             b_dA = tl.load(
                 dA + (t0 + o_i)[:, None] * (H * BT) + i_h * BT + o_j[None, :],
                 mask=m_i[:, None],
                 other=0.0,
             )
-            b_dq += tl.dot(b_dA, b_kj * tl.exp(b_br[None, :] - b_bj), input_precision=DOT_PREC)
-        b_dq *= tl.exp(b_bi - b_br[None, :])
+            b_dq += tl.dot(b_dA, b_kj * tl.exp(b_gr[None, :] - b_gj), input_precision=DOT_PREC)
+        b_dq *= tl.exp(b_gi - b_gr[None, :])
 
         # dk from later sub-chunks J > I, through r = last row of I. There are later ones only
-        # when I is full, so that row is inside the chunk; padded rows of J read b_L <= b_r.
-        b_br = tl.load(
-            b + (t0 + tl.minimum(i_i * BC + BC - 1, L - 1)) * (H * K) + i_h * K + o_k,
+        # when I is full, so that row is inside the chunk; padded rows of J read g_L <= g_r.
+        b_gr = tl.load(
+            g_cum + (t0 + tl.minimum(i_i * BC + BC - 1, L - 1)) * (H * K) + i_h * K + o_k,
             mask=m_k,
             other=0.0,
         )
@@ -713,8 +714,8 @@ def _bwd_dqk_intra_kernel(
                 mask=m_j[:, None] & m_k[None, :],
                 other=0.0,
             ).to(tl.float32)
-            b_bj = tl.load(
-                b + (t0 + o_jc)[:, None] * (H * K) + i_h * K + o_k[None, :],
+            b_gj = tl.load(
+                g_cum + (t0 + o_jc)[:, None] * (H * K) + i_h * K + o_k[None, :],
                 mask=m_k[None, :],
                 other=0.0,
             )
@@ -724,13 +725,13 @@ def _bwd_dqk_intra_kernel(
                 mask=m_j[None, :],
                 other=0.0,
             )
-            b_dk += tl.dot(b_dAt, b_qj * tl.exp(b_bj - b_br[None, :]), input_precision=DOT_PREC)
-        b_dk *= tl.exp(b_br[None, :] - b_bi)
+            b_dk += tl.dot(b_dAt, b_qj * tl.exp(b_gj - b_gr[None, :]), input_precision=DOT_PREC)
+        b_dk *= tl.exp(b_gr[None, :] - b_gi)
 
         # Diagonal block elementwise as a [BC (i), BC (j), BK] tile (BK is small here); one
         # exponent tile serves dq and dk. dA is already zero above the diagonal.
         m_ge = (o_i[:, None] >= o_i[None, :])[:, :, None]
-        b_e = tl.exp(tl.where(m_ge, b_bi[:, None, :] - b_bi[None, :, :], 0.0))
+        b_e = tl.exp(tl.where(m_ge, b_gi[:, None, :] - b_gi[None, :, :], 0.0))
         b_dA = tl.load(
             dA + (t0 + o_i)[:, None] * (H * BT) + i_h * BT + o_i[None, :],
             mask=m_i[:, None],
@@ -747,9 +748,9 @@ def _bwd_dqk_intra_kernel(
             other=0.0,
         )
         if GATE == 1:
-            b_b = tl.load(b + (t0 + o_ic) * H + i_h)
+            b_g = tl.load(g_cum + (t0 + o_ic) * H + i_h)
             m_ge = o_i[:, None] >= o_i[None, :]
-            b_dA *= tl.exp(tl.where(m_ge, b_b[:, None] - b_b[None, :], 0.0))
+            b_dA *= tl.exp(tl.where(m_ge, b_g[:, None] - b_g[None, :], 0.0))
         b_dq = tl.dot(b_dA, b_k, input_precision=DOT_PREC)
         b_dk = tl.dot(tl.trans(b_dA), b_q, input_precision=DOT_PREC)
 
@@ -762,7 +763,7 @@ def _bwd_dqk_kernel(
     q,
     k,
     v,
-    b,
+    g_cum,
     h,
     do,
     dh,
@@ -784,7 +785,7 @@ def _bwd_dqk_kernel(
     GATE: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """dq = scale exp(b) (dO h^T) + intra, dk = exp(b_L - b) (v dh^T) + intra, and the
+    """dq = scale exp(g_cum) (dO h^T) + intra, dk = exp(g_L - g_cum) (v dh^T) + intra, and the
     gate's local term q dq - k dk: dg [T_all, H, K] (GATE 2) or its sum over this K block,
     dg [K / BK, T_all, H] (GATE 1)."""
     i_k, i_tg, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -816,19 +817,19 @@ def _bwd_dqk_kernel(
     if GATE == 0:
         b_dq *= scale
     if GATE == 1:
-        b_b = tl.load(b + (t0 + o_tc) * H + i_h)
-        b_bl = tl.load(b + (t0 + L - 1) * H + i_h)
-        b_dq *= (scale * tl.exp(b_b))[:, None]
-        b_dk *= tl.exp(b_bl - b_b)[:, None]
+        b_g = tl.load(g_cum + (t0 + o_tc) * H + i_h)
+        b_gl = tl.load(g_cum + (t0 + L - 1) * H + i_h)
+        b_dq *= (scale * tl.exp(b_g))[:, None]
+        b_dk *= tl.exp(b_gl - b_g)[:, None]
     if GATE == 2:
-        b_b = tl.load(
-            b + (t0 + o_tc)[:, None] * (H * K) + i_h * K + o_k[None, :],
+        b_g = tl.load(
+            g_cum + (t0 + o_tc)[:, None] * (H * K) + i_h * K + o_k[None, :],
             mask=m_k[None, :],
             other=0.0,
         )
-        b_bl = tl.load(b + (t0 + L - 1) * (H * K) + i_h * K + o_k, mask=m_k, other=0.0)
-        b_dq *= scale * tl.exp(b_b)
-        b_dk *= tl.exp(b_bl[None, :] - b_b)
+        b_gl = tl.load(g_cum + (t0 + L - 1) * (H * K) + i_h * K + o_k, mask=m_k, other=0.0)
+        b_dq *= scale * tl.exp(b_g)
+        b_dk *= tl.exp(b_gl[None, :] - b_g)
 
     p_k = (t0 + o_t)[:, None] * (H * K) + i_h * K + o_k[None, :]
     m_tk = m_t[:, None] & m_k[None, :]
@@ -893,18 +894,18 @@ def _gate_kind(g, q) -> int:
 
 
 def local_cumsum(g, gate, ch):
-    """g [T_all, H] or [T_all, H, K] -> b, the fp32 cumsum inside each chunk."""
+    """g [T_all, H] or [T_all, H, K] -> g_cum, the fp32 cumsum inside each chunk."""
     H_, D = (1, g.shape[1]) if gate == GATE_SCALAR else (g.shape[1], g.shape[2])
-    b = torch.empty(g.shape, dtype=torch.float32, device=g.device)
+    g_cum = torch.empty(g.shape, dtype=torch.float32, device=g.device)
     BD = block_size(D)
     grid = (triton.cdiv(D, BD), ch.NT, H_)
     _local_cumsum_kernel[grid](
-        g, b, ch.cu_seqlens, ch.chunk_indices, H=H_, D=D, BT=ch.BT, BD=BD, **launch_options()
+        g, g_cum, ch.cu_seqlens, ch.chunk_indices, H=H_, D=D, BT=ch.BT, BD=BD, **launch_options()
     )
-    return b
+    return g_cum
 
 
-def _states(k, v, b, gate, h0, store_ht, ch, prec):
+def _states(k, v, g_cum, gate, h0, store_ht, ch, prec):
     """-> h [NT, H, K, V] entering states, ht [N, H, K, V] or None."""
     _, H, K = k.shape
     V = v.shape[-1]
@@ -913,14 +914,14 @@ def _states(k, v, b, gate, h0, store_ht, ch, prec):
     ht = k.new_empty(ch.N, H, K, V, dtype=torch.float32) if store_ht else None
     grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), ch.N * H)
     _fwd_h_kernel[grid](
-        k, v, b, h, h0, ht, ch.cu_seqlens, ch.chunk_offsets,
+        k, v, g_cum, h, h0, ht, ch.cu_seqlens, ch.chunk_offsets,
         H=H, K=K, V=V, BT=ch.BT, BK=BK, BV=BV, GATE=gate,
         USE_H0=h0 is not None, STORE_HT=store_ht, DOT_PREC=prec, **launch_options(),
     )  # fmt: skip
     return h, ht
 
 
-def chunk_scores(q, k, b, gate, scale, ch, prec):
+def chunk_scores(q, k, g_cum, gate, scale, ch, prec):
     """-> A [T_all, H, BT] fp32."""
     T_all, H, K = q.shape
     BT = ch.BT
@@ -928,14 +929,15 @@ def chunk_scores(q, k, b, gate, scale, ch, prec):
     NC = BT // BC
     A = q.new_empty(T_all, H, BT, dtype=torch.float32)
     _fwd_A_kernel[(ch.NT, NC * NC, H)](
-        q, k, b, A, ch.cu_seqlens, ch.chunk_indices, scale,
+        q, k, g_cum, A, ch.cu_seqlens, ch.chunk_indices, scale,
         H=H, K=K, BT=BT, BC=BC, BK=block_size(K), BKD=_BKD, GATE=gate, DOT_PREC=prec, **launch_options(),
     )  # fmt: skip
     return A
 
 
 def dot_precision(*xs) -> str:
-    # fp32 callers expect fp32 results; 16-bit inputs lose nothing to TF32's 10-bit mantissa.
+    # fp32 callers expect fp32-level results (three TF32 products); 16-bit inputs lose
+    # nothing to TF32's 10-bit mantissa. The interpreter computes every dot in fp32.
     return "tf32x3" if all(x.dtype == torch.float32 for x in xs) else "tf32"
 
 
@@ -953,16 +955,16 @@ class _ChunkGated(torch.autograd.Function):
         V = v.shape[-1]
         BV = block_size(V)
 
-        b = None if g is None else local_cumsum(g, gate, ch)
-        h, ht = _states(k, v, b, gate, h0, output_final_state, ch, prec)
-        A = chunk_scores(q, k, b, gate, scale, ch, prec)
+        g_cum = None if g is None else local_cumsum(g, gate, ch)
+        h, ht = _states(k, v, g_cum, gate, h0, output_final_state, ch, prec)
+        A = chunk_scores(q, k, g_cum, gate, scale, ch, prec)
         o = torch.empty_like(v)
         fwd_o_kernel[(triton.cdiv(V, BV), ch.NT, H)](
-            q, v, b, h, A, o, ch.cu_seqlens, ch.chunk_indices, scale,
+            q, v, g_cum, h, A, o, ch.cu_seqlens, ch.chunk_indices, scale,
             H=H, K=K, V=V, BT=ch.BT, BK=block_size(K), BV=BV, GATE=gate, DOT_PREC=prec, **launch_options(),
         )  # fmt: skip
 
-        # Only the inputs are kept: b, the states and A are recomputed in the backward.
+        # Only the inputs are kept: g_cum, the states and A are recomputed in the backward.
         ctx.save_for_backward(q, k, v, g, h0)
         ctx.gate, ctx.scale, ctx.ch, ctx.prec = gate, scale, ch, prec
         ctx.h0_dtype = None if initial_state is None else initial_state.dtype
@@ -983,15 +985,15 @@ class _ChunkGated(torch.autograd.Function):
 
         # Recompute what the forward dropped. The final state is needed only for the
         # gate gradient's sum_v ht dht term.
-        b = None if g is None else local_cumsum(g, gate, ch)
+        g_cum = None if g is None else local_cumsum(g, gate, ch)
         need_ht = gate != GATE_NONE and dht is not None
-        h, ht = _states(k, v, b, gate, h0, need_ht, ch, prec)
-        A = chunk_scores(q, k, b, gate, scale, ch, prec)
+        h, ht = _states(k, v, g_cum, gate, h0, need_ht, ch, prec)
+        A = chunk_scores(q, k, g_cum, gate, scale, ch, prec)
 
         dh = q.new_empty(ch.NT, H, K, V, dtype=torch.float32)
         dh0 = None if h0 is None else torch.empty_like(h0)
         _bwd_dh_kernel[(NK, NV, ch.N * H)](
-            q, do, b, dh, dht, dh0, ch.cu_seqlens, ch.chunk_offsets, scale,
+            q, do, g_cum, dh, dht, dh0, ch.cu_seqlens, ch.chunk_offsets, scale,
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate,
             USE_DHT=dht is not None, STORE_DH0=h0 is not None, DOT_PREC=prec, **launch_options(),
         )  # fmt: skip
@@ -1002,7 +1004,7 @@ class _ChunkGated(torch.autograd.Function):
         )  # fmt: skip
         dv = torch.empty_like(v)
         _bwd_dv_kernel[(NV, ch.NT, H)](
-            k, b, A, do, dh, dv, ch.cu_seqlens, ch.chunk_indices,
+            k, g_cum, A, do, dh, dv, ch.cu_seqlens, ch.chunk_indices,
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate, DOT_PREC=prec, **launch_options(),
         )  # fmt: skip
         del A
@@ -1012,7 +1014,7 @@ class _ChunkGated(torch.autograd.Function):
         dq_intra = q.new_empty(T_all, H, K, dtype=torch.float32)
         dk_intra = torch.empty_like(dq_intra)
         _bwd_dqk_intra_kernel[(triton.cdiv(K, BKI), ch.NT * (BT // BC), H)](
-            q, k, b, dA, dq_intra, dk_intra, ch.cu_seqlens, ch.chunk_indices,
+            q, k, g_cum, dA, dq_intra, dk_intra, ch.cu_seqlens, ch.chunk_indices,
             H=H, K=K, BT=BT, BC=BC, BK=BKI, GATE=gate, DOT_PREC=prec, **launch_options(),
         )  # fmt: skip
         dq, dk = torch.empty_like(q), torch.empty_like(k)
@@ -1023,7 +1025,7 @@ class _ChunkGated(torch.autograd.Function):
         else:
             dg_local = None
         _bwd_dqk_kernel[(NK, ch.NT, H)](
-            q, k, v, b, h, do, dh, dq_intra, dk_intra, dq, dk, dg_local,
+            q, k, v, g_cum, h, do, dh, dq_intra, dk_intra, dq, dk, dg_local,
             ch.cu_seqlens, ch.chunk_indices, scale, T_all,
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate, DOT_PREC=prec, **launch_options(),
         )  # fmt: skip

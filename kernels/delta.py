@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from hylas.kernels import chunk_delta_torch as engine
-from hylas.kernels.chunk_torch import CHUNK, _groups, make_layout, to_chunks
+from hylas.kernels.chunk_torch import CHUNK, chunk_groups, make_layout, to_chunks
 from hylas.kernels.common import (
     check_cu_seqlens,
     check_qkv,
@@ -72,11 +72,11 @@ def _chunks(q, k, v, beta, g, scale, cu_seqlens):
     B, T, H, K, V = check_qkv(q, k, v)
     offsets = check_cu_seqlens(cu_seqlens, B, T)
     lay = make_layout(B, T, CHUNK, offsets)
-    qc, kc, vc, bc, gc = engine._prepare(q, k, v, beta, g, lay)
+    qc, kc, vc, bc, gc = engine.prepare_chunks(q, k, v, beta, g, lay)
     scale = default_scale(scale, K)
 
     def group(grp):
-        return engine._Chunk(qc[:, grp], kc[:, grp], vc[:, grp], bc[:, grp], gc[:, grp], scale)
+        return engine.DeltaChunk(qc[:, grp], kc[:, grp], vc[:, grp], bc[:, grp], gc[:, grp], scale)
 
     return lay, group, q.new_zeros(lay.docs, H, K, V, dtype=torch.float32)
 
@@ -88,9 +88,9 @@ def transition(q, k, v, beta, g, scale=None, cu_seqlens=None, starts_document=Fa
     K = q.shape[-1]
     A = torch.eye(K, device=q.device).expand(lay.P, q.shape[2], K, K)
     state, finals = None, []
-    for grp in _groups(lay.N, lay.C):
+    for grp in chunk_groups(lay.N, lay.C):
         ch = group(grp)
-        _, _, state = engine._scan(ch, grp.start, state, zeros, lay, finals)
+        _, _, state = engine.scan_states(ch, grp.start, state, zeros, lay, finals)
         for A_chunk in ch.transition().unbind(1):  # later chunks multiply on the left
             A = A_chunk @ A
     B_state = finals[-1] if lay.packed else finals[0]
@@ -107,10 +107,10 @@ def entering_state_grad(q, k, v, beta, g, do, scale=None, cu_seqlens=None, start
     G_chunk = (scale q exp(gamma) - QK w)^T dO + A_chunk^T G_next.
     """
     lay, group, _ = _chunks(q, k, v, beta, g, scale, cu_seqlens)
-    doc = engine._heads_first(to_chunks(do.float(), lay))
+    doc = engine.heads_first(to_chunks(do.float(), lay))
     first_doc_chunks = lay.doc_last[0] + 1 if lay.packed else lay.N
     grad = None  # w.r.t. the state leaving the current chunk
-    for grp in reversed(_groups(first_doc_chunks, lay.C)):
+    for grp in reversed(chunk_groups(first_doc_chunks, lay.C)):
         ch = group(grp)
         through_h = (ch.q_dec - ch.QK @ ch.w).transpose(-1, -2) @ doc[:, grp]  # [P,G,H,K,V]
         A_chunk = ch.transition()

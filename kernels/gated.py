@@ -58,7 +58,7 @@ def _segment(q, k, v, g, cu_seqlens):
     B, T, H, K, V = check_qkv(q, k, v)
     offsets = check_cu_seqlens(cu_seqlens, B, T)
     lay = chunk_torch.make_layout(B, T, chunk_torch.CHUNK, offsets)
-    b = chunk_torch._gate_cumsum(g, lay, K, q)
+    b = chunk_torch.gate_cumsum(g, lay, K, q)
     return lay, b, q.new_zeros(lay.docs, H, K, V, dtype=torch.float32)
 
 
@@ -68,9 +68,9 @@ def transition(q, k, v, g, scale=None, cu_seqlens=None, starts_document=False):
     lay, b, zeros = _segment(q, k, v, g, cu_seqlens)
     kc, vc = chunk_torch.to_chunks(k, lay), chunk_torch.to_chunks(v, lay)
     state, finals = None, []
-    for grp in chunk_torch._groups(lay.N, lay.C):
-        _, writes, decay = chunk_torch._writes(kc[:, grp], vc[:, grp], b[:, grp])
-        _, state = chunk_torch._scan_forward(writes, decay, grp.start, state, zeros, lay, finals)
+    for grp in chunk_torch.chunk_groups(lay.N, lay.C):
+        _, writes, decay = chunk_torch.chunk_writes(kc[:, grp], vc[:, grp], b[:, grp])
+        _, state = chunk_torch.scan_forward(writes, decay, grp.start, state, zeros, lay, finals)
     B_state = finals[-1] if lay.packed else finals[0]
     A = b[:, :, -1].sum(1).exp()  # [P, H, K|1]: the product of every decay
     if g is None or g.dim() == 3:
@@ -87,11 +87,11 @@ def entering_state_grad(q, k, v, g, do, scale=None, cu_seqlens=None, starts_docu
     scale = default_scale(scale, q.shape[-1])
     qc, doc = chunk_torch.to_chunks(q, lay), chunk_torch.to_chunks(do, lay)
     grad, dh0 = None, []
-    for grp in reversed(chunk_torch._groups(lay.N, lay.C)):
+    for grp in reversed(chunk_torch.chunk_groups(lay.N, lay.C)):
         bg = b[:, grp]
         q_dec = qc[:, grp].float() * scale * bg.exp()
         q_dec_do = torch.einsum("pnchk,pnchv->pnhkv", q_dec, doc[:, grp].float())
         decay = bg[:, :, -1].exp().unsqueeze(-1)
-        _, grad = chunk_torch._scan_backward(q_dec_do, decay, grp.start, grad, zeros, lay, dh0)
+        _, grad = chunk_torch.scan_backward(q_dec_do, decay, grp.start, grad, zeros, lay, dh0)
     G = dh0[-1] if lay.packed else dh0[0]  # the first document's, reached last
     return torch.zeros_like(G) if starts_document else G
