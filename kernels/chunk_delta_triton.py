@@ -15,44 +15,20 @@ for DeltaNet)::
 
     S_t = exp(g_t) (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t        o_t = scale q_t S_t
 
-Chunkwise (the UT transform), with gamma the inclusive cumulative log decay inside a
-chunk (fp32, <= 0, non-increasing), gamma_L its value at the chunk's last token,
-Gam[i, j] = exp(gamma_i - gamma_j) for j <= i (0 above the diagonal) and h the state
-entering the chunk::
-
-    Akk[i, j] = beta_i (k_i . k_j) Gam[i, j]  for j < i, else 0          [BT, BT]
-    Ai = (I + Akk)^{-1}                                                   unit lower triangular
-    u = Ai (beta v)          w = Ai (beta k exp(gamma))                   [BT, V], [BT, K]
-    delta = u - w h                                                       the corrected writes
-    o  = scale (q exp(gamma)) h + (scale q k^T * Gam) delta               (diagonal included)
-    h' = exp(gamma_L) h + (k exp(gamma_L - gamma))^T delta
+Chunkwise, this is the UT transform stated once, with every gradient derived, in the
+docstring of ``chunk_delta_torch`` (the torch path, the readable statement of these
+kernels): gamma the inclusive cumulative log decay inside a chunk, Gam[i, j] =
+exp(gamma_i - gamma_j) for j <= i, Akk the chunk's strictly lower [BT, BT] matrix,
+Ai = (I + Akk)^{-1}, u = Ai (beta v), w = Ai (beta k exp(gamma)), delta = u - w h,
+o = scale (q exp(gamma)) h + (scale q k^T * Gam) delta. The kernels below compute those
+formulas; each kernel's docstring names the ones it covers.
 
 Ai is formed in fp32: forward substitution inverts each BC x BC diagonal block, and the
 blocks below the diagonal follow with tl.dot (Ai_ij = -Ai_ii sum_{j <= m < i} Akk_im Ai_mj).
-
-Backward of one chunk, given dO and dh' (the gradient of the state leaving it)::
-
-    ddelta = (scale q k^T * Gam)^T dO + (k exp(gamma_L - gamma)) dh'
-    dh     = exp(gamma_L) dh' + scale (q exp(gamma))^T dO - w^T ddelta     (entering state)
-    dXu = Ai^T ddelta      dXw = -Ai^T (ddelta h^T)       (Xu = beta v, Xw = beta k exp(gamma))
-    dAkk = -strict_lower(dXu u^T + dXw w^T)
-    dq = scale [ (dO delta^T * Gam) k + exp(gamma) (dO h^T) ]
-    dk = scale (dO delta^T * Gam)^T q + exp(gamma_L - gamma) (delta dh'^T)
-         + beta exp(gamma) dXw + (dAkk * beta_i Gam) k + (dAkk * beta_i Gam)^T k
-    dv = beta dXu
-    dbeta = sum_V(v dXu) + sum_K(k exp(gamma) dXw) + sum_j dAkk[i, j] (k_i . k_j) Gam[i, j]
-
-The gradient of gamma collects every factor exp(gamma_i - gamma_j) (+ to row i, - to
-column j) and exp(gamma_i) (+ to i); dg is its reverse cumsum inside the chunk::
-
-    Po = (scale q k^T * Gam) * (dO delta^T)        rows +, columns -
-    Pa = dAkk * Akk                                rows +, columns -
-    + sum_V(dO * scale (q exp(gamma)) h)   + sum_K(Xw dXw)
-    + at the last token: sum(exp(gamma_L) h * dh') + sum_j r_j;  - r_j at j,
-      with r_j = sum_{K,V} (k_j exp(gamma_L - gamma_j))^T delta_j * dh'
-
-Equivalently q . dq - k . dk_o per token (dk_o the first line of dk) plus the Pa and Xw
-terms and the last token's sum(h' * dh'), h' the state leaving the chunk.
+The gate gradient dgamma (Po, Pa, the Xw term and the last token's terms in
+``chunk_delta_torch``) is q . dq - k . dk_o per token (dk_o the first line of dk) plus the
+Pa and Xw terms and the last token's sum(h' * dh'), h' the state leaving the chunk; dg is
+its reverse cumsum inside the chunk.
 
 Every exponent is kept <= 0, so nothing overflows at any decay: exp(gamma),
 exp(gamma_L - gamma) and exp(gamma_L) are so by construction, and exp(gamma_i - gamma_j)

@@ -226,3 +226,34 @@ def test_triton_backend_through_the_family_call(family):
     ref = outputs_and_grads(family.naive, inputs, h0)
     triton_chunk = lambda *a, **kw: family.chunk(*a, backend="triton", **kw)  # noqa: E731
     assert_all_close(outputs_and_grads(triton_chunk, inputs, h0), ref, family, tol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["naive", "torch", "triton", "recurrent", "recurrent-triton"])
+def test_gated_two_tokens_by_hand(backend):
+    """Two tokens of Gated DeltaNet from a given state, written out by hand: the public
+    argument order (g, beta) reaches every implementation unswapped."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 2, 1, 4, generator=gen)
+    k = F.normalize(torch.randn(1, 2, 1, 4, generator=gen), dim=-1)
+    v = torch.randn(1, 2, 1, 3, generator=gen)
+    g = torch.tensor([[[-0.5], [-1.5]]])
+    beta = torch.tensor([[[0.25], [0.75]]])
+    S = torch.randn(1, 1, 4, 3, generator=gen)
+    h0 = S.clone()
+    outs = []
+    for t in range(2):
+        kt, vt = k[0, t, 0][:, None], v[0, t, 0][None, :]  # column k, row v
+        S = g[0, t, 0].exp() * (torch.eye(4) - beta[0, t, 0] * kt @ kt.T) @ S[0, 0]
+        S = (S + beta[0, t, 0] * kt @ vt)[None, None]
+        outs.append(0.5 * q[0, t, 0] @ S[0, 0])
+    o_ref = torch.stack(outs)[None, :, None]
+    kw = dict(scale=0.5, initial_state=h0, output_final_state=True)
+    if backend == "naive":
+        o, ht = gated_delta_rule.naive(q, k, v, g, beta, **kw)
+    elif backend.startswith("recurrent"):
+        rec_backend = "triton" if backend.endswith("triton") else "auto"
+        o, ht = gated_delta_rule.recurrent(q, k, v, g, beta, backend=rec_backend, **kw)
+    else:
+        o, ht = gated_delta_rule.chunk(q, k, v, g, beta, backend=backend, **kw)
+    assert_close(o, o_ref, 1e-5, "o")
+    assert_close(ht, S, 1e-5, "final state")
