@@ -112,15 +112,15 @@ class DeltaChunk:
         return self.e_last.unsqueeze(-1) * eye - self.k_dec.transpose(-1, -2) @ self.w
 
 
-def prepare_chunks(q, k, v, beta, g, lay: Layout):
-    """Inputs in the chunked layout, fp32, heads first: [P, N, H, C, *] (beta, gamma [P,N,H,C])."""
+def prepare_chunks(q, k, v, g, beta, lay: Layout):
+    """Inputs in the chunked layout, fp32, heads first: [P, N, H, C, *] (gamma, beta [P,N,H,C])."""
     qc, kc, vc = (heads_first(to_chunks(x.float(), lay)) for x in (q, k, v))
     bc = to_chunks(beta.float(), lay).transpose(2, 3)
     if g is None:
         gamma = torch.zeros_like(bc)
     else:
         gamma = to_chunks(g.float(), lay).cumsum(2).transpose(2, 3)
-    return qc, kc, vc, bc, gamma
+    return qc, kc, vc, gamma, bc
 
 
 def scan_states(ch: DeltaChunk, n0: int, state, h0, lay: Layout, finals: list):
@@ -140,9 +140,9 @@ def scan_states(ch: DeltaChunk, n0: int, state, h0, lay: Layout, finals: list):
     return torch.stack(entering, 1), torch.stack(deltas, 1), state
 
 
-def _forward(q, k, v, beta, g, scale, h0, lay: Layout):
+def _forward(q, k, v, g, beta, scale, h0, lay: Layout):
     H, K, V = q.shape[-2], q.shape[-1], v.shape[-1]
-    qc, kc, vc, bc, gc = prepare_chunks(q, k, v, beta, g, lay)
+    qc, kc, vc, gc, bc = prepare_chunks(q, k, v, g, beta, lay)
     h0 = initial_states(h0, lay.docs, H, K, V, q)
     o = torch.empty(*vc.shape, dtype=torch.float32, device=q.device)
     state, finals = None, []
@@ -155,9 +155,9 @@ def _forward(q, k, v, beta, g, scale, h0, lay: Layout):
 
 class ChunkDelta(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, beta, g, h0, scale, lay, T):
-        o, finals = _forward(q, k, v, beta, g, scale, h0, lay)
-        ctx.save_for_backward(q, k, v, beta, g, h0)
+    def forward(ctx, q, k, v, g, beta, h0, scale, lay, T):
+        o, finals = _forward(q, k, v, g, beta, scale, h0, lay)
+        ctx.save_for_backward(q, k, v, g, beta, h0)
         ctx.meta = (scale, lay, T)
         return from_chunks(heads_first(o), lay, T).to(v.dtype), finals
 
@@ -168,10 +168,10 @@ class ChunkDelta(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, do, dht):
-        q, k, v, beta, g, h0 = ctx.saved_tensors
+        q, k, v, g, beta, h0 = ctx.saved_tensors
         scale, lay, T = ctx.meta
         H, K, V = q.shape[-2], q.shape[-1], v.shape[-1]
-        qc, kc, vc, bc, gc = prepare_chunks(q, k, v, beta, g, lay)
+        qc, kc, vc, gc, bc = prepare_chunks(q, k, v, g, beta, lay)
         doc = heads_first(to_chunks(do.float(), lay))
         h0 = initial_states(h0, lay.docs, H, K, V, q)
         groups = chunk_groups(lay.N, lay.C)
@@ -232,8 +232,8 @@ class ChunkDelta(torch.autograd.Function):
             dq_t.to(q.dtype),
             dk_t.to(k.dtype),
             dv_t.to(v.dtype),
-            dbeta_t.to(beta.dtype),
             dg,
+            dbeta_t.to(beta.dtype),
             dh0,
             None,
             None,
@@ -281,10 +281,10 @@ def _chunk_grads(ch: DeltaChunk, do, h, delta, ddelta, dh_out):
 
 
 def chunk_delta_torch(
-    q, k, v, beta, g, scale, initial_state, output_final_state, offsets, chunk_size=CHUNK
+    q, k, v, g, beta, scale, initial_state, output_final_state, offsets, chunk_size=CHUNK
 ):
     """o [B,T,H,V] (v's dtype), final states [D,H,K,V] fp32 or None; see the module docstring."""
     B, T = q.shape[:2]
     lay = make_layout(B, T, chunk_size, offsets)
-    o, finals = ChunkDelta.apply(q, k, v, beta, g, initial_state, scale, lay, T)
+    o, finals = ChunkDelta.apply(q, k, v, g, beta, initial_state, scale, lay, T)
     return o, (finals if output_final_state else None)

@@ -851,7 +851,7 @@ class _ChunkDelta(torch.autograd.Function):
     """On [T_all, H, *] tensors (B folded into documents); see chunk_delta_triton."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, g, initial_state, scale, output_final_state, ch):
+    def forward(ctx, q, k, v, g, beta, initial_state, scale, output_final_state, ch):
         q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
         g = None if g is None else g.contiguous()
         h0 = None if initial_state is None else initial_state.float().contiguous()
@@ -874,7 +874,7 @@ class _ChunkDelta(torch.autograd.Function):
         )  # fmt: skip
 
         # Only the inputs are kept: the UT transform and the states are recomputed.
-        ctx.save_for_backward(q, k, v, beta, g, h0)
+        ctx.save_for_backward(q, k, v, g, beta, h0)
         ctx.scale, ctx.ch, ctx.prec = scale, ch, prec
         ctx.h0_dtype = None if initial_state is None else initial_state.dtype
         ctx.set_materialize_grads(False)
@@ -883,7 +883,7 @@ class _ChunkDelta(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dht):
-        q, k, v, beta, g, h0 = ctx.saved_tensors
+        q, k, v, g, beta, h0 = ctx.saved_tensors
         scale, ch, prec = ctx.scale, ctx.ch, ctx.prec
         T_all, H, K = q.shape
         V = v.shape[-1]
@@ -933,15 +933,15 @@ class _ChunkDelta(torch.autograd.Function):
         )  # fmt: skip
         if dh0 is not None:
             dh0 = dh0.to(ctx.h0_dtype)
-        return dq, dk, dv, dbeta, dg, dh0, None, None, None
+        return dq, dk, dv, dg, dbeta, dh0, None, None, None
 
 
 def chunk_delta_triton(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    beta: torch.Tensor,
     g: torch.Tensor | None,
+    beta: torch.Tensor,
     scale: float,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
@@ -952,8 +952,8 @@ def chunk_delta_triton(
     Args:
         q, k: [B, T, H, K]; v: [B, T, H, V] (K != V allowed, neither need be a power of two).
             Any float dtype; all arithmetic is fp32. Keys are expected L2-normalised.
-        beta: [B, T, H] write strength (in [0, 1], or [0, 2] for negative eigenvalues).
         g: None (DeltaNet) or [B, T, H] log decay <= 0 (Gated DeltaNet).
+        beta: [B, T, H] write strength (in [0, 1], or [0, 2] for negative eigenvalues).
         scale: multiplies q (commonly K ** -0.5).
         initial_state: [N, H, K, V] fp32 or None (zeros); N = B, or the number of
             documents with ``cu_seqlens``.
@@ -964,13 +964,13 @@ def chunk_delta_triton(
 
     Returns:
         o [B, T, H, V] in v's dtype and ht [N, H, K, V] fp32 (or None). Differentiable in
-        q, k, v, beta, g and initial_state; the backward recomputes the chunk states.
+        q, k, v, g, beta and initial_state; the backward recomputes the chunk states.
     """
     B, T, H, _ = q.shape
     V = v.shape[-1]
     ch = Chunks(cu_seqlens, B, T, _BT, q.device)
     # Fold B into the token axis: B documents of length T (a view for contiguous inputs).
-    flat = [x.reshape(B * T, *x.shape[2:]) for x in (q, k, v, beta)]
-    g_flat = None if g is None else g.reshape(B * T, H)
-    o, ht = _ChunkDelta.apply(*flat, g_flat, initial_state, scale, output_final_state, ch)
+    q_, k_, v_, beta_ = (x.reshape(B * T, *x.shape[2:]) for x in (q, k, v, beta))
+    g_ = None if g is None else g.reshape(B * T, H)
+    o, ht = _ChunkDelta.apply(q_, k_, v_, g_, beta_, initial_state, scale, output_final_state, ch)
     return o.reshape(B, T, H, V), ht

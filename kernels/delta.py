@@ -40,7 +40,7 @@ def check_beta(beta: torch.Tensor | None, q: torch.Tensor) -> None:
         raise ValueError(f"beta must be {list(want)} (write strength, in [0, 2]), got {got}")
 
 
-def chunk(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, backend):
+def chunk(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, backend):
     B, T, H, K, V = check_qkv(q, k, v)
     offsets = check_cu_seqlens(cu_seqlens, B, T)
     check_state(initial_state, B if offsets is None else len(offsets) - 1, H, K, V)
@@ -49,30 +49,30 @@ def chunk(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens
         from hylas.kernels.chunk_delta_triton import chunk_delta_triton
 
         return chunk_delta_triton(
-            q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens
+            q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens
         )
     return engine.chunk_delta_torch(
-        q, k, v, beta, g, scale, initial_state, output_final_state, offsets
+        q, k, v, g, beta, scale, initial_state, output_final_state, offsets
     )
 
 
-def recurrent(q, k, v, beta, g, scale, initial_state, output_final_state, backend):
+def recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, backend):
     B, _T, H, K, V = check_qkv(q, k, v)
     check_state(initial_state, B, H, K, V)
     scale = default_scale(scale, K)
     if resolve_backend(backend, q) == "triton":
         from hylas.kernels.recurrent_triton import fused_recurrent_delta
 
-        return fused_recurrent_delta(q, k, v, beta, g, scale, initial_state, output_final_state)
-    return naive_delta(q, k, v, beta, g, scale, initial_state, output_final_state)
+        return fused_recurrent_delta(q, k, v, g, beta, scale, initial_state, output_final_state)
+    return naive_delta(q, k, v, g, beta, scale, initial_state, output_final_state)
 
 
-def _chunks(q, k, v, beta, g, scale, cu_seqlens):
+def _chunks(q, k, v, g, beta, scale, cu_seqlens):
     """The layout and a per-group generator of the engine's chunk quantities."""
     B, T, H, K, V = check_qkv(q, k, v)
     offsets = check_cu_seqlens(cu_seqlens, B, T)
     lay = make_layout(B, T, CHUNK, offsets)
-    qc, kc, vc, bc, gc = engine.prepare_chunks(q, k, v, beta, g, lay)
+    qc, kc, vc, gc, bc = engine.prepare_chunks(q, k, v, g, beta, lay)
     scale = default_scale(scale, K)
 
     def group(grp):
@@ -82,9 +82,9 @@ def _chunks(q, k, v, beta, g, scale, cu_seqlens):
 
 
 @torch.no_grad()
-def transition(q, k, v, beta, g, scale=None, cu_seqlens=None, starts_document=False):
+def transition(q, k, v, g, beta, scale=None, cu_seqlens=None, starts_document=False):
     """(A [N, H, K, K], B [N, H, K, V]) of the segment, fp32; see the module docstring."""
-    lay, group, zeros = _chunks(q, k, v, beta, g, scale, cu_seqlens)
+    lay, group, zeros = _chunks(q, k, v, g, beta, scale, cu_seqlens)
     K = q.shape[-1]
     A = torch.eye(K, device=q.device).expand(lay.P, q.shape[2], K, K)
     state, finals = None, []
@@ -100,13 +100,13 @@ def transition(q, k, v, beta, g, scale=None, cu_seqlens=None, starts_document=Fa
 
 
 @torch.no_grad()
-def entering_state_grad(q, k, v, beta, g, do, scale=None, cu_seqlens=None, starts_document=False):
+def entering_state_grad(q, k, v, g, beta, do, scale=None, cu_seqlens=None, starts_document=False):
     """G [N, H, K, V] fp32 (N = B, or 1 when packed): d(own outputs)/d(entering state).
 
     A reverse pass over the chunks of the segment's first document:
     G_chunk = (scale q exp(gamma) - QK w)^T dO + A_chunk^T G_next.
     """
-    lay, group, _ = _chunks(q, k, v, beta, g, scale, cu_seqlens)
+    lay, group, _ = _chunks(q, k, v, g, beta, scale, cu_seqlens)
     doc = engine.heads_first(to_chunks(do.float(), lay))
     first_doc_chunks = lay.doc_last[0] + 1 if lay.packed else lay.N
     grad = None  # w.r.t. the state leaving the current chunk

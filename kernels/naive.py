@@ -72,8 +72,8 @@ def naive_gated(
     )
 
 
-def _delta_recurrence(q, k, v, beta, g, scale, state):
-    """q, k [T, H, K], v [T, H, V], beta, g [T, H], state [H, K, V] fp32 -> o, state."""
+def _delta_recurrence(q, k, v, g, beta, scale, state):
+    """q, k [T, H, K], v [T, H, V], g, beta [T, H], state [H, K, V] fp32 -> o, state."""
     outputs = []
     for t in range(q.shape[0]):
         state = g[t].exp()[:, None, None] * state
@@ -87,8 +87,8 @@ def naive_delta(
     q,
     k,
     v,
+    g,
     beta,
-    g=None,
     scale=None,
     initial_state=None,
     output_final_state=False,
@@ -103,5 +103,5 @@ def naive_delta(
     if g is None:
         g = q.new_zeros(q.shape[:3], dtype=torch.float32)
     return _run_documents(
-        _delta_recurrence, q, k, v, [beta, g], scale, initial_state, output_final_state, cu_seqlens
+        _delta_recurrence, q, k, v, [g, beta], scale, initial_state, output_final_state, cu_seqlens
     )

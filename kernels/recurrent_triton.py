@@ -289,7 +289,7 @@ def _fused_recurrent_delta_kernel(
         tl.store(ht + offs_state, b_h, mask=mask_kv)
 
 
-def _check_delta_shapes(q, k, v, beta, g, initial_state) -> tuple[int, int, int, int, int]:
+def _check_delta_shapes(q, k, v, g, beta, initial_state) -> tuple[int, int, int, int, int]:
     """Return (B, T, H, K, V) or raise one ValueError naming every expected shape."""
     ok = q.dim() == 4 and k.shape == q.shape and v.dim() == 4 and v.shape[:3] == q.shape[:3]
     if ok:
@@ -312,8 +312,8 @@ def fused_recurrent_delta(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    beta: torch.Tensor,
     g: torch.Tensor | None,
+    beta: torch.Tensor,
     scale: float,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = True,
@@ -322,8 +322,8 @@ def fused_recurrent_delta(
 
     Args:
         q, k: [B, T, H, K] (keys expected L2-normalised); v: [B, T, H, V].
-        beta: [B, T, H] write strength (in [0, 1], or [0, 2] for negative eigenvalues).
         g: None (DeltaNet) or [B, T, H] log decay <= 0 (Gated DeltaNet).
+        beta: [B, T, H] write strength (in [0, 1], or [0, 2] for negative eigenvalues).
         scale: multiplies q (commonly K ** -0.5).
         initial_state: [B, H, K, V], read in fp32; None starts from zeros.
         output_final_state: return the state after the last token.
@@ -334,7 +334,7 @@ def fused_recurrent_delta(
 
     Inference only: no backward is defined. On CPU tensors this needs ``TRITON_INTERPRET=1``.
     """
-    B, T, H, K, V = _check_delta_shapes(q, k, v, beta, g, initial_state)
+    B, T, H, K, V = _check_delta_shapes(q, k, v, g, beta, initial_state)
     q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
     if g is not None:
         g = g.contiguous()

@@ -29,7 +29,7 @@ def chunk(
     """Chunkwise, with gradients for q, k, v, beta and initial_state. backend: auto | torch | triton."""
     delta.check_beta(beta, q)
     return delta.chunk(
-        q, k, v, beta, None, scale, initial_state, output_final_state, cu_seqlens, backend
+        q, k, v, None, beta, scale, initial_state, output_final_state, cu_seqlens, backend
     )
 
 
@@ -37,7 +37,7 @@ def naive(q, k, v, beta, scale=None, initial_state=None, output_final_state=Fals
     """The fp32 per-token recurrence: the oracle."""
     delta.check_beta(beta, q)
     return delta.naive_delta(
-        q, k, v, beta, None, scale, initial_state, output_final_state, cu_seqlens
+        q, k, v, None, beta, scale, initial_state, output_final_state, cu_seqlens
     )
 
 
@@ -48,16 +48,16 @@ def recurrent(
 
     backend: auto | torch | triton, as for ``chunk``."""
     delta.check_beta(beta, q)
-    return delta.recurrent(q, k, v, beta, None, scale, initial_state, output_final_state, backend)
+    return delta.recurrent(q, k, v, None, beta, scale, initial_state, output_final_state, backend)
 
 
 def transition(q, k, v, beta, scale=None, cu_seqlens=None, starts_document=False):
     """LASP-2: (A [N, H, K, K], B [N, H, K, V]) with S_out = A @ S_in + B."""
     delta.check_beta(beta, q)
-    return delta.transition(q, k, v, beta, None, scale, cu_seqlens, starts_document)
+    return delta.transition(q, k, v, None, beta, scale, cu_seqlens, starts_document)
 
 
 def entering_state_grad(q, k, v, beta, do, scale=None, cu_seqlens=None, starts_document=False):
     """LASP-2: G [N, H, K, V], the gradient of the segment's outputs on its entering state."""
     delta.check_beta(beta, q)
-    return delta.entering_state_grad(q, k, v, beta, None, do, scale, cu_seqlens, starts_document)
+    return delta.entering_state_grad(q, k, v, None, beta, do, scale, cu_seqlens, starts_document)

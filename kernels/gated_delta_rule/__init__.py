@@ -34,7 +34,7 @@ def chunk(
     """Chunkwise, with gradients for q, k, v, g, beta and initial_state. backend: auto | torch | triton."""
     _check(q, g, beta)
     return delta.chunk(
-        q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, backend
+        q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, backend
     )
 
 
@@ -43,7 +43,7 @@ def naive(
 ):
     """The fp32 per-token recurrence: the oracle."""
     _check(q, g, beta)
-    return delta.naive_delta(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)
+    return delta.naive_delta(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
 
 
 def recurrent(
@@ -53,16 +53,16 @@ def recurrent(
 
     backend: auto | torch | triton, as for ``chunk``."""
     _check(q, g, beta)
-    return delta.recurrent(q, k, v, beta, g, scale, initial_state, output_final_state, backend)
+    return delta.recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, backend)
 
 
 def transition(q, k, v, g, beta, scale=None, cu_seqlens=None, starts_document=False):
     """LASP-2: (A [N, H, K, K], B [N, H, K, V]) with S_out = A @ S_in + B."""
     _check(q, g, beta)
-    return delta.transition(q, k, v, beta, g, scale, cu_seqlens, starts_document)
+    return delta.transition(q, k, v, g, beta, scale, cu_seqlens, starts_document)
 
 
 def entering_state_grad(q, k, v, g, beta, do, scale=None, cu_seqlens=None, starts_document=False):
     """LASP-2: G [N, H, K, V], the gradient of the segment's outputs on its entering state."""
     _check(q, g, beta)
-    return delta.entering_state_grad(q, k, v, beta, g, do, scale, cu_seqlens, starts_document)
+    return delta.entering_state_grad(q, k, v, g, beta, do, scale, cu_seqlens, starts_document)

@@ -1,7 +1,7 @@
 """The chunkwise delta-rule Triton kernels (run by the interpreter here) against the fp32
 per-token naive_delta, for DeltaNet (g None) and Gated DeltaNet (g [B, T, H]).
 
-Every case checks o, the final state and the gradients of q, k, v, beta, g and the
+Every case checks o, the final state and the gradients of q, k, v, g, beta and the
 initial state through one random projection of both outputs.
 """
 
@@ -21,7 +21,7 @@ GATED = [False, True]
 def make_inputs(
     T, gated, b=B, h=H, k_dim=K, v_dim=V, beta_max=1.0, strong=False, dtype=torch.float32, seed=0
 ):
-    """q, k (L2-normalised), v, beta ~ U(0, beta_max) and g (None, or a [B, T, H] log decay).
+    """q, k (L2-normalised), v, g (None, or a [B, T, H] log decay) and beta ~ U(0, beta_max).
 
     beta_max = 2 allows negative eigenvalues of I - beta k^T k; strong: g = -20 * U(0, 1),
     a decay of up to exp(-20) per token."""
@@ -36,21 +36,21 @@ def make_inputs(
             g = -20 * torch.rand(b, T, h, generator=gen)
         else:
             g = F.logsigmoid(torch.randn(b, T, h, generator=gen) * 2)
-    return q.to(dtype), k.to(dtype), v.to(dtype), beta.to(dtype), g
+    return q.to(dtype), k.to(dtype), v.to(dtype), g, beta.to(dtype)
 
 
-def oracle(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens):
-    return naive_delta(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)
+def oracle(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
+    return naive_delta(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
 
 
-def run_with_grads(fn, q, k, v, beta, g, h0, cu_seqlens=None, scale=None):
+def run_with_grads(fn, q, k, v, g, beta, h0, cu_seqlens=None, scale=None):
     """o, ht and the gradients of [q, k, v, beta, (g), (h0)] of (o dO).sum() + (ht dht).sum()."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, beta)]
     extra = [x.detach().clone().requires_grad_() for x in (g, h0) if x is not None]
     g_ = extra[0] if g is not None else None
     h0_ = extra[-1] if h0 is not None else None
-    o, ht = fn(*leaves, g_, scale, h0_, True, cu_seqlens)
+    o, ht = fn(*leaves[:3], g_, leaves[3], scale, h0_, True, cu_seqlens)
     gen = torch.Generator().manual_seed(1)
     do = torch.randn(o.shape, generator=gen)
     dht = torch.randn(ht.shape, generator=gen)
@@ -58,9 +58,9 @@ def run_with_grads(fn, q, k, v, beta, g, h0, cu_seqlens=None, scale=None):
     return o, ht, grads
 
 
-def check_against_naive(q, k, v, beta, g, h0, cu_seqlens=None, tol=TOL):
-    o_ref, ht_ref, g_ref = run_with_grads(oracle, q, k, v, beta, g, h0, cu_seqlens)
-    o, ht, grads = run_with_grads(chunk_delta_triton, q, k, v, beta, g, h0, cu_seqlens)
+def check_against_naive(q, k, v, g, beta, h0, cu_seqlens=None, tol=TOL):
+    o_ref, ht_ref, g_ref = run_with_grads(oracle, q, k, v, g, beta, h0, cu_seqlens)
+    o, ht, grads = run_with_grads(chunk_delta_triton, q, k, v, g, beta, h0, cu_seqlens)
     assert o.dtype == v.dtype and o.shape == v.shape
     assert ht.dtype == torch.float32 and ht.shape == ht_ref.shape
     assert_close(o.float(), o_ref.float(), tol, "o")
@@ -81,36 +81,36 @@ def check_against_naive(q, k, v, beta, g, h0, cu_seqlens=None, tol=TOL):
     [(1, True, 2.0), (37, False, 1.0), (64, True, 1.0), (200, True, 2.0)],
 )
 def test_matches_naive(gated, T, with_h0, beta_max):
-    q, k, v, beta, g = make_inputs(T, gated, beta_max=beta_max)
+    q, k, v, g, beta = make_inputs(T, gated, beta_max=beta_max)
     h0 = torch.randn(B, H, K, V) if with_h0 else None
-    check_against_naive(q, k, v, beta, g, h0)
+    check_against_naive(q, k, v, g, beta, h0)
 
 
 @pytest.mark.parametrize("gated", GATED, ids=["deltanet", "gated"])
 def test_no_initial_state_over_several_chunks(gated):
-    q, k, v, beta, g = make_inputs(150, gated, h=1, beta_max=2.0, seed=1)
-    check_against_naive(q, k, v, beta, g, None)
+    q, k, v, g, beta = make_inputs(150, gated, h=1, beta_max=2.0, seed=1)
+    check_against_naive(q, k, v, g, beta, None)
 
 
 @pytest.mark.parametrize("gated", GATED, ids=["deltanet", "gated"])
 def test_packed_documents(gated):
     """Documents restart from their own initial state; the last chunk of each is partial."""
     lengths = [50, 1, 64, 93]
-    q, k, v, beta, g = make_inputs(sum(lengths), gated, b=1, beta_max=2.0, seed=2)
+    q, k, v, g, beta = make_inputs(sum(lengths), gated, b=1, beta_max=2.0, seed=2)
     cu = torch.tensor([0, 50, 51, 115, 208], dtype=torch.int32)
     h0 = torch.randn(len(lengths), H, K, V)
-    check_against_naive(q, k, v, beta, g, h0, cu_seqlens=cu)
+    check_against_naive(q, k, v, g, beta, h0, cu_seqlens=cu)
 
 
 def test_packed_equals_separate_runs():
     """The packed result is the concatenation of the documents run one by one."""
     lengths = [50, 1, 64, 93]
-    q, k, v, beta, g = make_inputs(sum(lengths), True, b=1, seed=3)
+    q, k, v, g, beta = make_inputs(sum(lengths), True, b=1, seed=3)
     cu = torch.tensor([0, 50, 51, 115, 208], dtype=torch.int32)
     h0 = torch.randn(len(lengths), H, K, V)
-    o, ht = chunk_delta_triton(q, k, v, beta, g, 0.3, h0, True, cu)
+    o, ht = chunk_delta_triton(q, k, v, g, beta, 0.3, h0, True, cu)
     for n, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)):
-        part = (x[:, s:e] for x in (q, k, v, beta, g))
+        part = (x[:, s:e] for x in (q, k, v, g, beta))
         o_n, ht_n = chunk_delta_triton(*part, 0.3, h0[n : n + 1], True)
         assert_close(o[:, s:e], o_n, 1e-6, f"o of document {n}")
         assert_close(ht[n : n + 1], ht_n, 1e-6, f"ht of document {n}")
@@ -118,8 +118,8 @@ def test_packed_equals_separate_runs():
 
 def test_strong_decay_is_finite_and_accurate():
     """g = -20 * U(0, 1) per token: any exp(+gamma) over a chunk would overflow fp32."""
-    q, k, v, beta, g = make_inputs(150, True, strong=True, beta_max=2.0, seed=4)
-    check_against_naive(q, k, v, beta, g, torch.randn(B, H, K, V))
+    q, k, v, g, beta = make_inputs(150, True, strong=True, beta_max=2.0, seed=4)
+    check_against_naive(q, k, v, g, beta, torch.randn(B, H, K, V))
 
 
 def test_no_exp_of_a_positive_number(monkeypatch):
@@ -137,9 +137,9 @@ def test_no_exp_of_a_positive_number(monkeypatch):
         return original(self, arg)
 
     monkeypatch.setattr(builder, "create_exp", create_exp)
-    q, k, v, beta, g = make_inputs(100, True, b=1, h=1, strong=True, seed=10)
+    q, k, v, g, beta = make_inputs(100, True, b=1, h=1, strong=True, seed=10)
     cu = torch.tensor([0, 30, 31, 100], dtype=torch.int32)
-    run_with_grads(chunk_delta_triton, q, k, v, beta, g, torch.randn(3, 1, K, V), cu)
+    run_with_grads(chunk_delta_triton, q, k, v, g, beta, torch.randn(3, 1, K, V), cu)
     assert largest and max(largest) <= 0.0
 
 
@@ -147,8 +147,8 @@ def test_no_exp_of_a_positive_number(monkeypatch):
 def test_several_key_and_value_blocks(gated):
     """K = 72 and V = 80: two 64-wide key blocks (in the scans, two register blocks of
     the state) and two 64-wide value blocks, the last ones masked."""
-    q, k, v, beta, g = make_inputs(70, gated, b=1, h=1, k_dim=72, v_dim=80, seed=6)
-    check_against_naive(q, k, v, beta, g, torch.randn(1, 1, 72, 80))
+    q, k, v, g, beta = make_inputs(70, gated, b=1, h=1, k_dim=72, v_dim=80, seed=6)
+    check_against_naive(q, k, v, g, beta, torch.randn(1, 1, 72, 80))
 
 
 @pytest.mark.parametrize("gated", GATED, ids=["deltanet", "gated"])
@@ -159,16 +159,16 @@ def test_recipe_and_wide_heads(gated, k_dim, v_dim):
     """The recipes' heads, K = 96 and V = 192 (the scans hold two 64-row key blocks and
     run three 64-column value blocks), and K = 200 (four key blocks, the last masked, over
     32-column value blocks), fp32, packed, with a partial last chunk."""
-    q, k, v, beta, g = make_inputs(90, gated, b=1, h=1, k_dim=k_dim, v_dim=v_dim, seed=11)
+    q, k, v, g, beta = make_inputs(90, gated, b=1, h=1, k_dim=k_dim, v_dim=v_dim, seed=11)
     cu = torch.tensor([0, 20, 90], dtype=torch.int32)
     h0 = torch.randn(2, 1, k_dim, v_dim)
-    check_against_naive(q, k, v, beta, g, h0, cu_seqlens=cu)
+    check_against_naive(q, k, v, g, beta, h0, cu_seqlens=cu)
 
 
 def test_without_final_state():
     """output_final_state=False: ht is None and the gradients need no dht."""
-    q, k, v, beta, g = make_inputs(70, True, h=1, seed=7)
-    leaves = [x.requires_grad_() for x in (q, k, v, beta, g)]
+    q, k, v, g, beta = make_inputs(70, True, h=1, seed=7)
+    leaves = [x.requires_grad_() for x in (q, k, v, g, beta)]
     o, ht = chunk_delta_triton(*leaves, 0.25)
     assert ht is None
     o_ref, _ = naive_delta(*leaves, scale=0.25)
@@ -176,16 +176,16 @@ def test_without_final_state():
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(1))
     grads = torch.autograd.grad((o * do).sum(), leaves)
     grads_ref = torch.autograd.grad((o_ref * do).sum(), leaves)
-    for name, a, e in zip(["dq", "dk", "dv", "dbeta", "dg"], grads, grads_ref, strict=True):
+    for name, a, e in zip(["dq", "dk", "dv", "dg", "dbeta"], grads, grads_ref, strict=True):
         assert_close(a, e, TOL, name, atol=1e-5 if name == "dg" else 0.0)
 
 
 def test_bf16_inputs():
     """16-bit inputs: loads are cast to fp32, o comes back in v's dtype."""
-    q, k, v, beta, g = make_inputs(40, True, h=1, dtype=torch.bfloat16, seed=8)
-    o, ht = chunk_delta_triton(q, k, v, beta, g, K**-0.5, None, True)
+    q, k, v, g, beta = make_inputs(40, True, h=1, dtype=torch.bfloat16, seed=8)
+    o, ht = chunk_delta_triton(q, k, v, g, beta, K**-0.5, None, True)
     assert o.dtype == torch.bfloat16 and ht.dtype == torch.float32
-    o_ref, ht_ref = naive_delta(q, k, v, beta, g, K**-0.5, output_final_state=True)
+    o_ref, ht_ref = naive_delta(q, k, v, g, beta, K**-0.5, output_final_state=True)
     assert_close(o.float(), o_ref.float(), 2e-2, "o")
     assert_close(ht, ht_ref, 1e-2, "ht")
 
@@ -194,5 +194,5 @@ def test_bf16_inputs():
 @pytest.mark.parametrize("gated", GATED, ids=["deltanet", "gated"])
 def test_larger_matrices(gated):
     """H = 4, K = V = 64, several chunks per document."""
-    q, k, v, beta, g = make_inputs(300, gated, b=1, h=4, k_dim=64, v_dim=64, beta_max=2.0)
-    check_against_naive(q, k, v, beta, g, torch.randn(1, 4, 64, 64))
+    q, k, v, g, beta = make_inputs(300, gated, b=1, h=4, k_dim=64, v_dim=64, beta_max=2.0)
+    check_against_naive(q, k, v, g, beta, torch.randn(1, 4, 64, 64))

@@ -137,16 +137,16 @@ def make_delta_inputs(T, gated, k_dim=K, v_dim=V, beta_max=2.0, dtype=torch.floa
     v = torch.randn(B, T, H, v_dim, generator=gen)
     beta = beta_max * torch.rand(B, T, H, generator=gen)
     g = F.logsigmoid(torch.randn(B, T, H, generator=gen) * 2) if gated else None
-    return q.to(dtype), k.to(dtype), v.to(dtype), beta.to(dtype), g
+    return q.to(dtype), k.to(dtype), v.to(dtype), g, beta.to(dtype)
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
 @pytest.mark.parametrize(("T", "with_h0"), [(1, True), (5, False), (33, True)])
 def test_delta_matches_naive(gated, T, with_h0):
-    q, k, v, beta, g = make_delta_inputs(T, gated)
+    q, k, v, g, beta = make_delta_inputs(T, gated)
     h0 = torch.randn(B, H, K, V) if with_h0 else None
-    o_ref, ht_ref = naive_delta(q, k, v, beta, g, K**-0.5, h0, output_final_state=True)
-    o, ht = fused_recurrent_delta(q, k, v, beta, g, K**-0.5, initial_state=h0)
+    o_ref, ht_ref = naive_delta(q, k, v, g, beta, K**-0.5, h0, output_final_state=True)
+    o, ht = fused_recurrent_delta(q, k, v, g, beta, K**-0.5, initial_state=h0)
     assert o.dtype == v.dtype and o.shape == (B, T, H, V)
     assert ht.dtype == torch.float32 and ht.shape == (B, H, K, V)
     assert_close(o, o_ref, 1e-5, "o")
@@ -158,16 +158,16 @@ def test_delta_matches_naive(gated, T, with_h0):
 def test_delta_decoding_after_a_prefill(gated, prefill):
     """Tokens 64..69 decoded one at a time from the state after the first 64 (from the
     chunkwise kernel or from this one) equal naive_delta over all 70 tokens."""
-    q, k, v, beta, g = make_delta_inputs(70, gated, seed=1)
-    o_ref, ht_ref = naive_delta(q, k, v, beta, g, 0.3, output_final_state=True)
-    first = [None if x is None else x[:, :64] for x in (q, k, v, beta, g)]
+    q, k, v, g, beta = make_delta_inputs(70, gated, seed=1)
+    o_ref, ht_ref = naive_delta(q, k, v, g, beta, 0.3, output_final_state=True)
+    first = [None if x is None else x[:, :64] for x in (q, k, v, g, beta)]
     if prefill == "chunk":
         o_first, state = chunk_delta_triton(*first, 0.3, None, True)
     else:
         o_first, state = fused_recurrent_delta(*first, 0.3)
     outputs = [o_first]
     for t in range(64, 70):
-        step = [None if x is None else x[:, t : t + 1] for x in (q, k, v, beta, g)]
+        step = [None if x is None else x[:, t : t + 1] for x in (q, k, v, g, beta)]
         o_t, state = fused_recurrent_delta(*step, 0.3, initial_state=state)
         outputs.append(o_t)
     assert_close(torch.cat(outputs, dim=1), o_ref, 1e-5, "o")
@@ -177,20 +177,20 @@ def test_delta_decoding_after_a_prefill(gated, prefill):
 
 def test_delta_several_value_blocks():
     """K = 64, V = 72: the state slice holds all of K, so V splits over two programs."""
-    q, k, v, beta, g = make_delta_inputs(5, True, k_dim=64, v_dim=72)
+    q, k, v, g, beta = make_delta_inputs(5, True, k_dim=64, v_dim=72)
     h0 = torch.randn(B, H, 64, 72)
-    o_ref, ht_ref = naive_delta(q, k, v, beta, g, 0.3, h0, output_final_state=True)
-    o, ht = fused_recurrent_delta(q, k, v, beta, g, 0.3, initial_state=h0)
+    o_ref, ht_ref = naive_delta(q, k, v, g, beta, 0.3, h0, output_final_state=True)
+    o, ht = fused_recurrent_delta(q, k, v, g, beta, 0.3, initial_state=h0)
     assert_close(o, o_ref, 1e-5, "o")
     assert_close(ht, ht_ref, 1e-5, "ht")
 
 
 def test_delta_bf16_inputs_and_no_final_state():
-    q, k, v, beta, g = make_delta_inputs(5, True, dtype=torch.bfloat16)
+    q, k, v, g, beta = make_delta_inputs(5, True, dtype=torch.bfloat16)
     h0 = torch.randn(B, H, K, V)
-    o, ht = fused_recurrent_delta(q, k, v, beta, g, K**-0.5, h0, output_final_state=False)
+    o, ht = fused_recurrent_delta(q, k, v, g, beta, K**-0.5, h0, output_final_state=False)
     assert o.dtype == torch.bfloat16 and ht is None
-    o_ref, _ = naive_delta(q, k, v, beta, g, K**-0.5, h0)
+    o_ref, _ = naive_delta(q, k, v, g, beta, K**-0.5, h0)
     assert_close(o.float(), o_ref.float(), 2e-2, "o")
 
 
@@ -199,10 +199,10 @@ def test_delta_bf16_inputs_and_no_final_state():
     [{"beta": torch.zeros(B, 3, H, 1)}, {"g": torch.zeros(B, 3, H, K)}],
 )
 def test_delta_bad_shapes_raise(bad):
-    q, k, v, beta, g = make_delta_inputs(3, True)
+    q, k, v, g, beta = make_delta_inputs(3, True)
     args = {"beta": beta, "g": g} | bad
     with pytest.raises(ValueError, match="fused_recurrent_delta expects"):
-        fused_recurrent_delta(q, k, v, args["beta"], args["g"], 1.0)
+        fused_recurrent_delta(q, k, v, args["g"], args["beta"], 1.0)
 
 
 @pytest.mark.parametrize("family", ["gla", "gated_delta_rule"])
