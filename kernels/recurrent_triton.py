@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hylas.kernels.gpu_limits import launch_options
+
 # Cap on the fp32 state slice one program holds (BK * BV elements): 4096 is 32 registers a
 # thread at 4 warps, leaving room for q, k, v and the products without spilling.
 _MAX_STATE_BLOCK = 4096
@@ -199,7 +201,7 @@ def fused_recurrent_gated(
         USE_GK=use_gk,
         USE_INITIAL_STATE=initial_state is not None,
         STORE_FINAL_STATE=output_final_state,
-        num_warps=4,
+        **launch_options(),
     )
     return o, ht
 
@@ -371,6 +373,6 @@ def fused_recurrent_delta(
         USE_G=g is not None,
         USE_INITIAL_STATE=initial_state is not None,
         STORE_FINAL_STATE=output_final_state,
-        num_warps=4,
+        **launch_options(),
     )
     return o, ht
