@@ -312,6 +312,33 @@ def _store_state(base, x, i_kb: tl.constexpr, o_v, m_v, K, V):
 
 
 @triton.jit
+def _load_states(base, NKB: tl.constexpr, o_v, m_v, K, V):
+    """The NKB row blocks [64, BV] of columns o_v of a [K, V] state (zeros past NKB)."""
+    b_1 = _load_state(base, 0, o_v, m_v, K, V)
+    b_2 = tl.zeros_like(b_1)
+    b_3 = tl.zeros_like(b_1)
+    b_4 = tl.zeros_like(b_1)
+    if NKB > 1:
+        b_2 = _load_state(base, 1, o_v, m_v, K, V)
+    if NKB > 2:
+        b_3 = _load_state(base, 2, o_v, m_v, K, V)
+    if NKB > 3:
+        b_4 = _load_state(base, 3, o_v, m_v, K, V)
+    return b_1, b_2, b_3, b_4
+
+
+@triton.jit
+def _store_states(base, b_1, b_2, b_3, b_4, NKB: tl.constexpr, o_v, m_v, K, V):
+    _store_state(base, b_1, 0, o_v, m_v, K, V)
+    if NKB > 1:
+        _store_state(base, b_2, 1, o_v, m_v, K, V)
+    if NKB > 2:
+        _store_state(base, b_3, 2, o_v, m_v, K, V)
+    if NKB > 3:
+        _store_state(base, b_4, 3, o_v, m_v, K, V)
+
+
+@triton.jit
 def _key_cols(i_kb: tl.constexpr, K):
     """Columns [64 i_kb, 64 i_kb + 64) of a K axis, and their mask."""
     o_k = i_kb * 64 + tl.arange(0, 64)
@@ -356,32 +383,18 @@ def _fwd_h_kernel(
     o_k3, m_k3 = _key_cols(2, K)
     o_k4, m_k4 = _key_cols(3, K)
 
-    b_h1 = tl.zeros([64, BV], dtype=tl.float32)
-    b_h2 = tl.zeros([64, BV], dtype=tl.float32)
-    b_h3 = tl.zeros([64, BV], dtype=tl.float32)
-    b_h4 = tl.zeros([64, BV], dtype=tl.float32)
     if USE_H0:
-        p_h0 = h0 + i_nh.to(tl.int64) * K * V
-        b_h1 += _load_state(p_h0, 0, o_v, m_v, K, V)
-        if NKB > 1:
-            b_h2 += _load_state(p_h0, 1, o_v, m_v, K, V)
-        if NKB > 2:
-            b_h3 += _load_state(p_h0, 2, o_v, m_v, K, V)
-        if NKB > 3:
-            b_h4 += _load_state(p_h0, 3, o_v, m_v, K, V)
+        b_h1, b_h2, b_h3, b_h4 = _load_states(h0 + i_nh.to(tl.int64) * K * V, NKB, o_v, m_v, K, V)
+    else:
+        b_h1 = tl.zeros([64, BV], dtype=tl.float32)
+        b_h2, b_h3, b_h4 = tl.zeros_like(b_h1), tl.zeros_like(b_h1), tl.zeros_like(b_h1)
 
     for i_t in range(NT):
         t0 = bos + i_t * BT
         L = tl.minimum(eos - t0, BT)
         m_t = o_t < L
         p_h = h + ((boh + i_t) * H + i_h) * K * V
-        _store_state(p_h, b_h1, 0, o_v, m_v, K, V)
-        if NKB > 1:
-            _store_state(p_h, b_h2, 1, o_v, m_v, K, V)
-        if NKB > 2:
-            _store_state(p_h, b_h3, 2, o_v, m_v, K, V)
-        if NKB > 3:
-            _store_state(p_h, b_h4, 3, o_v, m_v, K, V)
+        _store_states(p_h, b_h1, b_h2, b_h3, b_h4, NKB, o_v, m_v, K, V)
 
         # delta = u - w h, one K block at a time.
         b_d = load_rows(u, t0, o_t, m_t, i_h, H, V, o_v, m_v)
@@ -427,17 +440,22 @@ def _fwd_h_kernel(
 
     if STORE_HT:
         p_ht = ht + i_nh.to(tl.int64) * K * V
-        _store_state(p_ht, b_h1, 0, o_v, m_v, K, V)
-        if NKB > 1:
-            _store_state(p_ht, b_h2, 1, o_v, m_v, K, V)
-        if NKB > 2:
-            _store_state(p_ht, b_h3, 2, o_v, m_v, K, V)
-        if NKB > 3:
-            _store_state(p_ht, b_h4, 3, o_v, m_v, K, V)
+        _store_states(p_ht, b_h1, b_h2, b_h3, b_h4, NKB, o_v, m_v, K, V)
 
 
 # ----------------------------------------------------------------------------------------
 # Backward
+
+
+@triton.jit
+def _dh_block(
+    b_dh, q, w, t0, o_t, m_t, i_h, H, K, o_k, m_k, b_qdec, b_do, b_dd, DOT_PREC: tl.constexpr
+):
+    """One 64-row block of dh += (scale q exp(gamma))^T dO - w^T ddelta."""
+    b_qt = load_cols(q, t0, o_t, m_t, i_h, H, K, o_k, m_k) * b_qdec[None, :]
+    b_wt = load_cols(w, t0, o_t, m_t, i_h, H, K, o_k, m_k)
+    b_dh += tl.dot(b_qt, b_do, input_precision=DOT_PREC)
+    return b_dh - tl.dot(b_wt, b_dd, input_precision=DOT_PREC)
 
 
 @triton.jit
@@ -481,19 +499,12 @@ def _bwd_dh_kernel(
     o_k3, m_k3 = _key_cols(2, K)
     o_k4, m_k4 = _key_cols(3, K)
 
-    b_dh1 = tl.zeros([64, BV], dtype=tl.float32)
-    b_dh2 = tl.zeros([64, BV], dtype=tl.float32)
-    b_dh3 = tl.zeros([64, BV], dtype=tl.float32)
-    b_dh4 = tl.zeros([64, BV], dtype=tl.float32)
     if USE_DHT:
         p_dht = dht + i_nh.to(tl.int64) * K * V
-        b_dh1 += _load_state(p_dht, 0, o_v, m_v, K, V)
-        if NKB > 1:
-            b_dh2 += _load_state(p_dht, 1, o_v, m_v, K, V)
-        if NKB > 2:
-            b_dh3 += _load_state(p_dht, 2, o_v, m_v, K, V)
-        if NKB > 3:
-            b_dh4 += _load_state(p_dht, 3, o_v, m_v, K, V)
+        b_dh1, b_dh2, b_dh3, b_dh4 = _load_states(p_dht, NKB, o_v, m_v, K, V)
+    else:
+        b_dh1 = tl.zeros([64, BV], dtype=tl.float32)
+        b_dh2, b_dh3, b_dh4 = tl.zeros_like(b_dh1), tl.zeros_like(b_dh1), tl.zeros_like(b_dh1)
 
     for it in range(NT):
         i_t = NT - 1 - it
@@ -501,13 +512,7 @@ def _bwd_dh_kernel(
         L = tl.minimum(eos - t0, BT)
         m_t = o_t < L
         p_dh = dh + ((boh + i_t) * H + i_h) * K * V
-        _store_state(p_dh, b_dh1, 0, o_v, m_v, K, V)
-        if NKB > 1:
-            _store_state(p_dh, b_dh2, 1, o_v, m_v, K, V)
-        if NKB > 2:
-            _store_state(p_dh, b_dh3, 2, o_v, m_v, K, V)
-        if NKB > 3:
-            _store_state(p_dh, b_dh4, 3, o_v, m_v, K, V)
+        _store_states(p_dh, b_dh1, b_dh2, b_dh3, b_dh4, NKB, o_v, m_v, K, V)
 
         if USE_G:
             b_gl = tl.load(gamma + (t0 + L - 1) * H + i_h)
@@ -546,35 +551,25 @@ def _bwd_dh_kernel(
             b_dh2 *= tl.exp(b_gl)
             b_dh3 *= tl.exp(b_gl)
             b_dh4 *= tl.exp(b_gl)
-        b_qt = load_cols(q, t0, o_t, m_t, i_h, H, K, o_k1, m_k1) * b_qdec[None, :]
-        b_wt = load_cols(w, t0, o_t, m_t, i_h, H, K, o_k1, m_k1)
-        b_dh1 += tl.dot(b_qt, b_do, input_precision=DOT_PREC)
-        b_dh1 -= tl.dot(b_wt, b_dd, input_precision=DOT_PREC)
+        b_dh1 = _dh_block(
+            b_dh1, q, w, t0, o_t, m_t, i_h, H, K, o_k1, m_k1, b_qdec, b_do, b_dd, DOT_PREC
+        )
         if NKB > 1:
-            b_qt = load_cols(q, t0, o_t, m_t, i_h, H, K, o_k2, m_k2) * b_qdec[None, :]
-            b_wt = load_cols(w, t0, o_t, m_t, i_h, H, K, o_k2, m_k2)
-            b_dh2 += tl.dot(b_qt, b_do, input_precision=DOT_PREC)
-            b_dh2 -= tl.dot(b_wt, b_dd, input_precision=DOT_PREC)
+            b_dh2 = _dh_block(
+                b_dh2, q, w, t0, o_t, m_t, i_h, H, K, o_k2, m_k2, b_qdec, b_do, b_dd, DOT_PREC
+            )
         if NKB > 2:
-            b_qt = load_cols(q, t0, o_t, m_t, i_h, H, K, o_k3, m_k3) * b_qdec[None, :]
-            b_wt = load_cols(w, t0, o_t, m_t, i_h, H, K, o_k3, m_k3)
-            b_dh3 += tl.dot(b_qt, b_do, input_precision=DOT_PREC)
-            b_dh3 -= tl.dot(b_wt, b_dd, input_precision=DOT_PREC)
+            b_dh3 = _dh_block(
+                b_dh3, q, w, t0, o_t, m_t, i_h, H, K, o_k3, m_k3, b_qdec, b_do, b_dd, DOT_PREC
+            )
         if NKB > 3:
-            b_qt = load_cols(q, t0, o_t, m_t, i_h, H, K, o_k4, m_k4) * b_qdec[None, :]
-            b_wt = load_cols(w, t0, o_t, m_t, i_h, H, K, o_k4, m_k4)
-            b_dh4 += tl.dot(b_qt, b_do, input_precision=DOT_PREC)
-            b_dh4 -= tl.dot(b_wt, b_dd, input_precision=DOT_PREC)
+            b_dh4 = _dh_block(
+                b_dh4, q, w, t0, o_t, m_t, i_h, H, K, o_k4, m_k4, b_qdec, b_do, b_dd, DOT_PREC
+            )
 
     if STORE_DH0:
         p_dh0 = dh0 + i_nh.to(tl.int64) * K * V
-        _store_state(p_dh0, b_dh1, 0, o_v, m_v, K, V)
-        if NKB > 1:
-            _store_state(p_dh0, b_dh2, 1, o_v, m_v, K, V)
-        if NKB > 2:
-            _store_state(p_dh0, b_dh3, 2, o_v, m_v, K, V)
-        if NKB > 3:
-            _store_state(p_dh0, b_dh4, 3, o_v, m_v, K, V)
+        _store_states(p_dh0, b_dh1, b_dh2, b_dh3, b_dh4, NKB, o_v, m_v, K, V)
 
 
 @triton.jit
