@@ -47,10 +47,10 @@ Kernels (grids in brackets):
     _fwd_kkt        [NT, H]            Akk [T_all, H, BT]
     _solve_tril     [NT, H]            Ai = (I + Akk)^{-1} [T_all, H, BT] (lower triangle)
     _fwd_wu         [NT, H]            w [T_all, H, K], u [T_all, H, V]
-    _fwd_h          [V/BV, N*H]        states entering every chunk (+ final) and delta: a scan
+    _delta_fwd_h    [V/BV, N*H]        states entering every chunk (+ final) and delta: a scan
     _fwd_A          [NT, 1, H]         scale q k^T * Gam, causal (chunk_triton)
     _fwd_o          [V/BV, NT, H]      o = scale (q exp(gamma)) h + A delta (chunk_triton)
-    _bwd_dh         [V/BV, N*H]        reverse scan: dh' of every chunk (+ dh0) and ddelta
+    _delta_bwd_dh   [V/BV, N*H]        reverse scan: dh' of every chunk (+ dh0) and ddelta
     _bwd_dqkwg      [K/BK, NT, H]      dq, the first line of dk, dw = -ddelta h^T, and the
                                        gamma terms of dq and dk per K block
     _bwd_wy         [NT, H]            dk, dv, dbeta; dgamma completed and reverse-cumsummed
@@ -346,7 +346,7 @@ def _key_cols(i_kb: tl.constexpr, K):
 
 
 @triton.jit
-def _fwd_h_kernel(
+def _delta_fwd_h_kernel(
     k,
     u,
     w,
@@ -459,7 +459,7 @@ def _dh_block(
 
 
 @triton.jit
-def _bwd_dh_kernel(
+def _delta_bwd_dh_kernel(
     q,
     k,
     w,
@@ -488,7 +488,7 @@ def _bwd_dh_kernel(
     dh0 [N, H, K, V]. Reverse scan, last chunk first, with A = scale q k^T * Gam (causal):
     ddelta = A^T dO + (k exp(gamma_L - gamma)) dh',
     dh = exp(gamma_L) dh' + scale (q exp(g))^T dO - w^T ddelta.
-    All of K per program, in NKB <= 4 row blocks of 64, as in _fwd_h_kernel."""
+    All of K per program, in NKB <= 4 row blocks of 64, as in _delta_fwd_h_kernel."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_h, bos, eos, NT, boh = document_span(cu_seqlens, chunk_offsets, i_nh, H, BT)
     o_t = tl.arange(0, BT)
@@ -834,7 +834,7 @@ def _states(k, u, w, gamma, h0, store_ht, ch, prec):
     h = k.new_empty(ch.NT, H, K, V, dtype=torch.float32)
     delta = torch.empty_like(u)
     ht = k.new_empty(ch.N, H, K, V, dtype=torch.float32) if store_ht else None
-    _fwd_h_kernel[(triton.cdiv(V, BV), ch.N * H)](
+    _delta_fwd_h_kernel[(triton.cdiv(V, BV), ch.N * H)](
         k, u, w, gamma, h, delta, h0, ht, ch.cu_seqlens, ch.chunk_offsets,
         H=H, K=K, V=V, BT=ch.BT, NKB=NKB, BV=BV, USE_G=gamma is not None,
         USE_H0=h0 is not None, STORE_HT=store_ht, DOT_PREC=prec, **launch_options(),
@@ -899,7 +899,7 @@ class _ChunkDelta(torch.autograd.Function):
         dh = q.new_empty(ch.NT, H, K, V, dtype=torch.float32)
         ddelta = torch.empty_like(delta)
         dh0 = None if h0 is None else torch.empty_like(h0)
-        _bwd_dh_kernel[(triton.cdiv(V, BVs), ch.N * H)](
+        _delta_bwd_dh_kernel[(triton.cdiv(V, BVs), ch.N * H)](
             q, k, w, gamma, A, do, dh, ddelta, dht, dh0, ch.cu_seqlens, ch.chunk_offsets,
             scale, H=H, K=K, V=V, BT=BT, NKB=NKB, BV=BVs, USE_G=use_g,
             USE_DHT=dht is not None, STORE_DH0=h0 is not None, DOT_PREC=prec,

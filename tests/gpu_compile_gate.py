@@ -352,6 +352,28 @@ def table(records: list[Compiled]) -> str:
     return "\n".join(rows)
 
 
+def summary(records) -> str:
+    """Per target and kernel: how many configs compiled, the most shared memory one asks
+    for against the limit, the most registers and stack bytes a thread."""
+    worst = {}
+    for r in records:
+        r = r if isinstance(r, dict) else dataclasses.asdict(r)
+        key = (r["target"], r["kernel"])
+        w = worst.setdefault(key, {"n": 0, "shared": 0, "regs": 0, "stack": 0})
+        w["n"] += 1
+        w["shared"] = max(w["shared"], r["shared"])
+        w["regs"] = max(w["regs"], r["registers"])
+        w["stack"] = max(w["stack"], r["local_bytes"])
+    rows = ["| target | kernel | configs | most shared memory, B (limit) | regs | stack B |"]
+    rows.append("|" + "---|" * 6)
+    for (target, kernel), w in sorted(worst.items()):
+        rows.append(
+            f"| {target} | {kernel} | {w['n']} | {w['shared']:,} ({TARGETS[target][1]:,}) | "
+            f"{w['regs']} | {w['stack']} |"
+        )
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--matrix", choices=("ci", "full"), default="ci")
@@ -359,6 +381,7 @@ def main(argv=None) -> int:
     p.add_argument("--families", default=",".join(FAMILIES))
     p.add_argument("--json", help="also write the records to this file")
     p.add_argument("--probe", action="store_true", help="also compile the oversized probe")
+    p.add_argument("--summary", action="store_true", help="one row per kernel and target")
     args = p.parse_args(argv)
     if "TRITON_CACHE_DIR" not in os.environ:
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="hylas-gate-cache-")
@@ -373,7 +396,7 @@ def main(argv=None) -> int:
         cases, args.targets.split(","), log=lambda m: print(m, flush=True),
         probe=args.probe, states=states,
     )  # fmt: skip
-    print(table(records))
+    print(summary(records) if args.summary else table(records))
     bad = [r for r in records if r.problems() and "probe" not in r.cases]
     print(
         f"{len(records)} kernels compiled for {args.targets} in "
