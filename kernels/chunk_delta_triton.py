@@ -903,8 +903,9 @@ class _ChunkDelta(torch.autograd.Function):
             q, k, w, gamma, A, do, dh, ddelta, dht, dh0, ch.cu_seqlens, ch.chunk_offsets,
             scale, H=H, K=K, V=V, BT=BT, NKB=NKB, BV=BVs, USE_G=use_g,
             USE_DHT=dht is not None, STORE_DH0=h0 is not None, DOT_PREC=prec,
-            # A chunk loads 3 NKB key tiles: two stages of them pass H100's limit at K > 128.
-            **launch_options(max_stages=1 if NKB > 2 else 2),
+            # A chunk loads 3 NKB key tiles. Two stages of them pass A100's limit from
+            # NKB x element size > 4 (fp32 at K > 64, 16-bit at K > 128), H100's at K > 128.
+            **launch_options(max_stages=1 if NKB * q.element_size() > 4 else 2),
         )  # fmt: skip
         del A
 

@@ -379,6 +379,7 @@ def main(argv=None) -> int:
     p.add_argument("--matrix", choices=("ci", "full"), default="ci")
     p.add_argument("--targets", default=",".join(TARGETS))
     p.add_argument("--families", default=",".join(FAMILIES))
+    p.add_argument("--dtypes", default="float32,bfloat16,float16")
     p.add_argument("--json", help="also write the records to this file")
     p.add_argument("--probe", action="store_true", help="also compile the oversized probe")
     p.add_argument("--summary", action="store_true", help="one row per kernel and target")
@@ -387,7 +388,7 @@ def main(argv=None) -> int:
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="hylas-gate-cache-")
     cases = ci_cases() if args.matrix == "ci" else full_cases()
     families = args.families.split(",")
-    cases = [c for c in cases if c[0] in families]
+    cases = [c for c in cases if c[0] in families and c[3] in args.dtypes.split(",")]
     start = time.perf_counter()
     # The CI matrix compiles the variant with initial and final states only: the training
     # step's variant differs by a load before and a store after the scan loop.
