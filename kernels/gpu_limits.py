@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import functools
 
+from hylas.kernels.common import triton_interpreted
+
 # Head sizes the kernels serve and the gate checks. The delta-rule scans hold a state
 # column block of all of K in registers, as at most four 64-row blocks.
 MAX_HEAD_SIZE = 256
@@ -44,8 +46,6 @@ def _shared_memory_per_block(device: int) -> int:
 
 def shared_memory_per_block() -> int | None:
     """Of the device Triton launches on now; None under the interpreter (no limit)."""
-    from hylas.kernels.common import triton_interpreted
-
     if triton_interpreted():
         return None
     from triton.runtime import driver

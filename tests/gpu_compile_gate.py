@@ -87,7 +87,7 @@ class Compiled:
     warps: int
     stages: int
     registers: int = -1
-    local_bytes: int = -1  # stack and local memory a thread: register spills
+    stack_bytes: int = -1  # stack and local memory a thread: register spills
     compile_s: float = 0.0
     cases: list = dataclasses.field(default_factory=list)
 
@@ -189,7 +189,7 @@ class CompileOnlyDriver:
     def get_device_properties(self, device):
         # The real limit: Hylas sizes its launches from it, and Triton refuses a kernel
         # over it with OutOfResources, as it would on the GPU.
-        return {"max_shared_mem": TARGETS[list(TARGETS)[device]][1], "multiprocessor_count": 108}
+        return {"max_shared_mem": TARGETS[list(TARGETS)[device]][1]}
 
     def launcher_cls(self, src, metadata):
         names = list(src.fn.arg_names)
@@ -221,7 +221,7 @@ class CompileOnlyDriver:
 
     def load_binary(self, name, cubin, shared, device):
         if self._last is not None and self._last.registers < 0:
-            self._last.registers, self._last.local_bytes = _resource_usage(cubin)
+            self._last.registers, self._last.stack_bytes = _resource_usage(cubin)
         return None, None, 0, 0, 1024
 
 
@@ -347,7 +347,7 @@ def table(records: list[Compiled]) -> str:
         status = "; ".join(r.problems()) or "ok"
         rows.append(
             f"| {r.target} | {r.kernel} | {r.config} | {r.shared:,} | {r.registers} | "
-            f"{r.local_bytes} | {r.compile_s:.1f} | {status} |"
+            f"{r.stack_bytes} | {r.compile_s:.1f} | {status} |"
         )
     return "\n".join(rows)
 
@@ -363,7 +363,7 @@ def summary(records) -> str:
         w["n"] += 1
         w["shared"] = max(w["shared"], r["shared"])
         w["regs"] = max(w["regs"], r["registers"])
-        w["stack"] = max(w["stack"], r["local_bytes"])
+        w["stack"] = max(w["stack"], r["stack_bytes"])
     rows = ["| target | kernel | configs | most shared memory, B (limit) | regs | stack B |"]
     rows.append("|" + "---|" * 6)
     for (target, kernel), w in sorted(worst.items()):
