@@ -28,10 +28,17 @@ __all__ = ["Config", "ConfigError", "load_config", "recipe_names"]
 class TrainConfig:
     steps: int = 600
     seq_len: int = 256
-    batch_size: int = 16
+    batch_size: int = 16  # the global batch: samples per optimizer step, over all ranks
+    # Samples one rank runs per forward; 0 = batch_size / dp (no accumulation). Gradient
+    # accumulation steps = batch_size / (micro_batch_size x dp).
+    micro_batch_size: int = 0
     lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
     warmup_steps: int = 50
+    # cosine: warmup, then cosine decay over the rest. wsd: warmup, then constant lr, then
+    # a linear decay over the last decay_fraction of the steps (warmup-stable-decay).
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2
     weight_decay: float = 0.1  # never applied to norms, biases or embeddings
     beta1: float = 0.9
     beta2: float = 0.95
@@ -46,7 +53,10 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 0  # 0 = checkpoint at the end only
     exit_at_step: int = 0  # > 0: checkpoint and exit cleanly at that step (job time limits)
-    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    keep_checkpoints: int = 3  # keep the newest K checkpoints; 0 = all
+    max_bad_steps: int = 5  # stop after this many skipped (non-finite) steps in a row
+    init_from: str = ""  # a checkpoint whose weights start a new run (fresh optimizer, step 0)
+    threads: int = 0  # torch intra-op threads per process; 0 = torch's default
 
     def validate(self) -> TrainConfig:
         for name in ("steps", "seq_len", "batch_size", "eval_batches", "log_every"):
@@ -59,6 +69,8 @@ class TrainConfig:
             "exit_at_step",
             "threads",
             "grad_clip",
+            "micro_batch_size",
+            "keep_checkpoints",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
@@ -70,12 +82,56 @@ class TrainConfig:
             raise ConfigError(
                 f"train.warmup_steps ({self.warmup_steps}) cannot exceed train.steps ({self.steps})"
             )
+        if self.max_bad_steps <= 0:
+            raise ConfigError(f"train.max_bad_steps must be positive, got {self.max_bad_steps}")
+        if self.schedule not in ("cosine", "wsd"):
+            raise ConfigError(f"train.schedule must be cosine or wsd, got {self.schedule!r}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"train.decay_fraction must be in (0, 1], got {self.decay_fraction}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"train.dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ConfigError("train.beta1 and train.beta2 must be in [0, 1)")
         if self.weight_decay < 0:
             raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        return self
+
+
+@dataclass
+class ParallelConfig:
+    """How the processes torchrun starts are laid out (docs/architecture.md, "Parallel
+    dimensions"): world = dp x sp; dp follows from the world size."""
+
+    sp: int = 1  # sequence-parallel ranks per sample (LASP-2); 1 = off
+    zero_stage: int = 1  # DeepSpeed ZeRO: 0 off, 1 optimizer states, 2 + gradients, 3 + weights
+    deepspeed_config: str = ""  # a DeepSpeed JSON adding what Hylas has no key for
+    timeout_s: float = 600.0  # how long a collective waits for a peer before the run fails
+
+    def validate(self) -> ParallelConfig:
+        if self.sp != 1:
+            raise ConfigError(
+                "parallel.sp is not available yet in this version of Hylas (LASP-2 sequence "
+                "parallelism arrives later); leave it at 1"
+            )
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"parallel.timeout_s must be positive, got {self.timeout_s}")
+        return self
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging from rank 0: the metrics, the resolved config, the layout."""
+
+    enabled: bool = False
+    project: str = "hylas"
+    name: str = ""  # empty: the run directory's name
+    mode: str = "auto"  # auto (online with an API key, else offline) | online | offline
+
+    def validate(self) -> WandbConfig:
+        if self.mode not in ("auto", "online", "offline"):
+            raise ConfigError(f"wandb.mode must be auto, online or offline, got {self.mode!r}")
         return self
 
 
@@ -128,39 +184,23 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def validate(self) -> Config:
         self.model.validate()
         self.train.validate()
         self.kernels.validate()
         self.data.validate()
+        self.parallel.validate()
+        self.wandb.validate()
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-# Keys that belong to work not in this version: naming one is refused, never ignored.
-PLANNED = {
-    "parallel": "multi-process training with DeepSpeed and LASP-2 arrives later",
-}
-
-
-def _planned(key: str) -> str | None:
-    for prefix, what in PLANNED.items():
-        if key == prefix or key.startswith(prefix + "."):
-            return f"{key} is not available yet in this version of Hylas ({what})"
-    return None
-
-
-def _unknown(key: str, value: Any, known: list[str]) -> ConfigError:
-    typed = key
-    while isinstance(value, dict) and len(value) == 1:  # the full key the user typed
-        sub, value = next(iter(value.items()))
-        typed = f"{typed}.{sub}"
-    planned = _planned(typed)
-    if planned:
-        return ConfigError(planned)
+def _unknown(key: str, known: list[str]) -> ConfigError:
     section, _, name = key.rpartition(".")
     close = difflib.get_close_matches(name, known, n=1)
     hint = f"; did you mean {(section + '.' if section else '') + close[0]}?" if close else ""
@@ -203,7 +243,7 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str) -> None:
     for name, value in data.items():
         key = f"{prefix}{name}"
         if name not in names:
-            raise _unknown(key, value, names)
+            raise _unknown(key, names)
         current = getattr(obj, name)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
