@@ -185,9 +185,16 @@ class PackedLoader:
     # -- batches --------------------------------------------------------------------------
 
     def next_batch(self) -> dict[str, torch.Tensor]:
+        return self.next_micro_batches(1)[0]
+
+    def next_micro_batches(self, n: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's share of the next step, as ``n`` micro-batches of equal size (in order)."""
+        if self.batch_size % n:
+            raise DataError(f"{self.batch_size} samples do not split into {n} equal micro-batches")
         step = self._take(self.dp_size * self.batch_size)
         mine = step[self.dp_rank * self.batch_size : (self.dp_rank + 1) * self.batch_size]
-        return self._batch(mine)
+        size = self.batch_size // n
+        return [self._batch(mine[i : i + size]) for i in range(0, len(mine), size)]
 
     def __iter__(self):
         while True:
@@ -265,6 +272,16 @@ def make_batch(
         batch["global_cu_seqlens"] = _cu_seqlens(is_start)
         batch["segment_start"] = torch.tensor(lo)
     return batch
+
+
+def select_rows(batch: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Tensor]:
+    """The samples ``rows`` of an (sp = 1) batch, with their document boundaries."""
+    out = {k: batch[k][rows] for k in ("input_ids", "labels", "position_ids") if k in batch}
+    if "cu_seqlens" in batch:
+        starts = torch.zeros(batch["input_ids"].shape, dtype=torch.bool)
+        starts.view(-1)[batch["cu_seqlens"][:-1].long()] = True
+        out["cu_seqlens"] = _cu_seqlens(starts[rows])
+    return out
 
 
 def _cu_seqlens(starts: torch.Tensor) -> torch.Tensor:

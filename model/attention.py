@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hylas.model.config import ModelConfig
-from hylas.model.layers import RMSNorm, RotaryEmbedding
+from hylas.model.layers import RMSNorm, RotaryEmbedding, init_normal
 
 
 class SoftmaxAttention(nn.Module):
@@ -32,6 +32,16 @@ class SoftmaxAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, eps=cfg.norm_eps)
             self.k_norm = RMSNorm(self.head_dim, eps=cfg.norm_eps)
         self.qk_norm = cfg.attention.qk_norm
+
+    def init_weights(self, gen: torch.Generator, std: float, out_std: float) -> None:
+        """Normal(0, std) projections, ``out_std`` for o_proj; QK-norms one; RoPE recomputed."""
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            init_normal(proj.weight, std, gen)
+        init_normal(self.o_proj.weight, out_std, gen)
+        if self.qk_norm:
+            self.q_norm.init_weights()
+            self.k_norm.init_weights()
+        self.rope.init_weights()
 
     def forward(self, x_BTD, position_ids_BT, state=None, use_cache=False, seq=None):
         B, T, _ = x_BTD.shape

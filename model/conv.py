@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hylas.model.layers import init_uniform
+
 
 class ShortConv(nn.Module):
     """y_t = silu(sum_{i < W} w_i x_{t-i}), where x_{t-i} counts only inside t's document.
@@ -22,7 +24,12 @@ class ShortConv(nn.Module):
         super().__init__()
         self.width = width
         self.weight = nn.Parameter(torch.empty(channels, width))
-        nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Conv1d's default for depthwise
+
+    def init_weights(self, gen: torch.Generator) -> None:
+        """nn.Conv1d's default for a depthwise conv: kaiming-uniform with a = sqrt(5) and
+        fan_in = W, i.e. Uniform(-1/sqrt(W), 1/sqrt(W))."""
+        bound = self.width**-0.5
+        init_uniform(self.weight, -bound, bound, gen)
 
     def forward(self, x_BTC, seg_pos_BT=None, tail=None):
         B, T, C = x_BTC.shape

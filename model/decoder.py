@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hylas.model.config import ModelConfig
-from hylas.model.layers import RMSNorm, SwiGLU
+from hylas.model.layers import RMSNorm, SwiGLU, init_normal
 from hylas.model.moe import MoE, RouterStats
 from hylas.model.registry import mixer_class
 
@@ -67,7 +67,11 @@ class LMOutput:
     cache: HybridCache | None = None
     moe_stats: list[RouterStats] = field(default_factory=list)  # one per MoE layer
     aux_loss: torch.Tensor | None = None  # the weighted MoE auxiliary losses in ``loss``
-    lm_loss: torch.Tensor | None = None  # the cross-entropy alone
+    lm_loss: torch.Tensor | None = None  # the cross-entropy alone (mean over targets)
+    # The summed token cross-entropy and the number of targets, for a trainer that
+    # normalises by the targets of a whole global batch (docs/architecture.md).
+    lm_loss_sum: torch.Tensor | None = None
+    targets: int = 0
 
 
 class Block(nn.Module):
@@ -91,6 +95,12 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim)
 
+    def init_weights(self, gen: torch.Generator, std: float, out_std: float) -> None:
+        self.mixer_norm.init_weights()
+        self.mixer.init_weights(gen, std, out_std)
+        self.ffn_norm.init_weights()
+        self.ffn.init_weights(gen, std, out_std)
+
     def mixer_flops(self, seq_len: int) -> float:
         """Forward FLOPs per token of the mixer's sequence term (beyond its projections)."""
         return self.mixer.sequence_flops(seq_len)
@@ -102,7 +112,10 @@ class Block(nn.Module):
 
 
 class HylasLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, kernel_backend: str = "auto"):
+    """The hybrid decoder, initialised from ``seed``. Built on the meta device it is left
+    empty; ``to_empty`` then ``init_weights(seed)`` give the eager build's values, bit for bit."""
+
+    def __init__(self, cfg: ModelConfig, kernel_backend: str = "auto", *, seed: int = 0):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -115,22 +128,30 @@ class HylasLM(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.reset_parameters()
+        if not self.embed.weight.is_meta:
+            self.init_weights(seed)
 
-    def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 L).
+    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> HylasLM:
+        """nn.Module's, keeping the LM head tied to the embedding."""
+        super().to_empty(device=device, recurse=recurse)
+        if self.cfg.tie_embeddings:  # from meta, to_empty gives each module a new Parameter
+            self.lm_head.weight = self.embed.weight
+        return self
 
-        Short convolutions keep their own (nn.Conv1d's) initialisation, and 1-D parameters
-        (norms, decays, skips) theirs; biases start at zero.
-        """
+    def init_weights(self, seed: int) -> None:
+        """Set every parameter and buffer from a generator seeded with ``seed``, module by
+        module in a fixed order: Normal(0, init_std) weights, the residual output
+        projections (o_proj, down_proj, w_down) scaled by 1/sqrt(2 L), biases zero, norms
+        one; short convs, mixer gates and buffers as their modules define them."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
         std = self.cfg.init_std
-        for name, p in self.named_parameters():
-            if p.dim() < 2 or name.endswith("_conv.weight"):
-                if name.endswith(".bias"):
-                    nn.init.zeros_(p)
-                continue
-            scaled = name.endswith(("o_proj.weight", "down_proj.weight", "experts.w_down"))
-            nn.init.normal_(p, std=std / math.sqrt(2 * self.cfg.n_layers) if scaled else std)
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        init_normal(self.embed.weight, std, gen)
+        for block in self.blocks:
+            block.init_weights(gen, std, out_std)
+        self.norm.init_weights()
+        if self.lm_head.weight is not self.embed.weight:
+            init_normal(self.lm_head.weight, std, gen)
 
     def forward(
         self,
@@ -181,7 +202,9 @@ class HylasLM(nn.Module):
         if logits or labels is not None:  # the LM head runs once for both
             out.logits = self.lm_head(x)[..., : self.cfg.vocab_size]
         if labels is not None:
-            out.loss = out.lm_loss = self.loss(out.logits, labels)
+            out.lm_loss_sum = self.loss(out.logits, labels, reduction="sum")
+            out.targets = int((labels != IGNORE_INDEX).sum())
+            out.loss = out.lm_loss = out.lm_loss_sum / out.targets
         moe = [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
         if moe:
             out.moe_stats = [m.last_stats for m in moe]
@@ -195,10 +218,15 @@ class HylasLM(nn.Module):
             out.logits = None
         return out
 
-    def loss(self, logits: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy (fp32) over the tokens whose label is not -100."""
+    def loss(
+        self, logits: torch.Tensor, labels_BT: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
+        """Cross-entropy (fp32) over the tokens whose label is not -100: their mean or sum."""
         return F.cross_entropy(
-            logits.float().flatten(0, 1), labels_BT.flatten(), ignore_index=IGNORE_INDEX
+            logits.float().flatten(0, 1),
+            labels_BT.flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction=reduction,
         )
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

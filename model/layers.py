@@ -1,4 +1,9 @@
-"""Small shared layers: RMSNorm, rotary position embedding and the SwiGLU feed-forward."""
+"""Small shared layers: RMSNorm, rotary position embedding and the SwiGLU feed-forward,
+and the helpers every module's ``init_weights`` draws its values with.
+
+Initial values are drawn on the CPU from a ``torch.Generator`` and copied into the tensor,
+wherever it lives, so they depend only on the seed and the order of the draws.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,32 @@ import torch.nn.functional as F
 from torch import nn
 
 
+@torch.no_grad()
+def init_normal(t: torch.Tensor, std: float, gen: torch.Generator) -> None:
+    """t <- Normal(0, std), drawn on the CPU from ``gen``."""
+    t.copy_(torch.empty(t.shape, device="cpu").normal_(0.0, std, generator=gen))
+
+
+@torch.no_grad()
+def init_uniform(t: torch.Tensor, low: float, high: float, gen: torch.Generator) -> None:
+    """t <- Uniform(low, high), drawn on the CPU from ``gen``."""
+    t.copy_(torch.empty(t.shape, device="cpu").uniform_(low, high, generator=gen))
+
+
+@torch.no_grad()
+def init_value(t: torch.Tensor, value: torch.Tensor | float) -> None:
+    """t <- value (a CPU tensor computed from the config, or a constant)."""
+    if isinstance(value, torch.Tensor):
+        t.copy_(value)
+    else:
+        t.fill_(value)
+
+
 class RMSNorm(nn.RMSNorm):
     """RMSNorm computed in fp32 whatever the input dtype (autocast hands it bf16)."""
+
+    def init_weights(self) -> None:
+        init_value(self.weight, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x.float(), self.normalized_shape, self.weight, self.eps).to(x.dtype)
@@ -19,8 +48,12 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
+
+    def init_weights(self) -> None:
+        dims = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device="cpu")
+        init_value(self.inv_freq, 1.0 / self.theta ** (dims / self.head_dim))
 
     def forward(self, x_BTHD: torch.Tensor, position_ids_BT: torch.Tensor) -> torch.Tensor:
         angles = position_ids_BT.float().unsqueeze(-1) * self.inv_freq  # [B, T, D/2]
@@ -37,6 +70,12 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
         self.up_proj = nn.Linear(d_model, d_ff, bias=False)
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+
+    def init_weights(self, gen: torch.Generator, std: float, out_std: float) -> None:
+        """Normal(0, std) inputs; ``out_std`` for down_proj, which writes the residual."""
+        init_normal(self.gate_proj.weight, std, gen)
+        init_normal(self.up_proj.weight, std, gen)
+        init_normal(self.down_proj.weight, out_std, gen)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

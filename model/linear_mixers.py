@@ -5,7 +5,8 @@ The wrapper owns everything the mixers share, under one set of parameter names:
 (short causal convolutions, for mixers that use them; their state resets at document
 starts), ``g_proj`` (output gate), ``o_norm`` (per-head RMSNorm) and ``o_proj``. A mixer
 subclass names its kernel family, its sizes and feature maps, and computes its gates from
-the layer input; it adds parameters only for what differs (a decay, a write strength).
+the layer input; it adds parameters only for what differs (a decay, a write strength),
+created in ``build_gates`` and set in ``init_gates``.
 
 Heads: q and k have ``n_heads`` heads; v (and the state) may have more, ``linear_v_heads``
 (a multiple of n_heads, as in Qwen3-Next's Gated DeltaNet); each q/k head then serves
@@ -29,7 +30,7 @@ from hylas.kernels import delta_rule, gated_delta_rule, gla, linear_attn, simple
 from hylas.kernels.gpu_limits import check_head_sizes
 from hylas.model.config import ConfigError, ModelConfig
 from hylas.model.conv import ShortConv
-from hylas.model.layers import RMSNorm
+from hylas.model.layers import RMSNorm, init_normal, init_value
 from hylas.model.registry import register_linear_mixer
 
 # Decoding steps of at most this many tokens run the per-token recurrence.
@@ -89,9 +90,25 @@ class LinearMixer(nn.Module):
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
+    def init_weights(self, gen: torch.Generator, std: float, out_std: float) -> None:
+        """Normal(0, std) projections, ``out_std`` for o_proj, short convs as nn.Conv1d,
+        o_norm one, then the mixer's own gates."""
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            init_normal(proj.weight, std, gen)
+        if self.convs:
+            for conv in (self.q_conv, self.k_conv, self.v_conv):
+                conv.init_weights(gen)
+        init_normal(self.g_proj.weight, std, gen)
+        self.o_norm.init_weights()
+        init_normal(self.o_proj.weight, out_std, gen)
+        self.init_gates(gen, std)
+
     # -- what a mixer supplies -------------------------------------------------------------
     def build_gates(self, cfg: ModelConfig) -> None:
-        """Create the mixer's own parameters (none by default)."""
+        """Create the mixer's own parameters and buffers (none by default)."""
+
+    def init_gates(self, gen: torch.Generator, std: float) -> None:
+        """Set what ``build_gates`` created."""
 
     def gates(self, x_BTD, q, k, v):
         """The kernel family's gate tensors after v, and q, k, v (possibly changed); q and k
@@ -205,7 +222,7 @@ class LinearAttention(LinearMixer):
 
 
 def _fixed_decay(name: str, n_heads: int) -> torch.Tensor:
-    h = torch.arange(n_heads, dtype=torch.float64)
+    h = torch.arange(n_heads, dtype=torch.float64, device="cpu")
     if name == "retnet":  # gamma_h = 1 - 2^(-5 - h)
         return torch.log1p(-(2.0 ** (-5.0 - h))).float()
     # lightning: the ALiBi slopes s_h = 2^(-8 (h + 1) / H), decay exp(-s_h)
@@ -216,7 +233,10 @@ class _FixedDecay(LinearMixer):
     family = simple_gla
 
     def build_gates(self, cfg):
-        self.register_buffer("log_decay", _fixed_decay(self.name, self.n_v_heads), persistent=False)
+        self.register_buffer("log_decay", torch.empty(self.n_v_heads), persistent=False)
+
+    def init_gates(self, gen, std):
+        init_value(self.log_decay, _fixed_decay(self.name, self.n_v_heads))
 
     def gates(self, x_BTD, q, k, v):
         B, T = x_BTD.shape[:2]
@@ -256,6 +276,12 @@ class GLA(LinearMixer):
             nn.Linear(self.gate_rank, self.n_heads * self.head_k, bias=True),
         )
 
+    def init_gates(self, gen, std):
+        down, up = self.gk_proj
+        init_normal(down.weight, std, gen)
+        init_normal(up.weight, std, gen)
+        init_value(up.bias, 0.0)
+
     def gates(self, x_BTD, q, k, v):
         B, T, _ = x_BTD.shape
         gk = F.logsigmoid(self.gk_proj(x_BTD).float()) / self.gate_normaliser
@@ -279,9 +305,12 @@ class HGRN2(LinearMixer):
         return (gk,), q, key.to(q.dtype), v
 
 
-def _dt_bias(n: int, dt_min: float = 1e-3, dt_max: float = 0.1) -> torch.Tensor:
+def _dt_bias(
+    n: int, gen: torch.Generator, dt_min: float = 1e-3, dt_max: float = 0.1
+) -> torch.Tensor:
     """Mamba's dt bias: softplus(bias) log-uniform in [dt_min, dt_max]."""
-    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    u = torch.rand(n, generator=gen, device="cpu")
+    dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
     return dt + torch.log(-torch.expm1(-dt))  # the inverse of softplus
 
 
@@ -290,8 +319,15 @@ class _SSMDecay(LinearMixer):
 
     def build_gates(self, cfg):
         self.a_proj = nn.Linear(cfg.d_model, self.n_v_heads, bias=False)
-        self.A_log = nn.Parameter(torch.log(torch.empty(self.n_v_heads).uniform_(1, 16)))
-        self.dt_bias = nn.Parameter(_dt_bias(self.n_v_heads))
+        self.A_log = nn.Parameter(torch.empty(self.n_v_heads))
+        self.dt_bias = nn.Parameter(torch.empty(self.n_v_heads))
+
+    def init_gates(self, gen, std):
+        """A ~ Uniform(1, 16), stored as its log; dt_bias as Mamba's."""
+        init_normal(self.a_proj.weight, std, gen)
+        A = torch.empty(self.n_v_heads, device="cpu").uniform_(1, 16, generator=gen)
+        init_value(self.A_log, A.log())
+        init_value(self.dt_bias, _dt_bias(self.n_v_heads, gen))
 
     def _dt_and_decay(self, x_BTD):
         dt = F.softplus(self.a_proj(x_BTD).float() + self.dt_bias)
@@ -312,7 +348,11 @@ class Mamba2(_SSMDecay):
 
     def build_gates(self, cfg):
         super().build_gates(cfg)
-        self.D = nn.Parameter(torch.ones(self.n_v_heads))
+        self.D = nn.Parameter(torch.empty(self.n_v_heads))
+
+    def init_gates(self, gen, std):
+        super().init_gates(gen, std)
+        init_value(self.D, 1.0)
 
     def gates(self, x_BTD, q, k, v):
         dt, g = self._dt_and_decay(x_BTD)
@@ -336,6 +376,9 @@ class _Delta(LinearMixer):
     def build_gates(self, cfg):
         self.b_proj = nn.Linear(cfg.d_model, self.n_v_heads, bias=False)
         self.beta_max = 2.0 if cfg.allow_neg_eigval else 1.0
+
+    def init_gates(self, gen, std):
+        init_normal(self.b_proj.weight, std, gen)
 
     def beta(self, x_BTD):
         return self.beta_max * torch.sigmoid(self.b_proj(x_BTD).float())
@@ -364,6 +407,10 @@ class GatedDeltaNet(_Delta, _SSMDecay):
     def build_gates(self, cfg):
         _Delta.build_gates(self, cfg)
         _SSMDecay.build_gates(self, cfg)
+
+    def init_gates(self, gen, std):
+        _Delta.init_gates(self, gen, std)
+        _SSMDecay.init_gates(self, gen, std)
 
     def gates(self, x_BTD, q, k, v):
         _, g = self._dt_and_decay(x_BTD)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hylas.model.layers import SwiGLU
+from hylas.model.layers import SwiGLU, init_normal
 
 
 @dataclass
@@ -87,7 +87,10 @@ class Router(nn.Module):
             raise ValueError(f"top_k must be in [1, {n_experts}], got {top_k}")
         self.top_k, self.score = top_k, score
         self.weight = nn.Parameter(torch.empty(n_experts, d_model))
-        nn.init.normal_(self.weight, std=0.02)
+        nn.init.normal_(self.weight, std=0.02)  # for a MoE built alone; HylasLM re-sets it
+
+    def init_weights(self, gen: torch.Generator, std: float) -> None:
+        init_normal(self.weight, std, gen)
 
     def forward(self, x_ND: torch.Tensor):
         """-> (weights [N, k] fp32, experts [N, k] int64, RouterStats)."""
@@ -130,7 +133,13 @@ class Experts(nn.Module):
         self.w_up = nn.Parameter(torch.empty(n_experts, d_model, d_expert))
         self.w_down = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
         for w in (self.w_gate, self.w_up, self.w_down):
-            nn.init.normal_(w, std=0.02)
+            nn.init.normal_(w, std=0.02)  # for a MoE built alone; HylasLM re-sets it
+
+    def init_weights(self, gen: torch.Generator, std: float, out_std: float) -> None:
+        """Normal(0, std) w_gate and w_up; ``out_std`` for w_down, which writes the residual."""
+        init_normal(self.w_gate, std, gen)
+        init_normal(self.w_up, std, gen)
+        init_normal(self.w_down, out_std, gen)
 
     def forward(self, x_AD: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x sorted by expert, ``counts[e]`` rows for expert e -> [A, D]."""
@@ -166,6 +175,12 @@ class MoE(nn.Module):
         self.experts = Experts(n_experts, d_model, d_expert)
         self.shared = SwiGLU(d_model, shared_experts * d_expert) if shared_experts else None
         self.last_stats: RouterStats | None = None
+
+    def init_weights(self, gen: torch.Generator, std: float, out_std: float) -> None:
+        self.router.init_weights(gen, std)
+        self.experts.init_weights(gen, std, out_std)
+        if self.shared is not None:
+            self.shared.init_weights(gen, std, out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -1,11 +1,19 @@
-"""Checkpoint directories: written under a temporary name, renamed when complete.
+"""Checkpoint directories that any layout can resume: written collectively under a
+temporary name, renamed by rank 0 once every rank's part is complete.
 
 Layout of ``<run>/checkpoints/step_000300/``::
 
-    manifest.json       step, config, world layout, sha256 of every other file
-    model.safetensors   model weights (tied weights stored once)
-    trainer.pt          optimizer, scheduler, RNG states and the data loader's position
-    tokenizer.model     the tokenizer, so a checkpoint is self-contained
+    manifest.json              step, config, the dp/sp/ZeRO layout, sha256 of every file
+    model.safetensors          every parameter, whole, fp32 (a tied weight once) + buffers
+    optimizer-00003.safetensors  Adam moments of the parameters in rank 3's share, whole
+    rng-00003.safetensors      rank 3's random generators (torch, CUDA, numpy, Python)
+    trainer.json               optimizer step count, bad-step streak, the loader's position
+    tokenizer.model            the tokenizer, so a checkpoint is self-contained
+
+Each parameter's state is stored whole (DeepSpeed gathers it from whatever ZeRO shards
+hold it), so a checkpoint written at one dp size and ZeRO stage resumes at another, and
+``model.safetensors`` alone serves generation and export with no process group. Nothing
+is unpickled on load: tensors are safetensors, everything else JSON.
 """
 
 from __future__ import annotations
@@ -16,22 +24,26 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors
 import safetensors.torch
 import torch
+import torch.distributed as dist
 
 from hylas.data.tokenizer import file_sha256
 from hylas.train.config import Config, config_from_dict
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
-TRAINER_FILE = "trainer.pt"
+TRAINER_FILE = "trainer.json"
 TOKENIZER_FILE = "tokenizer.model"
+PARTIAL = ".partial"
 
 
 class CheckpointError(RuntimeError):
@@ -50,68 +62,157 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def rng_state() -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+def optimizer_file(rank: int) -> str:
+    return f"optimizer-{rank:05d}.safetensors"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-{rank:05d}.safetensors"
+
+
+# -- random generators ----------------------------------------------------------------------
+
+
+def save_rng(path: Path) -> None:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
+    meta = {
+        "numpy": json.dumps([kind, keys.tolist(), pos, has_gauss, gauss]),
+        "python": json.dumps([version, list(internal), py_gauss]),
     }
+    safetensors.torch.save_file(tensors, str(path), metadata=meta)
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+def load_rng(path: Path) -> None:
+    with safetensors.safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        torch.set_rng_state(f.get_tensor("torch"))
+        names = f.keys()
+        if "cuda" in names and torch.cuda.is_available():
+            torch.cuda.set_rng_state(f.get_tensor("cuda"))
+    kind, keys, pos, has_gauss, gauss = json.loads(meta["numpy"])
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, py_gauss = json.loads(meta["python"])
+    random.setstate((version, tuple(internal), py_gauss))
+
+
+# -- writing --------------------------------------------------------------------------------
+
+
+def shares(sizes: list[int], world: int) -> list[int]:
+    """The rank that stores each parameter's optimizer state: largest first, to the rank
+    holding the fewest elements so far, so every rank writes about as much."""
+    owner, load = [0] * len(sizes), [0] * world
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        r = min(range(world), key=load.__getitem__)
+        owner[i], load[r] = r, load[r] + sizes[i]
+    return owner
+
+
+@dataclass
+class SaveRequest:
+    """What a checkpoint records beyond the engine's state."""
+
+    step: int
+    cfg: Config
+    layout: dict[str, int]
+    tokenizer_file: Path
+    trainer: dict[str, Any]  # optimizer steps, bad-step streak, data position, tokens seen
+    metrics: dict[str, float]
 
 
 def save_checkpoint(
-    run_dir: str | os.PathLike,
-    step: int,
-    cfg: Config,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    tokenizer_file: str | os.PathLike,
-    metrics: dict[str, float] | None = None,
-    data_state: dict | None = None,
+    run_dir: Path,
+    request: SaveRequest,
+    params: list[tuple[str, torch.nn.Parameter]],
+    full_state: Callable[[str, torch.nn.Parameter], dict[str, torch.Tensor | None]],
+    buffers: dict[str, torch.Tensor],
+    keep: int = 0,
 ) -> Path:
-    """Write ``<run_dir>/checkpoints/step_<step>`` atomically and return its path."""
+    """Write ``<run_dir>/checkpoints/step_<step>`` with every rank and return its path.
+
+    Collective: every rank calls it. ``full_state(name, p)`` gives a parameter's whole fp32
+    value and Adam moments (itself a collective under ZeRO). Rank 0 renames the directory
+    only after all ranks have written and checksummed their files; a process that dies
+    before leaves a ``.step_*.partial`` directory that is ignored and removed next time.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
     parent = Path(run_dir) / "checkpoints"
-    parent.mkdir(parents=True, exist_ok=True)
-    final = parent / f"step_{step:06d}"
-    if final.exists():
+    final = parent / f"step_{request.step:06d}"
+    tmp = parent / f".{final.name}{PARTIAL}"
+    status = torch.zeros(1)
+    if rank == 0:
+        parent.mkdir(parents=True, exist_ok=True)
+        for stale in parent.glob(f".step_*{PARTIAL}"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.exists():
+            status += 1
+        else:
+            tmp.mkdir()
+    dist.broadcast(status, 0)
+    if status.item():
         raise CheckpointError(f"checkpoint {final} already exists; refusing to overwrite it")
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{final.name}-"))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a finished directory is an ordinary one
-    try:
-        safetensors.torch.save_model(model, str(tmp / MODEL_FILE))
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rng_state(),
-                "data": data_state,
-            },
-            tmp / TRAINER_FILE,
-        )
-        shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
-        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
+
+    owner = shares([p.numel() for _, p in params], world)
+    weights, moments = {}, {}
+    for i, (name, p) in enumerate(params):
+        state = full_state(name, p)  # every rank, every parameter: a collective under ZeRO
+        if rank == 0:
+            weights[name] = state["param"].detach().to("cpu", torch.float32, copy=True)
+        if owner[i] == rank and state["exp_avg"] is not None:
+            for key in ("exp_avg", "exp_avg_sq"):
+                moments[f"{name}.{key}"] = state[key].detach().to("cpu", copy=True)
+    mine = [optimizer_file(rank), rng_file(rank)]
+    safetensors.torch.save_file(moments, str(tmp / optimizer_file(rank)))
+    save_rng(tmp / rng_file(rank))
+    if rank == 0:
+        weights.update({k: v.detach().to("cpu", copy=True) for k, v in buffers.items()})
+        safetensors.torch.save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        shutil.copyfile(request.tokenizer_file, tmp / TOKENIZER_FILE)
+        trainer = json.dumps(request.trainer, indent=2) + "\n"
+        (tmp / TRAINER_FILE).write_text(trainer)
+        mine += [MODEL_FILE, TOKENIZER_FILE, TRAINER_FILE]
+    digests = {name: file_sha256(tmp / name) for name in mine}
+    gathered: list[dict[str, str] | None] = [None] * world
+    dist.all_gather_object(gathered, digests)  # also: every rank has finished writing
+    if rank == 0:
+        files = {k: v for d in gathered for k, v in sorted(d.items())}
         manifest = {
             "format": FORMAT_VERSION,
-            "step": step,
+            "step": request.step,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "world": {"world_size": 1, "dp": 1, "sp": 1},
-            "config": cfg.to_dict(),
-            "metrics": metrics or {},
-            "data": data_state,
-            "files": files,
+            "world": request.layout,
+            "config": request.cfg.to_dict(),
+            "metrics": request.metrics,
+            "data": request.trainer.get("data"),
+            "files": dict(sorted(files.items())),
         }
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        prune(parent, keep)
+    dist.barrier()
     return final
+
+
+def prune(parent: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints (0 = keep all)."""
+    if keep <= 0:
+        return
+    for old in complete_checkpoints(parent)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# -- reading --------------------------------------------------------------------------------
+
+
+def complete_checkpoints(parent: Path) -> list[Path]:
+    """Checkpoint directories with a manifest, oldest first (partial ones are hidden)."""
+    if not parent.is_dir():
+        return []
+    return sorted(c for c in parent.glob("step_*") if (c / MANIFEST).is_file())
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
@@ -119,8 +220,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     path = Path(path)
     if (path / MANIFEST).is_file():
         return path
-    candidates = sorted((path / "checkpoints").glob("step_*")) if path.is_dir() else []
-    complete = [c for c in candidates if (c / MANIFEST).is_file()]
+    complete = complete_checkpoints(path / "checkpoints")
     if complete:
         return complete[-1]
     if not path.exists():
@@ -142,9 +242,34 @@ class Checkpoint:
     def tokenizer_file(self) -> Path:
         return self.path / TOKENIZER_FILE
 
+    def trainer_state(self) -> dict[str, Any]:
+        return json.loads((self.path / TRAINER_FILE).read_text())
+
+    def optimizer_moments(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every parameter's Adam moments, whole, from all ranks' files: {name: {key: t}}."""
+        moments: dict[str, dict[str, torch.Tensor]] = {}
+        for name in sorted(self.manifest["files"]):
+            if name.startswith("optimizer-"):
+                for key, t in safetensors.torch.load_file(str(self.path / name)).items():
+                    param, _, moment = key.rpartition(".")
+                    moments.setdefault(param, {})[moment] = t
+        return moments
+
+    def load_rng(self, rank: int) -> bool:
+        """Restore this rank's generators if the checkpoint has a file for its rank."""
+        path = self.path / rng_file(rank)
+        if not path.is_file():
+            return False
+        load_rng(path)
+        return True
+
 
 def open_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
-    """Read and (by default) verify a checkpoint's manifest and file checksums."""
+    """Read a checkpoint's manifest and (by default) check its files' sha256.
+
+    Under torch.distributed the ranks share the checking: rank r hashes every world-th
+    file, and a mismatch anywhere stops every rank.
+    """
     ckpt = find_checkpoint(path)
     try:
         manifest = json.loads((ckpt / MANIFEST).read_text())
@@ -155,30 +280,67 @@ def open_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
             f"{ckpt} has checkpoint format {manifest.get('format')}, this Hylas reads {FORMAT_VERSION}"
         )
     if verify:
-        for name, digest in manifest["files"].items():
+        distributed = dist.is_initialized() and dist.get_world_size() > 1
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        problem = None
+        for i, (name, digest) in enumerate(sorted(manifest["files"].items())):
+            if i % world != rank:
+                continue
             if not (ckpt / name).is_file():
-                raise CheckpointError(f"{ckpt} is incomplete: {name} is missing")
-            if file_sha256(ckpt / name) != digest:
-                raise CheckpointError(f"{ckpt / name} does not match its checksum (corrupted?)")
+                problem = f"{ckpt} is incomplete: {name} is missing"
+            elif file_sha256(ckpt / name) != digest:
+                problem = f"{ckpt / name} does not match its checksum (corrupted?)"
+            if problem:
+                break
+        if distributed:
+            bad = torch.tensor([float(problem is not None)])
+            dist.all_reduce(bad)
+            if bad.item() and problem is None:
+                problem = f"{ckpt} failed its checksum check on another rank (see its error)"
+        if problem:
+            raise CheckpointError(problem)
     return Checkpoint(ckpt, manifest, config_from_dict(manifest["config"]))
 
 
 def load_model_weights(ckpt: Checkpoint, model: torch.nn.Module) -> None:
-    # load_model knows that tied weights are stored once; anything else is a real mismatch.
-    missing, unexpected = safetensors.torch.load_model(
-        model, str(ckpt.path / MODEL_FILE), strict=False
-    )
-    if missing or unexpected:
+    """Copy ``model.safetensors`` into ``model``; a tensor of another name or shape is
+    refused by name (the config does not fit the weights)."""
+    path = ckpt.path / MODEL_FILE
+    targets = {**dict(model.named_parameters()), **persistent_buffers(model)}
+    with safetensors.safe_open(str(path), "pt") as f:
+        stored = set(f.keys())
+        missing = sorted(set(targets) - stored)
+        if missing:
+            raise CheckpointError(
+                f"{path} does not fit the model: it has no {missing[0]}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                + "; the model config differs from the one it was trained with"
+            )
+        with torch.no_grad():
+            for name, target in targets.items():
+                t = f.get_tensor(name)
+                if t.shape != target.shape:
+                    raise CheckpointError(
+                        f"{path} does not fit the model: {name} is {list(t.shape)} there and "
+                        f"{list(target.shape)} in this config"
+                    )
+                target.copy_(t)
+    unexpected = sorted(stored - set(targets))
+    if unexpected:
         raise CheckpointError(
-            f"{ckpt.path / MODEL_FILE} does not fit the model: missing {sorted(missing)}, "
-            f"unexpected {sorted(unexpected)}"
+            f"{path} does not fit the model: the model has no {unexpected[0]}"
+            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
         )
 
 
-def load_trainer_state(ckpt: Checkpoint, optimizer, scheduler) -> dict | None:
-    """Restore optimizer, scheduler and RNG; returns the loader's state (None if absent)."""
-    state = torch.load(ckpt.path / TRAINER_FILE, map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    return state.get("data")
+def persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        n: b
+        for n, b in model.named_buffers()
+        if n.rpartition(".")[2] not in _non_persistent(model, n)
+    }
+
+
+def _non_persistent(model: torch.nn.Module, name: str) -> set[str]:
+    owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    return owner._non_persistent_buffers_set

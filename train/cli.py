@@ -14,13 +14,22 @@ PLANNED_COMMANDS = {
 }
 
 
+def rank_label() -> str:
+    """' (rank 3)' in a multi-process run, else nothing."""
+    return f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
 def setup_logging() -> None:
+    """Rank 0 tells what is happening; other ranks speak up only with warnings and errors."""
+    quiet = int(os.environ.get("RANK", "0")) != 0
     logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s hylas: %(message)s",
+        level=logging.WARNING if quiet else logging.INFO,
+        format=f"%(asctime)s hylas{rank_label()}: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    for noisy in ("DeepSpeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -49,7 +58,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hylas.train.trainer import train
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.train.init_from:
+        cfg = with_model_of_checkpoint(cfg, args.overrides)
     result = train(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if result.stopped_by:
+        print(
+            f"stopped on {result.stopped_by} at step {result.steps}; checkpoint "
+            f"{result.checkpoint} is complete. Continue with the same command and --resume auto"
+        )
+        return 0
     lines = [f"finished at step {result.steps} in {result.run_dir}"]
     if result.first_eval_loss is not None:
         drop = 100 * (1 - result.last_eval_loss / result.first_eval_loss)
@@ -64,6 +83,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     ]
     print("\n".join(lines))
     return 0
+
+
+def with_model_of_checkpoint(cfg, overrides: list[str]):
+    """For train.init_from: the checkpoint's model config, with this command's --set model.*."""
+    from hylas.train.checkpoint import open_checkpoint
+    from hylas.train.config import Config, apply_overrides
+
+    start = open_checkpoint(cfg.train.init_from, verify=False).config
+    mine = [item for item in overrides if item.strip().startswith("model.")]
+    cfg.model = apply_overrides(Config(model=start.model), mine).model
+    return cfg.validate()
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -297,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, TrainError, ValueError, FileNotFoundError) as e:
-        print(f"hylas: error: {e}", file=sys.stderr)
+        print(f"hylas: error{rank_label()}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

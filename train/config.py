@@ -325,9 +325,14 @@ def load_config(config: str | None = "tiny", overrides: list[str] | tuple[str, .
     cfg = Config()
     data, _ = _read_yaml(config or "tiny")
     _apply(cfg, data, "")
+    return apply_overrides(cfg, overrides).validate()
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Apply ``key=value`` strings to ``cfg`` (not validated)."""
     for item in overrides:
         _apply(cfg, _override_to_dict(item), "")
-    return cfg.validate()
+    return cfg
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

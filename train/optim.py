@@ -1,10 +1,13 @@
-"""AdamW with decay only on matrices, and linear warmup into cosine decay."""
+"""AdamW's parameter groups (decay only on matrices) and the learning-rate schedules.
+
+The schedule is a pure function of the step, set on the optimizer before each update, so
+a checkpoint only needs the step to resume it exactly.
+"""
 
 from __future__ import annotations
 
 import math
 
-import torch
 from torch import nn
 
 from hylas.train.config import TrainConfig
@@ -24,22 +27,24 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8
-    )
-
-
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for the update made at ``step`` (0-based)."""
+    """Learning rate for the update made at ``step`` (0-based).
+
+    Both schedules warm up linearly over ``warmup_steps``. ``cosine`` then decays to
+    ``lr * min_lr_ratio`` along a half cosine over the remaining steps. ``wsd``
+    (warmup-stable-decay) holds ``lr`` and decays linearly to the same floor over the
+    last ``decay_fraction`` of all steps.
+    """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        decay_steps = max(1, round(cfg.decay_fraction * cfg.steps))
+        decay_start = max(cfg.warmup_steps, cfg.steps - decay_steps)
+        if step < decay_start:
+            return cfg.lr
+        progress = min(1.0, (step - decay_start + 1) / max(1, cfg.steps - decay_start))
+        return cfg.lr + (floor - cfg.lr) * progress
     span = max(1, cfg.steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
-    floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
-    """A LambdaLR following :func:`lr_at`; its state (the step) is checkpointed."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / cfg.lr)

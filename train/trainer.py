@@ -1,37 +1,46 @@
-"""The training loop: data -> model -> AdamW, with evaluation, metrics and checkpoints."""
+"""The training loop: data -> model -> DeepSpeed engine, on one process or many, with
+evaluation, metrics, checkpoints and fault handling. docs/architecture.md ("Parallel
+dimensions", "Checkpoints and export") describes what it keeps equal across layouts."""
 
 from __future__ import annotations
 
 import ctypes
 import logging
 import math
-import os
+import resource
+import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import yaml
+from filelock import FileLock
 
 from hylas.data.dataset import PreparedData
-from hylas.data.loader import PackedLoader, eval_batches
-from hylas.data.prepare import prepare_embedded_corpus
+from hylas.data.loader import PackedLoader, eval_batches, select_rows
+from hylas.data.prepare import cache_root, prepare_embedded_corpus
 from hylas.data.tokenizer import Tokenizer
 from hylas.kernels import resolve_backend
 from hylas.model import HylasLM
+from hylas.model.moe import RouterStats
+from hylas.parallel.mesh import Layout, device_for, init_groups, layout_from_env, shutdown
 from hylas.train.checkpoint import (
+    SaveRequest,
     atomic_write_text,
+    complete_checkpoints,
     find_checkpoint,
     load_model_weights,
-    load_trainer_state,
     open_checkpoint,
+    persistent_buffers,
     save_checkpoint,
 )
 from hylas.train.config import Config
-from hylas.train.metrics import MetricsFile, Progress
-from hylas.train.optim import build_optimizer, build_scheduler
+from hylas.train.engine import BatchLayout, Engine, batch_layout
+from hylas.train.metrics import MetricsFile, Progress, WandbLogger, mfu, peak_flops
+from hylas.train.optim import lr_at
 
 log = logging.getLogger("hylas")
 
@@ -47,6 +56,7 @@ class RunResult:
     steps: int  # the step the run stopped at
     first_eval_loss: float | None
     last_eval_loss: float
+    stopped_by: str | None = None  # the signal that stopped the run early, if one did
 
 
 def compute_dtype(requested: str, device: torch.device) -> str:
@@ -62,40 +72,11 @@ def compute_dtype(requested: str, device: torch.device) -> str:
     return "bfloat16" if torch.cpu._is_amx_tile_supported() else "float32"
 
 
-def autocast(dtype: str, device: torch.device):
-    if dtype == "bfloat16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
 @torch.no_grad()
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict:
     """The loader's batch as model keyword arguments (document boundaries when present)."""
     keys = ("input_ids", "labels", "position_ids", "cu_seqlens")
     return {k: batch[k].to(device) for k in keys if k in batch}
-
-
-def evaluate(
-    model: HylasLM, batches, dtype: str, device: torch.device, names: list[str] | None = None
-) -> dict[str, float]:
-    """Held-out cross-entropy (without MoE auxiliary losses) per target token: ``eval_loss``
-    over all sources and, with several sources, ``eval_loss/<name>`` for each."""
-    model.eval()
-    sums: dict[int, list[float]] = {}
-    for source, batch in batches:
-        with autocast(dtype, device):
-            out = model(**model_inputs(batch, device), logits=False)
-        targets = int((batch["labels"] != -100).sum())
-        if targets == 0:  # nothing to predict (the loader never makes such a batch)
-            continue
-        acc = sums.setdefault(source, [0.0, 0])
-        acc[0] += out.lm_loss.item() * targets
-        acc[1] += targets
-    model.train()
-    result = {"eval_loss": sum(a[0] for a in sums.values()) / sum(a[1] for a in sums.values())}
-    if names and len(names) > 1:
-        result.update({f"eval_loss/{names[i]}": a[0] / a[1] for i, a in sorted(sums.items())})
-    return result
 
 
 @dataclass
@@ -106,12 +87,19 @@ class Data:
     names: list[str]
     description: str
 
+    @property
+    def held_out_windows(self) -> int:
+        return sum(len(b["input_ids"]) for _, b in self.held_out)
 
-def open_data(cfg: Config) -> Data:
-    """The tokenizer, the training loader and the held-out batches of ``cfg.data``."""
+
+def open_data(cfg: Config, layout: Layout, batches: BatchLayout) -> Data:
+    """The tokenizer, this rank's training loader and the held-out batches of ``cfg.data``."""
     tc, dc = cfg.train, cfg.data
     if not dc.sources:
-        tok_dir, data_dir = prepare_embedded_corpus(cfg.model.vocab_size)
+        # One process per node prepares the cache; the others wait for it, then reuse it.
+        cache_root().mkdir(parents=True, exist_ok=True)
+        with FileLock(cache_root() / ".prepare.lock"):
+            tok_dir, data_dir = prepare_embedded_corpus(cfg.model.vocab_size)
         paths, weights, names = [data_dir], [1.0], ["shakespeare"]
         tokenizer_dir = Path(dc.tokenizer) if dc.tokenizer else tok_dir
     else:
@@ -138,11 +126,15 @@ def open_data(cfg: Config) -> Data:
     loader = PackedLoader(
         [p.split("train") for p in prepared],
         tc.seq_len,
-        tc.batch_size,
+        batches.per_rank,
         tc.seed,
         pad_id=tokenizer.pad_id,
         weights=weights,
         names=names,
+        dp_rank=layout.dp_rank,
+        dp_size=layout.dp,
+        sp_rank=layout.sp_rank,
+        sp_size=layout.sp,
     )
     with_val = [
         i for i, p in enumerate(prepared) if p.splits.get("val") and p.splits["val"].num_documents
@@ -186,8 +178,29 @@ def keep_freed_memory() -> None:
     libc.mallopt(m_trim_threshold, 2**31 - 1)
 
 
-def _resume_point(run_dir: Path, resume: str | None) -> Path | None:
-    has_run = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step_*"))
+class StopSignal:
+    """SIGTERM / SIGINT only set a flag; the loop all-reduces it at the end of each step, so
+    every rank stops at the same step and checkpoints together."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self.previous = {}
+
+    def __enter__(self) -> StopSignal:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _resume_point(run_dir: Path, resume: str | None, is_main: bool) -> Path | None:
+    has_run = complete_checkpoints(run_dir / "checkpoints") != []
     if resume is None:
         if has_run:
             raise TrainError(
@@ -200,150 +213,397 @@ def _resume_point(run_dir: Path, resume: str | None) -> Path | None:
     return find_checkpoint(resume)
 
 
-def train(cfg: Config, resume: str | None = None) -> RunResult:
-    t_start = time.perf_counter()
-    tc = cfg.train
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise TrainError(
-            "multi-process training is not available yet in this version of Hylas "
-            f"(WORLD_SIZE={os.environ['WORLD_SIZE']}); launch a single process"
+def build_model(cfg: Config, device: torch.device) -> HylasLM:
+    """The model, materialised once on ``device``: built on the meta device, then each
+    module initialises its own parameters and buffers there."""
+    with torch.device("meta"):
+        model = HylasLM(cfg.model, cfg.kernels.backend, seed=cfg.train.seed)
+    model.to_empty(device=device)
+    model.init_weights(cfg.train.seed)
+    return model
+
+
+@dataclass
+class StepStats:
+    """One optimizer step's numbers, reduced over all ranks."""
+
+    loss: float  # mean cross-entropy per target token of the global batch (+ MoE aux)
+    lm_loss: float
+    targets: int
+    bad: bool
+    stop: bool
+    moe: list[RouterStats]
+
+
+class Trainer:
+    """One run: the layout, the data, the engine; ``run()`` trains to the end or to a stop."""
+
+    def __init__(self, cfg: Config, resume: str | None):
+        self.t_start = time.perf_counter()
+        self.cfg, tc = cfg, cfg.train
+        self.layout = layout_from_env(cfg.parallel.sp)
+        self.device = device_for(self.layout)
+        self.groups = init_groups(self.layout, self.device, cfg.parallel.timeout_s)
+        self.batches = batch_layout(cfg, self.layout)
+        self.run_dir = Path(tc.out_dir)
+        self.resume_from = _resume_point(self.run_dir, resume, self.layout.is_main)
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        torch.manual_seed(tc.seed)
+        if self.device.type == "cpu":
+            keep_freed_memory()
+        resolve_backend(cfg.kernels.backend, torch.empty(0, device=self.device))
+        self.dtype = compute_dtype(tc.dtype, self.device)
+        self.data = open_data(cfg, self.layout, self.batches)
+
+        model = build_model(cfg, self.device)
+        self.step, self.bad_streak, self.skipped = 0, 0, 0
+        ckpt = None
+        if self.resume_from is not None:
+            ckpt = open_checkpoint(self.resume_from)
+            if ckpt.config.model != cfg.model:
+                raise TrainError(
+                    f"{ckpt.path} was trained with a different model config; resume needs the same"
+                )
+            load_model_weights(ckpt, model)
+        elif tc.init_from:
+            start = open_checkpoint(tc.init_from)
+            load_model_weights(start, model)
+            log.info("starting from the weights of %s (step %d there)", start.path, start.step)
+        self.flops_per_token = model.flops_per_token(tc.seq_len)
+        self.describe(model)
+        self.engine = Engine(model, cfg, self.layout, self.batches, self.dtype, self.device)
+        if ckpt is not None:
+            state = ckpt.trainer_state()
+            self.engine.restore_optimizer(ckpt.optimizer_moments(), state["optimizer_steps"])
+            self.data.loader.load_state_dict(state["data"])
+            self.step, self.bad_streak = ckpt.step, state["bad_streak"]
+            self.skipped = state["skipped_steps"]
+            ckpt.load_rng(self.layout.rank)
+            log.info("resuming from %s at step %d", ckpt.path, self.step)
+        self.checkpoint = self.resume_from
+
+    def describe(self, model: HylasLM) -> None:
+        cfg, tc, b = self.cfg, self.cfg.train, self.batches
+        log.info(
+            "model: %.2fM parameters (%.2fM without embeddings%s), %.1f MFLOP per training "
+            "token, layers %s%s, mixer %s; %s on %s",
+            model.num_parameters() / 1e6,
+            model.num_parameters(exclude_embeddings=True) / 1e6,
+            f", {model.num_active_parameters() / 1e6:.2f}M active"
+            if cfg.model.moe.num_experts
+            else "",
+            self.flops_per_token / 1e6,
+            cfg.model.pattern,
+            f" (feed-forwards {cfg.model.ffn_pattern})" if cfg.model.moe.num_experts else "",
+            cfg.model.linear_mixer,
+            self.dtype if self.dtype == tc.dtype else f"{self.dtype} (train.dtype=auto)",
+            self.device.type,
         )
-    run_dir = Path(tc.out_dir)
-    resume_from = _resume_point(run_dir, resume)
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    torch.manual_seed(tc.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        keep_freed_memory()
-    resolve_backend(cfg.kernels.backend, torch.empty(0, device=device))  # refuse early, not mid-run
-    dtype = compute_dtype(tc.dtype, device)
+        log.info(
+            "layout: %d process%s (dp %d x sp %d), DeepSpeed ZeRO stage %d; each step: %d "
+            "samples = %d per rank as %d micro-batch%s of %d",
+            self.layout.world,
+            "" if self.layout.world == 1 else "es",
+            self.layout.dp,
+            self.layout.sp,
+            cfg.parallel.zero_stage,
+            b.global_batch,
+            b.per_rank,
+            b.accumulation,
+            "" if b.accumulation == 1 else "es",
+            b.micro_batch,
+        )
+        log.info("data: %s", self.data.description)
+        log.info(
+            "training %d steps of %d tokens (batch %d x %d), %d held-out windows",
+            tc.steps,
+            tc.batch_size * tc.seq_len,
+            tc.batch_size,
+            tc.seq_len,
+            self.data.held_out_windows,
+        )
 
-    data = open_data(cfg)
-    loader, held_out, names = data.loader, data.held_out, data.names
+    # -- one optimizer step -----------------------------------------------------------------
 
-    model = HylasLM(cfg.model, cfg.kernels.backend).to(device)
-    optimizer = build_optimizer(model, tc)
-    scheduler = build_scheduler(optimizer, tc)
-    start = 0
-    if resume_from is not None:
-        ckpt = open_checkpoint(resume_from)
-        if ckpt.config.model != cfg.model:
-            raise TrainError(
-                f"{ckpt.path} was trained with a different model config; resume needs the same"
+    def train_step(
+        self, micro_batches: list[dict], stop: StopSignal
+    ) -> tuple[StepStats, bool, float]:
+        world, accumulation = self.layout.world, len(micro_batches)
+        # The step's target count over every rank, before the first backward.
+        targets = torch.tensor([sum(int((b["labels"] != -100).sum()) for b in micro_batches)])
+        dist.all_reduce(targets)
+        n_targets = int(targets.item())
+        lm_sum, aux_sum, bad = 0.0, 0.0, False
+        pooled: list[RouterStats] = []
+        for m, batch in enumerate(micro_batches):
+            out = self.engine(**model_inputs(batch, self.device), logits=False)
+            # out.lm_loss_sum: summed token cross-entropy; DeepSpeed averages over ranks.
+            loss = out.lm_loss_sum * (world / n_targets)
+            if out.moe_stats:
+                aux, stats = self.moe_aux_loss(out.moe_stats)
+                loss = loss + aux * (world / accumulation)
+                aux_sum += sum(self.moe_weighted(s).item() for s in stats) / accumulation
+                pooled = (
+                    stats if not pooled else [a + b for a, b in zip(pooled, stats, strict=True)]
+                )
+            value = out.lm_loss_sum.item()
+            bad |= not math.isfinite(value)
+            lm_sum += value
+            self.engine.backward(loss, last=m == accumulation - 1)
+        flags = torch.tensor([float(bad), float(stop.received is not None), lm_sum])
+        dist.all_reduce(flags)
+        bad, stopping = flags[0].item() > 0, flags[1].item() > 0
+        lm_loss = flags[2].item() / n_targets
+        lr = lr_at(self.step, self.cfg.train)
+        applied, grad_norm = self.engine.step(lr, skip=bad)
+        stats = StepStats(lm_loss + aux_sum, lm_loss, n_targets, not applied, stopping, pooled)
+        return stats, lr, grad_norm
+
+    def moe_aux_loss(self, stats: list[RouterStats]) -> tuple[torch.Tensor, list[RouterStats]]:
+        """This rank's share of the MoE auxiliary losses of the micro-batch pooled over ranks.
+
+        Expert counts and token totals are summed over every rank first, so that the load
+        balance term (E sum_e f_e P_e) uses the global batch's f_e, as one process would; a
+        rank's term over its own probabilities then sums over ranks to the pooled loss.
+        """
+        counts = torch.stack([s.counts.float() for s in stats])
+        sums = torch.stack([s.prob_sum.detach() for s in stats])
+        extra = torch.tensor([[s.tokens, s.dropped, s.z_sum.item()] for s in stats])
+        pooled = torch.cat([counts, sums, extra], dim=1)
+        dist.all_reduce(pooled)
+        E = counts.shape[1]
+        result, total = [], 0.0
+        for i, s in enumerate(stats):
+            tokens = pooled[i, 2 * E].item()
+            g = RouterStats(
+                pooled[i, :E],
+                pooled[i, E : 2 * E],
+                pooled[i, 2 * E + 2],
+                int(tokens),
+                s.top_k,
+                int(pooled[i, 2 * E + 1].item()),
             )
-        load_model_weights(ckpt, model)
-        data_state = load_trainer_state(ckpt, optimizer, scheduler)
-        if data_state is None:
-            raise TrainError(f"{ckpt.path} holds no data position; it cannot be resumed exactly")
-        loader.load_state_dict(data_state)
-        start = ckpt.step
-        log.info("resuming from %s at step %d", ckpt.path, start)
+            f = g.counts / (tokens * s.top_k)
+            c = self.cfg.model.moe
+            total = total + c.aux_loss_coef * E * (f * s.prob_sum).sum() / tokens
+            total = total + c.z_loss_coef * s.z_sum / tokens
+            result.append(g)
+        return total, result
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    metrics = MetricsFile(run_dir / "metrics.jsonl", keep_until_step=start if resume_from else None)
-    tokens_per_step = tc.batch_size * tc.seq_len
-    log.info(
-        "model: %.2fM parameters (%.2fM without embeddings%s), %.1f MFLOP per training token, "
-        "layers %s%s, mixer %s; %s on %s",
-        model.num_parameters() / 1e6,
-        model.num_parameters(exclude_embeddings=True) / 1e6,
-        f", {model.num_active_parameters() / 1e6:.2f}M active" if cfg.model.moe.num_experts else "",
-        model.flops_per_token(tc.seq_len) / 1e6,
-        cfg.model.pattern,
-        f" (feed-forwards {cfg.model.ffn_pattern})" if cfg.model.moe.num_experts else "",
-        cfg.model.linear_mixer,
-        dtype if dtype == tc.dtype else f"{dtype} (train.dtype=auto)",
-        device.type,
-    )
-    log.info("data: %s", data.description)
-    log.info(
-        "training %d steps of %d tokens (batch %d x %d), %d held-out windows",
-        tc.steps,
-        tokens_per_step,
-        tc.batch_size,
-        tc.seq_len,
-        sum(len(b["input_ids"]) for _, b in held_out),
-    )
+    def moe_weighted(self, s: RouterStats) -> torch.Tensor:
+        c = self.cfg.model.moe
+        return c.aux_loss_coef * s.aux_loss() + c.z_loss_coef * s.z_loss()
 
-    first_eval = last_eval = None
-    if start == 0:
-        result = evaluate(model, held_out, dtype, device, names)
-        first_eval = last_eval = result["eval_loss"]
-        metrics.write({"step": 0, **result})
-        log.info("step 0: held-out loss %.4f", first_eval)
+    # -- evaluation ---------------------------------------------------------------------------
 
-    progress = Progress(tc.steps, start)
-    # Throughput is averaged over the steps since the last log line; the loss is the logged
-    # step's own, so a resumed run logs exactly what an uninterrupted one does.
-    window_steps, window_t0 = 0, time.perf_counter()
-    checkpoint, done = resume_from, start
-    model.train()
-    for step in range(start, tc.steps):
-        batch = loader.next_batch()
-        lr = scheduler.get_last_lr()[0]
-        with autocast(dtype, device):
-            out = model(**model_inputs(batch, device), logits=False)
-        loss = out.loss
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise TrainError(
-                f"the training loss became {loss_value} at step {step + 1}; try a lower train.lr"
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out cross-entropy (without MoE auxiliary losses) per target token, each rank
+        taking every dp-th sample and the sums reduced over ranks: ``eval_loss`` over all
+        sources and, with several sources, ``eval_loss/<name>`` for each."""
+        names, dp, r = self.data.names, self.layout.dp, self.layout.dp_rank
+        sums = torch.zeros(len(names), 2, dtype=torch.float64)
+        self.engine.ds.eval()
+        for source, batch in self.data.held_out:
+            rows = list(range(r, len(batch["input_ids"]), dp))
+            for lo in range(0, len(rows), self.batches.micro_batch):
+                part = select_rows(batch, rows[lo : lo + self.batches.micro_batch])
+                out = self.engine(**model_inputs(part, self.device), logits=False)
+                sums[source, 0] += out.lm_loss_sum.item()
+                sums[source, 1] += int((part["labels"] != -100).sum())
+        self.engine.ds.train()
+        dist.all_reduce(sums)
+        result = {"eval_loss": (sums[:, 0].sum() / sums[:, 1].sum()).item()}
+        if len(names) > 1:
+            result.update(
+                {
+                    f"eval_loss/{n}": (s[0] / s[1]).item()
+                    for n, s in zip(names, sums, strict=True)
+                    if s[1]
+                }
             )
-        done = step + 1
-        window_steps += 1
+        return result
 
-        record = None
-        if done % tc.log_every == 0 or done == tc.steps:
-            elapsed = time.perf_counter() - window_t0
-            record = {
-                "step": done,
-                "loss": loss_value,
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "tokens_per_s": window_steps * tokens_per_step / elapsed,
-                "elapsed_s": time.perf_counter() - t_start,
-            }
-            if out.moe_stats:  # the loss above includes the weighted auxiliary losses
-                record["moe_aux_loss"] = out.aux_loss.item()
-                record["moe_load_imbalance"] = max(s.load_imbalance() for s in out.moe_stats)
-                record["moe_dropped"] = max(s.dropped_fraction() for s in out.moe_stats)
-                record["moe_expert_counts"] = [s.counts.tolist() for s in out.moe_stats]
-            metrics.write(record)
-            window_steps, window_t0 = 0, time.perf_counter()
-        progress.update(done, tc.steps, record)
+    # -- checkpoints --------------------------------------------------------------------------
 
-        if (tc.eval_every and done % tc.eval_every == 0) or done == tc.steps:
-            result = evaluate(model, held_out, dtype, device, names)
-            last_eval = result["eval_loss"]
-            metrics.write({"step": done, **result})
-            progress.write(f"step {done}: held-out loss {last_eval:.4f}")
-        if (tc.save_every and done % tc.save_every == 0) or done in (tc.steps, tc.exit_at_step):
-            checkpoint = save_checkpoint(
-                run_dir,
-                done,
-                cfg,
-                model,
-                optimizer,
-                scheduler,
-                data.tokenizer.model_file,
-                metrics={"eval_loss": last_eval} if last_eval is not None else None,
-                data_state=loader.state_dict(),
+    def save(self, metrics: dict[str, float]) -> Path:
+        tc = self.cfg.train
+        request = SaveRequest(
+            step=self.step,
+            cfg=self.cfg,
+            layout={**self.layout.describe(), "zero_stage": self.cfg.parallel.zero_stage},
+            tokenizer_file=Path(self.data.tokenizer.model_file),
+            trainer={
+                "optimizer_steps": self.engine.optimizer_steps(),
+                "bad_streak": self.bad_streak,
+                "skipped_steps": self.skipped,
+                "tokens_seen": self.step * tc.batch_size * tc.seq_len,
+                "data": self.data.loader.state_dict(),
+            },
+            metrics=metrics,
+        )
+        return save_checkpoint(
+            self.run_dir,
+            request,
+            self.engine.params,
+            self.engine.full_state,
+            persistent_buffers(self.engine.module),
+            keep=tc.keep_checkpoints,
+        )
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        cfg, tc, main = self.cfg, self.cfg.train, self.layout.is_main
+        start = self.step
+        metrics = wandb = None
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(
+                self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False)
             )
-            progress.write(f"step {done}: saved checkpoint {checkpoint}")
-        if done == tc.exit_at_step and done < tc.steps:
-            progress.write(
-                f"step {done}: stopping as asked (train.exit_at_step); resume with --resume auto"
+            metrics = MetricsFile(
+                self.run_dir / "metrics.jsonl", keep_until_step=start if self.resume_from else None
             )
-            break
-    progress.close()
-    metrics.close()
-    if last_eval is None:
-        last_eval = evaluate(model, held_out, dtype, device)["eval_loss"]
-    return RunResult(run_dir, checkpoint, done, first_eval, last_eval)
+            wandb = WandbLogger(cfg.wandb, self.run_dir, cfg.to_dict(), self.layout.describe())
+        dtype = torch.bfloat16 if self.dtype == "bfloat16" else torch.float32
+        peak, peak_source = peak_flops(self.device, dtype)
+        if main:
+            log.info(
+                "peak for MFU: %s",
+                f"{peak / 1e12:.2f} TFLOP/s per device ({peak_source})" if peak else peak_source,
+            )
+
+        def record(r: dict) -> None:
+            if main:
+                metrics.write(r)
+                wandb.log(r, r["step"])
+
+        first_eval = last_eval = None
+        if start == 0:
+            result = self.evaluate()
+            first_eval = last_eval = result["eval_loss"]
+            record({"step": 0, **result})
+            if main:
+                log.info("step 0: held-out loss %.4f", first_eval)
+
+        progress = Progress(tc.steps, start) if main else None
+        tokens_per_step = tc.batch_size * tc.seq_len
+        window_steps, window_t0 = 0, time.perf_counter()
+        stopped_by = None
+        with StopSignal() as stop:
+            while self.step < tc.steps:
+                micro_batches = self.data.loader.next_micro_batches(self.batches.accumulation)
+                stats, lr, grad_norm = self.train_step(micro_batches, stop)
+                self.step += 1
+                window_steps += 1
+                if stats.bad:
+                    self.skipped += 1
+                    self.bad_streak += 1
+                    log.warning(
+                        "step %d: non-finite loss or gradient norm; the update was skipped "
+                        "(%d in a row, %d in all)",
+                        self.step,
+                        self.bad_streak,
+                        self.skipped,
+                    ) if main else None
+                else:
+                    self.bad_streak = 0
+
+                entry = None
+                if self.step % tc.log_every == 0 or self.step == tc.steps:
+                    elapsed = time.perf_counter() - window_t0
+                    tokens_per_s = window_steps * tokens_per_step / elapsed
+                    entry = {
+                        "step": self.step,
+                        "loss": stats.loss,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": tokens_per_s,
+                        "mfu": mfu(tokens_per_s, self.flops_per_token, peak, self.layout.world),
+                        "peak_memory_gb": self.peak_memory(),
+                        "skipped_steps": self.skipped,
+                        "elapsed_s": time.perf_counter() - self.t_start,
+                    }
+                    if stats.moe:
+                        entry["moe_aux_loss"] = stats.loss - stats.lm_loss
+                        entry["moe_load_imbalance"] = max(s.load_imbalance() for s in stats.moe)
+                        entry["moe_dropped"] = max(s.dropped_fraction() for s in stats.moe)
+                        entry["moe_expert_counts"] = [s.counts.long().tolist() for s in stats.moe]
+                    record(entry)
+                    window_steps, window_t0 = 0, time.perf_counter()
+                if main:
+                    progress.update(self.step, tc.steps, entry)
+
+                if self.bad_streak >= tc.max_bad_steps:
+                    last = (
+                        f"; the last good checkpoint is {self.checkpoint}"
+                        if self.checkpoint
+                        else ""
+                    )
+                    raise TrainError(
+                        f"{self.bad_streak} steps in a row had a non-finite loss or gradient "
+                        f"norm (train.max_bad_steps={tc.max_bad_steps}), up to step "
+                        f"{self.step}; stopping{last}. Try a lower train.lr"
+                    )
+                if (tc.eval_every and self.step % tc.eval_every == 0) or self.step == tc.steps:
+                    result = self.evaluate()
+                    last_eval = result["eval_loss"]
+                    record({"step": self.step, **result})
+                    if main:
+                        progress.write(f"step {self.step}: held-out loss {last_eval:.4f}")
+                if stats.stop:
+                    stopped_by = stop.received or "a signal on another rank"
+                at_exit = self.step == tc.exit_at_step
+                if (
+                    (tc.save_every and self.step % tc.save_every == 0)
+                    or self.step == tc.steps
+                    or at_exit
+                    or stopped_by
+                ):
+                    self.checkpoint = self.save({"eval_loss": last_eval} if last_eval else {})
+                    if main:
+                        progress.write(f"step {self.step}: saved checkpoint {self.checkpoint}")
+                if stopped_by and self.step < tc.steps:
+                    if main:
+                        progress.write(
+                            f"step {self.step}: stopping on {stopped_by}; the checkpoint is "
+                            f"complete, continue with --resume auto"
+                        )
+                    break
+                if at_exit and self.step < tc.steps:
+                    if main:
+                        progress.write(
+                            f"step {self.step}: stopping as asked (train.exit_at_step); "
+                            "resume with --resume auto"
+                        )
+                    break
+        if main:
+            progress.close()
+            metrics.close()
+            wandb.finish()
+        if last_eval is None:
+            last_eval = self.evaluate()["eval_loss"]
+        return RunResult(
+            self.run_dir, self.checkpoint, self.step, first_eval, last_eval, stopped_by
+        )
+
+    def peak_memory(self) -> list[float]:
+        """Peak memory of every rank in GB (CUDA allocator peak, or the process's peak RSS)."""
+        if self.device.type == "cuda":
+            mine = torch.cuda.max_memory_allocated(self.device) / 1e9
+        else:
+            mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+        every = torch.zeros(self.layout.world)
+        every[self.layout.rank] = mine
+        dist.all_reduce(every)
+        return [round(v, 3) for v in every.tolist()]
+
+
+def train(cfg: Config, resume: str | None = None) -> RunResult:
+    """Train ``cfg`` in this process, as one rank of whatever torchrun started."""
+    try:
+        return Trainer(cfg, resume).run()
+    finally:
+        shutdown()
