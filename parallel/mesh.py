@@ -108,5 +108,12 @@ def init_groups(layout: Layout, device: torch.device, timeout_s: float) -> Group
 
 
 def shutdown() -> None:
-    if dist.is_initialized():
+    """End torch.distributed, and DeepSpeed's hold on its groups if it has one."""
+    if not dist.is_initialized():
+        return
+    import deepspeed.comm
+
+    if deepspeed.comm.is_initialized():  # also drops DeepSpeed's cached groups
+        deepspeed.comm.destroy_process_group()
+    else:
         dist.destroy_process_group()

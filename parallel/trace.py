@@ -181,22 +181,26 @@ _wrapper_of: dict[Callable, Callable] = {}  # original -> wrapper, while patched
 
 
 def _patch() -> None:
-    for namespace in (dist, c10d):
-        for name in [*_PAYLOAD, "batch_isend_irecv"]:
-            fn = getattr(namespace, name, None)
-            if fn is None:
-                continue
-            if fn not in _wrapper_of:
-                wrap = _wrap_batch if name == "batch_isend_irecv" else _wrap
-                _wrapper_of[fn] = wrap(name, fn)
-            _saved.append((namespace, name, fn))
-            setattr(namespace, name, _wrapper_of[fn])
+    # Every wrapper is built before anything is replaced, so a failure leaves torch as it was.
+    targets = [
+        (namespace, name, getattr(namespace, name))
+        for namespace in (dist, c10d)
+        for name in [*_PAYLOAD, "batch_isend_irecv"]
+        if hasattr(namespace, name)
+    ]
+    for _, name, fn in targets:
+        if fn not in _wrapper_of:
+            _wrapper_of[fn] = _wrap_batch(fn) if name == "batch_isend_irecv" else _wrap(name, fn)
     backend = _deepspeed_backend()
     if backend is not None:
-        for name, value in list(vars(backend).items()):
-            if callable(value) and value in _wrapper_of:
-                _saved.append((backend, name, value))
-                setattr(backend, name, _wrapper_of[value])
+        targets += [
+            (backend, name, value)
+            for name, value in vars(backend).items()
+            if inspect.isfunction(value) and value in _wrapper_of
+        ]
+    for owner, name, fn in targets:
+        _saved.append((owner, name, fn))
+        setattr(owner, name, _wrapper_of[fn])
 
 
 def _unpatch() -> None:
@@ -208,7 +212,7 @@ def _unpatch() -> None:
     if backend is not None:
         original_of = {w: fn for fn, w in _wrapper_of.items()}
         for name, value in list(vars(backend).items()):
-            if callable(value) and value in original_of:
+            if inspect.isfunction(value) and value in original_of:
                 setattr(backend, name, original_of[value])
     _wrapper_of.clear()
 
@@ -232,23 +236,27 @@ def _wrap(name: str, fn: Callable) -> Callable:
             result = fn(*args, **kwargs)
         finally:
             _local.depth = depth
-        if depth == 0 and _active:
-            arguments = signature.bind(*args, **kwargs).arguments
-            record = CommRecord(
-                kind=kind,
-                group=_group_ranks(arguments.get("group")),
-                bytes=_nbytes(arguments.get(payload)) if payload else 0,
-                site=_call_site(),
-                async_op=name in _ALWAYS_ASYNC or bool(arguments.get("async_op", False)),
-            )
-            for tracer in _active:
-                tracer.records.append(record)
+        if depth > 0 or not _active:
+            return result
+        arguments = signature.bind(*args, **kwargs).arguments
+        group = arguments.get("group")
+        if group is dist.GroupMember.NON_GROUP_MEMBER:  # c10d returned without communicating
+            return result
+        record = CommRecord(
+            kind=kind,
+            group=tuple(dist.get_process_group_ranks(group)),
+            bytes=_nbytes(arguments.get(payload)) if payload else 0,
+            site=_call_site(),
+            async_op=name in _ALWAYS_ASYNC or bool(arguments.get("async_op", False)),
+        )
+        for tracer in _active:
+            tracer.records.append(record)
         return result
 
     return wrapper
 
 
-def _wrap_batch(name: str, fn: Callable) -> Callable:
+def _wrap_batch(fn: Callable) -> Callable:
     """batch_isend_irecv picks send or receive by ``op is isend``: point P2POps built
     before the trace at the wrapped isend/irecv for the call."""
 
@@ -266,10 +274,6 @@ def _wrap_batch(name: str, fn: Callable) -> Callable:
     return wrapper
 
 
-def _group_ranks(group: Any) -> tuple[int, ...]:
-    return tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
-
-
 def _nbytes(payload: Any) -> int:
     if isinstance(payload, torch.Tensor):
         return payload.numel() * payload.element_size()
@@ -279,7 +283,7 @@ def _nbytes(payload: Any) -> int:
 
 
 def _call_site() -> str:
-    frame = sys._getframe(2)
+    frame = sys._getframe(1)
     while frame is not None and _skipped(frame.f_code.co_filename):
         frame = frame.f_back
     if frame is None:
@@ -301,10 +305,10 @@ def _skipped(filename: str) -> bool:
 def _short_path(filename: str, module: str) -> str:
     """The file's path from its package root, from the module's dotted name
     (``hylas.train.engine`` -> ``hylas/train/engine.py``, whatever folder it lives in)."""
-    base = os.path.basename(filename)
-    parts = module.split(".")
     if module in ("", "__main__"):
         return filename
+    base = os.path.basename(filename)
+    parts = module.split(".")
     if base == "__init__.py":
         return "/".join([*parts, base])
     if parts[-1] == os.path.splitext(base)[0]:

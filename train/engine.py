@@ -72,12 +72,17 @@ class BatchLayout:
 def batch_layout(cfg: Config, layout: Layout) -> BatchLayout:
     """Refuse a batch that does not divide over the layout, naming the numbers."""
     tc, dp = cfg.train, layout.dp
-    micro = tc.micro_batch_size or tc.batch_size // dp
-    if micro == 0 or tc.batch_size % (micro * dp):
-        what = f"train.micro_batch_size ({micro})" if tc.micro_batch_size else "one sample"
+    if not tc.micro_batch_size and tc.batch_size % dp:
         raise ConfigError(
-            f"train.batch_size ({tc.batch_size}) is not a multiple of {what} x dp ({dp}) = "
-            f"{micro * dp if micro else dp}; every rank needs the same whole number of micro-batches"
+            f"train.batch_size ({tc.batch_size}) does not split evenly over dp = {dp} ranks; "
+            f"make it a multiple of {dp}"
+        )
+    micro = tc.micro_batch_size or tc.batch_size // dp
+    if tc.batch_size % (micro * dp):
+        raise ConfigError(
+            f"train.batch_size ({tc.batch_size}) is not a multiple of train.micro_batch_size "
+            f"({micro}) x dp ({dp}) = {micro * dp}; every rank needs the same whole number "
+            "of micro-batches"
         )
     return BatchLayout(tc.batch_size, micro, tc.batch_size // (micro * dp), dp)
 

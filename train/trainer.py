@@ -199,7 +199,7 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def _resume_point(run_dir: Path, resume: str | None, is_main: bool) -> Path | None:
+def _resume_point(run_dir: Path, resume: str | None) -> Path | None:
     has_run = complete_checkpoints(run_dir / "checkpoints") != []
     if resume is None:
         if has_run:
@@ -246,7 +246,7 @@ class Trainer:
         self.groups = init_groups(self.layout, self.device, cfg.parallel.timeout_s)
         self.batches = batch_layout(cfg, self.layout)
         self.run_dir = Path(tc.out_dir)
-        self.resume_from = _resume_point(self.run_dir, resume, self.layout.is_main)
+        self.resume_from = _resume_point(self.run_dir, resume)
         if tc.threads:
             torch.set_num_threads(tc.threads)
         torch.manual_seed(tc.seed)
