@@ -23,6 +23,7 @@ import importlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,11 @@ OWNED_KEYS = {
     "zero_optimization.stage": "parallel.zero_stage",
 }
 MOMENTS = ("exp_avg", "exp_avg_sq")
+
+# ZeRO-3 calls the tensor collectives torch renamed; the warning would repeat on every rank.
+warnings.filterwarnings(
+    "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
+)
 
 
 @dataclass(frozen=True)

@@ -405,13 +405,20 @@ class Trainer:
         names, dp, r = self.data.names, self.layout.dp, self.layout.dp_rank
         sums = torch.zeros(len(names), 2, dtype=torch.float64)
         self.engine.ds.eval()
+        micro = self.batches.micro_batch
         for source, batch in self.data.held_out:
-            rows = list(range(r, len(batch["input_ids"]), dp))
-            for lo in range(0, len(rows), self.batches.micro_batch):
-                part = select_rows(batch, rows[lo : lo + self.batches.micro_batch])
+            n = len(batch["input_ids"])
+            rows = list(range(r, n, dp))
+            # Every rank runs the same number of forwards (ZeRO-3 gathers weights in each).
+            for lo in range(0, math.ceil(n / dp), micro):
+                part = select_rows(batch, rows[lo : lo + micro] or [0])
+                if not rows[lo : lo + micro]:  # nothing left here: a forward that counts nothing
+                    part["labels"] = torch.full_like(part["labels"], -100)
                 out = self.engine(**model_inputs(part, self.device), logits=False)
-                sums[source, 0] += out.lm_loss_sum.item()
-                sums[source, 1] += int((part["labels"] != -100).sum())
+                targets = int((part["labels"] != -100).sum())
+                if targets:
+                    sums[source, 0] += out.lm_loss_sum.item()
+                    sums[source, 1] += targets
         self.engine.ds.train()
         dist.all_reduce(sums)
         result = {"eval_loss": (sums[:, 0].sum() / sums[:, 1].sum()).item()}
@@ -501,13 +508,11 @@ class Trainer:
                 if stats.bad:
                     self.skipped += 1
                     self.bad_streak += 1
-                    log.warning(
-                        "step %d: non-finite loss or gradient norm; the update was skipped "
-                        "(%d in a row, %d in all)",
-                        self.step,
-                        self.bad_streak,
-                        self.skipped,
-                    ) if main else None
+                    if main:
+                        progress.write(
+                            f"step {self.step}: non-finite loss or gradient norm; the update "
+                            f"was skipped ({self.bad_streak} in a row, {self.skipped} in all)"
+                        )
                 else:
                     self.bad_streak = 0
 

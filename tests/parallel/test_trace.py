@@ -67,9 +67,9 @@ def _zero2_step(rank: int) -> dict:
     import deepspeed
     from deepspeed.comm import comm as ds_comm
 
-    # TorchBackend.__init__ JIT-builds DeepSpeed's CPU shared-memory all-reduce with g++
-    # (about 30 s) when the probe calls the op compatible; gloo training never uses it.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    from hylas.train.engine import avoid_cpu_comm_build
+
+    avoid_cpu_comm_build()  # as the trainer does: no JIT build of DeepSpeed's CPU collectives
     original_gather = dist.all_gather_into_tensor
     with trace_collectives():  # a backend created inside a trace binds the wrappers
         deepspeed.init_distributed(dist_backend="gloo")

@@ -77,7 +77,7 @@ def test_checkpoint_holds_whole_state_and_refuses_corruption_and_misfits(tmp_pat
     ]
     ckpt = open_checkpoint(tmp_path)  # a run directory finds its newest checkpoint
     assert ckpt.path == path and ckpt.step == 3
-    assert ckpt.manifest["world"] == {"world_size": 1, "dp": 1, "sp": 1, "zero_stage": 1}
+    assert ckpt.manifest["world"] == {"world_size": 1, "dp": 1, "sp": 1, "zero_stage": 0}
     assert ckpt.trainer_state()["optimizer_steps"] == 3
     model = HylasLM(ckpt.config.model)
     load_model_weights(ckpt, model)
