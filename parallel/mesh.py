@@ -102,9 +102,30 @@ def init_groups(layout: Layout, device: torch.device, timeout_s: float) -> Group
             dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
         else:
             kwargs = {"device_id": device} if device.type == "cuda" else {}
+            if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                kwargs["store"] = attempt_store(layout, timeout)
+                kwargs.update(rank=layout.rank, world_size=layout.world)
             dist.init_process_group(backend, timeout=timeout, **kwargs)
     mesh = init_device_mesh(device.type, (layout.dp, layout.sp), mesh_dim_names=("dp", "sp"))
     return Groups(mesh, mesh.get_group("dp"), mesh.get_group("sp"), dist.group.WORLD)
+
+
+def attempt_store(layout: Layout, timeout: timedelta) -> dist.Store:
+    """torchrun's store, under a prefix of its own for each restart of the workers.
+
+    torchrun's static rendezvous keeps one store for all restarts, so workers started
+    after a failure would find the addresses the dead workers published and try to
+    connect to them. A prefix per attempt keeps every attempt's keys apart.
+    """
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        layout.world,
+        is_master=False,
+        timeout=timeout,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"hylas/attempt-{attempt}", client)
 
 
 def shutdown() -> None:

@@ -3,7 +3,7 @@ temporary name, renamed by rank 0 once every rank's part is complete.
 
 Layout of ``<run>/checkpoints/step_000300/``::
 
-    manifest.json              step, config, the dp/sp/ZeRO layout, sha256 of every file
+    manifest.json              step, tokens seen, config, the dp/sp/ZeRO layout, sha256 of every file
     model.safetensors          every parameter, whole, fp32 (a tied weight once) + buffers
     optimizer-00003.safetensors  Adam moments of the parameters in rank 3's share, whole
     rng-00003.safetensors      rank 3's random generators (torch, CUDA, numpy, Python)
@@ -183,6 +183,7 @@ def save_checkpoint(
         manifest = {
             "format": FORMAT_VERSION,
             "step": request.step,
+            "tokens_seen": request.trainer.get("tokens_seen"),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "world": request.layout,
             "config": request.cfg.to_dict(),

@@ -137,14 +137,16 @@ def test_resume_on_another_layout(root, straight1, straight2):
 
 
 def test_two_nodes_with_static_rendezvous_match_one_process(root, straight1):
+    """Also: four processes start with no prepared corpus; one per node prepares it."""
     out = root / "nodes"
     port = free_port()
+    cold = env(HYLAS_CACHE_DIR=str(root / "cold-cache"))
     overrides = [*SMALL, "parallel.zero_stage=2", f"train.out_dir={out}"]
     procs = [
         subprocess.Popen(
             torchrun_args(2, overrides, nnodes=2, node_rank=rank, port=port),
             cwd=REPO,
-            env=env(),
+            env=cold,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -154,6 +156,10 @@ def test_two_nodes_with_static_rendezvous_match_one_process(root, straight1):
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-4000:]
+    # both "nodes" share the cache directory: the processes took turns, one prepared it
+    cache = root / "cold-cache"
+    assert (cache / ".prepare.lock").exists()
+    assert len(list(cache.glob("shakespeare-*"))) == 1
     assert open_checkpoint(out).manifest["world"]["dp"] == 4
     assert_losses_close(losses(out), losses(straight1), what="2 nodes x 2")
 
@@ -221,6 +227,8 @@ def test_a_killed_worker_restarts_under_torchrun_and_the_run_continues_exactly(r
     assert proc.returncode == 0, stderr[-4000:]
     assert "resuming from" in stderr  # the new workers continued from a checkpoint
     assert losses(out) == losses(straight2)
+    kept = sorted(c.name for c in (out / "checkpoints").iterdir())
+    assert kept == ["step_000006", "step_000008", "step_000010"]  # train.keep_checkpoints=3
 
 
 def test_a_process_killed_while_writing_a_checkpoint_leaves_the_previous_one(root, straight1):

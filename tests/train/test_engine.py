@@ -44,11 +44,13 @@ def test_batch_layouts_and_the_ones_refused():
 
 
 def test_deepspeed_config_from_hylas_keys_and_a_user_file(tmp_path):
-    cfg = load_config("tiny", ["train.batch_size=16", "train.micro_batch_size=2"])
+    cfg = load_config(
+        "tiny", ["train.batch_size=16", "train.micro_batch_size=2", "parallel.zero_stage=2"]
+    )
     layout = Layout(world=2)
     ds = deepspeed_config(cfg, layout, batch_layout(cfg, layout), "bfloat16")
     assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 4
-    assert ds["zero_optimization"] == {"stage": 1} and ds["gradient_clipping"] == 1.0
+    assert ds["zero_optimization"] == {"stage": 2} and ds["gradient_clipping"] == 1.0
     assert ds["torch_autocast"]["lower_precision_safe_modules"] == []
     assert "bf16" not in ds and "fp16" not in ds and "optimizer" not in ds
 
@@ -60,7 +62,7 @@ def test_deepspeed_config_from_hylas_keys_and_a_user_file(tmp_path):
     )
     cfg.parallel.deepspeed_config = str(user)
     ds = deepspeed_config(cfg, layout, batch_layout(cfg, layout), "float32")
-    assert ds["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000}
+    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}
     assert ds["comms_logger"] == {"enabled": False} and "torch_autocast" not in ds
     for conflict, owner in (
         ({"zero_optimization": {"stage": 3}}, "parallel.zero_stage"),
