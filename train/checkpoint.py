@@ -246,15 +246,10 @@ class Checkpoint:
     def trainer_state(self) -> dict[str, Any]:
         return json.loads((self.path / TRAINER_FILE).read_text())
 
-    def optimizer_moments(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Every parameter's Adam moments, whole, from all ranks' files: {name: {key: t}}."""
-        moments: dict[str, dict[str, torch.Tensor]] = {}
-        for name in sorted(self.manifest["files"]):
-            if name.startswith("optimizer-"):
-                for key, t in safetensors.torch.load_file(str(self.path / name)).items():
-                    param, _, moment = key.rpartition(".")
-                    moments.setdefault(param, {})[moment] = t
-        return moments
+    def optimizer_moments(self) -> Moments:
+        """Every parameter's Adam moments, whole, from all ranks' files."""
+        names = sorted(n for n in self.manifest["files"] if n.startswith("optimizer-"))
+        return Moments([self.path / n for n in names])
 
     def load_rng(self, rank: int) -> bool:
         """Restore this rank's generators if the checkpoint has a file for its rank."""
@@ -263,6 +258,24 @@ class Checkpoint:
             return False
         load_rng(path)
         return True
+
+
+class Moments:
+    """Adam moments by parameter name, read one tensor at a time from the ranks' files, so
+    a restore never holds more than one parameter's moments in memory."""
+
+    def __init__(self, files: list[Path]):
+        self.files = [safetensors.safe_open(str(f), "pt") for f in files]
+        self.where = {key: f for f in self.files for key in f.keys()}  # noqa: SIM118
+
+    def names(self) -> set[str]:
+        return {key.rpartition(".")[0] for key in self.where}
+
+    def get(self, name: str, moment: str) -> torch.Tensor:
+        key = f"{name}.{moment}"
+        if key not in self.where:
+            raise CheckpointError(f"the checkpoint holds no {moment} for {name}")
+        return self.where[key].get_tensor(key)
 
 
 def open_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:

@@ -308,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    if not torch.cuda.is_available():  # DeepSpeed would warn on every rank while it finds out
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from hylas.model.config import ConfigError
     from hylas.train.checkpoint import CheckpointError
     from hylas.train.trainer import TrainError
@@ -324,10 +328,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
-
-    if not torch.cuda.is_available():  # DeepSpeed would warn on every rank while it finds out
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, TrainError, ValueError, FileNotFoundError) as e:

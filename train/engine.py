@@ -37,6 +37,7 @@ from deepspeed.utils import (
 
 from hylas.model.config import ConfigError
 from hylas.parallel.mesh import Layout
+from hylas.train.checkpoint import Moments
 from hylas.train.config import Config
 from hylas.train.optim import param_groups
 
@@ -249,8 +250,8 @@ class Engine:
             return int(state["step"])
         return 0
 
-    def restore_optimizer(self, moments: dict[str, dict[str, torch.Tensor]], steps: int) -> None:
-        """Set the Adam moments (full tensors per parameter name) and step count.
+    def restore_optimizer(self, moments: Moments, steps: int) -> None:
+        """Set the Adam moments (whole tensors by parameter name) and the step count.
 
         AdamW creates its state at its first step, so one step with zero gradients and
         learning rate 0 comes first: it leaves every parameter as it is (the update and the
@@ -272,9 +273,9 @@ class Engine:
             for name, p in self.params:
                 for key in MOMENTS:
                     if self.stage == 0:
-                        self.adam.state[p][key].copy_(moments[name][key])
+                        self.adam.state[p][key].copy_(moments.get(name, key))
                     else:
-                        safe_set_full_optimizer_state(p, moments[name][key], key)
+                        safe_set_full_optimizer_state(p, moments.get(name, key), key)
         for state in self.adam.state.values():
             state["step"].fill_(steps)
         for _, p in self.params:
