@@ -3,7 +3,10 @@
 1. ``hylas data prepare`` (read jsonl, tokenize in worker processes, write hashed shards)
    with 1 and 2 workers, against sentencepiece's own encode of the same documents in this
    process on one thread. Target: at least 80% of raw sentencepiece per worker.
-2. The packed loader's time per batch, against one training step of the tiny recipe on
+2. One large text file (the corpus as plain text, about 20 MB) in paragraph mode
+   (``--split-documents paragraph``), with 1 and 2 workers: the documents of one file are
+   handed to all workers. Target: 2 workers at least 1.8x one.
+3. The packed loader's time per batch, against one training step of the tiny recipe on
    the same batches. Target: under 2% of the step.
 
     .venv/bin/python benchmarks/data.py            # the embedded corpus, 4 copies (~21 MB)
@@ -33,7 +36,7 @@ from hylas.data.sources import open_sources
 from hylas.data.tokenizer import Tokenizer
 from hylas.model import HylasLM
 from hylas.train.config import load_config
-from hylas.train.optim import build_optimizer
+from hylas.train.optim import param_groups
 from hylas.train.trainer import keep_freed_memory, model_inputs
 
 
@@ -51,9 +54,19 @@ def raw_sentencepiece(tok: Tokenizer, docs: list[str]) -> tuple[float, int]:
     return time.perf_counter() - t0, sum(map(len, ids)) + len(ids)  # + an EOS per document
 
 
-def prepare_once(tok: Tokenizer, src: Path, workers: int, out: Path) -> tuple[float, int]:
+def corpus_text(path: Path, copies: int) -> int:
+    """The embedded corpus as one text file, its scenes as blank-line separated paragraphs."""
+    scenes = [s.strip("\n") for w in load_corpus() for s in w.text.split("\n\n\n") if s.strip()]
+    path.write_text("\n\n".join(scenes * copies) + "\n")
+    return path.stat().st_size
+
+
+def prepare_once(
+    tok: Tokenizer, src: Path, workers: int, out: Path, split_documents: str = "auto"
+) -> tuple[float, int]:
     t0 = time.perf_counter()
-    m = prepare(open_sources([str(src)]), tok, out, workers=workers, progress=False)
+    sources = open_sources([str(src)], split_documents=split_documents)
+    m = prepare(sources, tok, out, workers=workers, progress=False)
     seconds = time.perf_counter() - t0
     return seconds, m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"]
 
@@ -77,7 +90,7 @@ def loader_vs_step(steps: int, batches: int) -> tuple[float, float, str]:
     keep_freed_memory()
     torch.manual_seed(0)
     model = HylasLM(cfg.model)
-    opt = build_optimizer(model, tc)
+    opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr)
     step_times = []
     for _ in range(steps):
         batch = loader.next_batch()
@@ -123,6 +136,13 @@ def main() -> None:
                 seconds, n = prepare_once(tok, tmp / "corpus.jsonl", workers, out)
                 assert n == n_tokens, "prepare and the raw encode saw different tokens"
                 best[workers] = min(best[workers], seconds)
+        text_mb = corpus_text(tmp / "corpus.txt", args.copies) / 1e6
+        one_file = {1: float("inf"), 2: float("inf")}
+        for r in range(args.repeats):
+            for workers in (1, 2):
+                out = tmp / f"text-{workers}-{r}"
+                seconds, n_text = prepare_once(tok, tmp / "corpus.txt", workers, out, "paragraph")
+                one_file[workers] = min(one_file[workers], seconds)
         raw = n_tokens / best["raw"]
         rows = [("sentencepiece encode, in process, 1 thread", 1, raw)]
         rows += [
@@ -140,6 +160,18 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for name, workers, speed in rows:
         print(f"| {name} | {speed:,.0f} | {speed / workers:,.0f} | {speed / workers / raw:.0%} |")
+
+    print(
+        f"\nOne text file, paragraph mode: {text_mb:.1f} MB, {n_text:,} tokens "
+        f"(fastest of {args.repeats})\n"
+    )
+    print("| workers | seconds | tokens/s | vs 1 worker |")
+    print("|---:|---:|---:|---:|")
+    for w in (1, 2):
+        print(
+            f"| {w} | {one_file[w]:.2f} | {n_text / one_file[w]:,.0f} | "
+            f"{one_file[1] / one_file[w]:.2f}x |"
+        )
 
     per_batch, step, what = loader_vs_step(args.steps, 200)
     print(f"\nLoader against one training step of the tiny recipe ({what}):\n")

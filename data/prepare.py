@@ -11,19 +11,33 @@ A prepared directory::
     train_00000.idx.npy ...       int64 end offset of each document in its shard (after its EOS)
     val_00000.bin, .idx.npy ...   the held-out split, the same way
 
+A document is held out when the hash of its text falls below ``--val-fraction``
+(:func:`text_hash`), so the split depends on the text alone, not on the order of the documents
+or how the work was cut. When that holds out none of them (a corpus of few documents), or all,
+``prepare`` reads the inputs a second time and holds out the documents of smallest hash
+instead, or the tail of a corpus that is one document; the manifest's ``held_out`` says which.
+
 Documents are tokenized by a pool of worker processes (one thread each), in order, so the
 output does not depend on the number of workers. The directory is built under a temporary
 name next to ``out`` and renamed when complete; an interrupted run leaves no directory with a
 manifest, and the loader refuses one without.
+
+A corpus too large for one machine is prepared in parts (``--part I/N``, one job each: every
+input file, in the order of their paths, to a part in turn) and joined by :func:`merge_prepared`
+(``hylas data merge``); the hash rule alone holds out documents in a part, so the parts
+together hold the documents, and hold out the ones, that a single ``prepare`` would.
 """
 
 from __future__ import annotations
 
+import array
 import collections
+import copy
 import hashlib
 import itertools
 import json
 import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -220,40 +234,22 @@ class _Pool:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def write_prepared(
+def _tokenize(
     documents: Iterable[tuple[str, bool]],
     tokenizer: Tokenizer,
-    out: str | os.PathLike,
+    directory: Path,
     *,
-    workers: int = 1,
-    shard_tokens: int = DEFAULT_SHARD_TOKENS,
-    sources: list | None = None,
-    settings: dict | None = None,
-    input_bytes: tuple[int, Callable[[], int]] | None = None,
-    progress: bool = True,
+    workers: int,
+    shard_tokens: int,
+    input_bytes: tuple[int, Callable[[], int]] | None,
+    progress: bool,
 ) -> dict:
-    """Tokenize ``(text, held_out)`` pairs into the prepared directory ``out``; returns the
-    manifest. ``input_bytes`` is (total, a function giving the bytes read so far), for the
-    progress bar; without it the bar counts characters. ``sources`` are dicts, or objects with ``to_dict()`` (a source's counts, complete
-    once its documents are consumed) for the manifest."""
-    out = Path(out)
-    if out.exists():
-        raise DataError(f"{out} already exists; remove it or choose another --out")
-    if workers < 1:
-        raise DataError(f"--workers must be at least 1, got {workers}")
-    if shard_tokens < 1:
-        raise DataError(f"--shard-tokens must be positive, got {shard_tokens}")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    """One pass: the shards of both splits into ``directory``; returns their summaries."""
     dtype = token_dtype(tokenizer.vocab_size)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    tmp.chmod(0o755)
-    pool = None
+    writers = {s: ShardWriter(directory, s, dtype, shard_tokens) for s in SPLITS}
+    pool = _Pool(workers, tokenizer.model_file, dtype, tokenizer.eos_id)
     ok = False
     try:
-        t0 = time.perf_counter()
-        shutil.copytree(tokenizer.model_file.parent, tmp / TOKENIZER_DIR)
-        writers = {s: ShardWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
-        pool = _Pool(workers, tokenizer.model_file, dtype, tokenizer.eos_id)
         bar = tqdm(
             total=input_bytes[0] if input_bytes else None,
             unit="B" if input_bytes else "char",
@@ -263,7 +259,8 @@ def write_prepared(
             dynamic_ncols=True,
             mininterval=1.0,
         )
-        n_tokens, logged = 0, time.perf_counter()
+        t0 = logged = time.perf_counter()
+        n_tokens = 0
         with bar:
             for ((train_tok, train_ends), (val_tok, val_ends)), size in pool.map(_jobs(documents)):
                 writers["train"].add(train_tok, train_ends)
@@ -283,36 +280,112 @@ def write_prepared(
                         n_tokens / (logged - t0),
                     )
         splits = {s: w.finish() for s, w in writers.items()}
+        ok = True
+        return splits
+    finally:
+        pool.close(ok)
+
+
+def write_prepared(
+    documents: Iterable[tuple[str, bool]],
+    tokenizer: Tokenizer,
+    out: str | os.PathLike,
+    *,
+    workers: int = 1,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    sources: list | None = None,
+    settings: dict | None = None,
+    input_bytes: tuple[int, Callable[[], int]] | None = None,
+    progress: bool = True,
+    held_out: dict | None = None,
+    second_pass: Callable[[], tuple[Iterable[tuple[str, bool]], dict] | None] | None = None,
+    part: dict | None = None,
+) -> dict:
+    """Tokenize ``(text, held_out)`` pairs into the prepared directory ``out``; returns the
+    manifest. ``input_bytes`` is (total, a function giving the bytes read so far), for the
+    progress bar; without it the bar counts characters. ``sources`` are dicts, or objects with
+    ``to_dict()`` (a source's counts, complete once its documents are consumed) for the
+    manifest. ``held_out`` says in the manifest how the split was made; when a split comes out
+    empty, ``second_pass`` may give other documents to write instead, with their ``held_out``.
+    ``part`` is recorded in the manifest as is (see :func:`prepare`)."""
+    out = Path(out)
+    if out.exists():
+        raise DataError(f"{out} already exists; remove it or choose another --out")
+    if workers < 1:
+        raise DataError(f"--workers must be at least 1, got {workers}")
+    if shard_tokens < 1:
+        raise DataError(f"--shard-tokens must be positive, got {shard_tokens}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    tmp.chmod(0o755)
+    ok = False
+    try:
+        t0 = time.perf_counter()
+        shutil.copytree(tokenizer.model_file.parent, tmp / TOKENIZER_DIR)
+        run = dict(workers=workers, shard_tokens=shard_tokens, input_bytes=input_bytes)
+        splits = _tokenize(documents, tokenizer, tmp, **run, progress=progress)
+        redo = None
+        if second_pass and not all(splits[s]["documents"] for s in SPLITS):
+            redo = second_pass()
+        if redo:
+            documents, held_out = redo
+            for split in SPLITS:  # the first pass's shards and indexes
+                for f in tmp.glob(f"{split}_*"):
+                    f.unlink()
+            splits = _tokenize(documents, tokenizer, tmp, **run, progress=progress)
         if splits["train"]["documents"] == 0:
             raise DataError("no training documents: the inputs hold nothing to train on")
-        elapsed = time.perf_counter() - t0
         manifest = {
             "format": FORMAT_VERSION,
             "hylas_version": _hylas_version(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "dtype": dtype.name,
+            "dtype": token_dtype(tokenizer.vocab_size).name,
             "tokenizer": tokenizer.describe(),
             "sources": [s.to_dict() if hasattr(s, "to_dict") else s for s in sources or []],
             "settings": {**(settings or {}), "shard_tokens": shard_tokens, "workers": workers},
+            **(
+                {"held_out": {**held_out, "documents": splits["val"]["documents"]}}
+                if held_out
+                else {}
+            ),
+            **({"part": part} if part else {}),
             "splits": splits,
-            "seconds": round(elapsed, 2),
+            "seconds": round(time.perf_counter() - t0, 2),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         os.rename(tmp, out)
         ok = True
         return manifest
     finally:
-        if pool is not None:
-            pool.close(ok)
         if not ok:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def held_out_every(val_fraction: float) -> int:
-    """Every k-th document (the k-1-th, 2k-1-th, ...) is held out; 0 = none."""
-    if not 0 <= val_fraction < 0.5:
-        raise DataError(f"--val-fraction must be in [0, 0.5), got {val_fraction}")
-    return round(1 / val_fraction) if val_fraction > 0 else 0
+# -- which documents are held out -----------------------------------------------------------
+
+TAIL_MIN_CHARACTERS = 2_000  # the least held out of a one-document corpus, if under half of it
+
+
+def text_hash(text: str) -> int:
+    """A 64-bit hash of ``text``; it is held out when ``text_hash(text) / 2**64 < fraction``."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+def tail_cut(text: str, fraction: float) -> int:
+    """Where to cut the held-out tail off a one-document corpus: at least ``fraction`` of its
+    characters (and ``TAIL_MIN_CHARACTERS``), never more than half, at a line break or a space
+    when there is one near; 0 when the text is too short to cut."""
+    n = len(text)
+    want = min(max(math.ceil(fraction * n), TAIL_MIN_CHARACTERS), n // 2)
+    if want < 1:
+        return 0
+    start = n - want
+    lo = max(start - want // 2, (n + 1) // 2)  # a longer tail, but the training part keeps half
+    for sep in ("\n", " "):
+        i = text.rfind(sep, lo, start)
+        if i >= 0:
+            return i + 1
+    return start
 
 
 def prepare(
@@ -324,15 +397,60 @@ def prepare(
     val_fraction: float = 0.005,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     progress: bool = True,
+    part: dict | None = None,
 ) -> dict:
-    """``hylas data prepare``: every document of ``sources``, in order; every
-    ``1 / val_fraction``-th one goes to the held-out split."""
-    every = held_out_every(val_fraction)
-    numbered = enumerate(itertools.chain.from_iterable(sources))
-    documents = ((text, bool(every) and n % every == every - 1) for n, text in numbered)
+    """``hylas data prepare``: every document of ``sources``, in order; those whose
+    :func:`text_hash` falls below ``val_fraction`` go to the held-out split. When that holds
+    out none or all of them, the sources are read again (so they must be iterable twice) and the
+    documents of smallest hash are held out, ``ceil(val_fraction x documents)`` of them and at
+    least one; a single document (kept from the first pass) has its tail held out instead
+    (:func:`tail_cut`). ``part`` (``{"index", "count", "files"}``, the sources cut down by
+    :func:`~hylas.data.sources.part_sources`) marks one part of a corpus prepared in parts: it
+    is recorded in the manifest, and the hash alone chooses, with no second pass, so the parts
+    together hold out what one ``prepare`` of the whole would."""
+    if not 0 <= val_fraction < 0.5:
+        raise DataError(f"--val-fraction must be in [0, 0.5), got {val_fraction}")
+    hashes = array.array("Q")  # of every document, in order, for the second pass
+    only: list[str] = []  # the text while there is one document
+    blank = [copy.deepcopy(s.stats) for s in sources]
+
+    def first_pass() -> Iterator[tuple[str, bool]]:
+        for text in itertools.chain.from_iterable(sources):
+            hashes.append(text_hash(text))
+            only[:] = [text] if len(hashes) == 1 else []
+            yield text, hashes[-1] / 2**64 < val_fraction
+
+    def again() -> Iterator[str]:
+        for s, b in zip(sources, blank, strict=True):  # counts as before the first pass
+            vars(s.stats).update(copy.deepcopy(vars(b)))
+        n = 0
+        for text in itertools.chain.from_iterable(sources):
+            if n == len(hashes) or text_hash(text) != hashes[n]:
+                raise DataError("the inputs changed between the two passes of prepare")
+            n += 1
+            yield text
+        if n != len(hashes):
+            raise DataError("the inputs changed between the two passes of prepare")
+
+    def second_pass() -> tuple[Iterable[tuple[str, bool]], dict] | None:
+        if val_fraction == 0 or not hashes:
+            return None
+        record = {"fraction": val_fraction}
+        if len(hashes) > 1:
+            k = max(1, math.ceil(val_fraction * len(hashes)))
+            chosen = set(sorted(range(len(hashes)), key=hashes.__getitem__)[:k])
+            documents = ((t, n in chosen) for n, t in enumerate(again()))
+            return documents, {"rule": "hash-smallest", **record, "cut": False}
+        text = only[0]
+        cut = tail_cut(text, val_fraction)
+        if not cut:
+            return None
+        tail = {"cut": True, "characters": len(text) - cut}
+        return [(text[:cut], False), (text[cut:], True)], {"rule": "tail", **record, **tail}
+
     sizes = [s.total_bytes for s in sources]
     return write_prepared(
-        documents,
+        first_pass(),
         tokenizer,
         out,
         workers=workers,
@@ -343,7 +461,149 @@ def prepare(
         if None in sizes
         else (sum(sizes), lambda: sum(s.stats.bytes_read for s in sources)),
         progress=progress,
+        held_out={"rule": "hash", "fraction": val_fraction, "cut": False},
+        second_pass=None if part else second_pass,
+        part=part,
     )
+
+
+# -- joining parts ---------------------------------------------------------------------------
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copyfile(src, dst)
+
+
+def merge_prepared(parts: list[str | os.PathLike], out: str | os.PathLike) -> dict:
+    """``hylas data merge``: the prepared directories ``parts`` joined into ``out``; returns
+    its manifest. Every part is verified (sha256 of every file); they must share the tokenizer,
+    dtype, format and held-out rule, and when made with ``--part``, be all N parts of one
+    count, each once. Shards are hard-linked (copied across filesystems) in part order and
+    numbered again; their sha256 carry over."""
+    from hylas.data.dataset import PreparedData
+
+    out = Path(out)
+    if out.exists():
+        raise DataError(f"{out} already exists; remove it or choose another --out")
+    if not parts:
+        raise DataError("no part directories given to merge")
+    data = [PreparedData(p, verify=True) for p in parts]
+    first = data[0].manifest
+    for d in data[1:]:
+        m = d.manifest
+        if m["dtype"] != first["dtype"]:
+            raise DataError(
+                f"{d.path} holds {m['dtype']} tokens, {data[0].path} {first['dtype']}; "
+                "prepare every part with the same --tokenizer"
+            )
+        if m["tokenizer"]["sha256"] != first["tokenizer"]["sha256"]:
+            raise DataError(
+                f"{d.path} was prepared with another tokenizer than {data[0].path} (sha256 "
+                f"{m['tokenizer']['sha256'][:12]}... vs {first['tokenizer']['sha256'][:12]}...); "
+                "prepare every part with the same --tokenizer"
+            )
+    rules = {json.dumps(_rule(d.manifest), sort_keys=True) for d in data}
+    if len(rules) > 1:
+        raise DataError(
+            f"the parts hold out documents by different rules ({'; '.join(sorted(rules))}); "
+            "prepare every part with the same --val-fraction"
+        )
+    data = _in_part_order(data)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    tmp.chmod(0o755)
+    ok = False
+    try:
+        t0 = time.perf_counter()
+        shutil.copytree(data[0].tokenizer_dir, tmp / TOKENIZER_DIR)
+        splits = {}
+        for split in SPLITS:
+            shards = []
+            for d in data:
+                for shard in d.manifest["splits"][split]["shards"]:
+                    name = f"{split}_{len(shards):05d}"
+                    renamed = {
+                        **shard,
+                        "tokens_file": f"{name}.bin",
+                        "index_file": f"{name}.idx.npy",
+                    }
+                    for key in ("tokens_file", "index_file"):
+                        _link_or_copy(d.path / shard[key], tmp / renamed[key])
+                    shards.append(renamed)
+            splits[split] = {
+                "tokens": sum(s["tokens"] for s in shards),
+                "documents": sum(s["documents"] for s in shards),
+                "shards": shards,
+            }
+        if splits["val"]["documents"] == 0:
+            raise DataError(
+                "the parts hold no held-out documents; prepare them again with a higher "
+                "--val-fraction"
+            )
+        manifest = {
+            "format": FORMAT_VERSION,
+            "hylas_version": _hylas_version(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "dtype": first["dtype"],
+            "tokenizer": first["tokenizer"],
+            "sources": [s for d in data for s in d.manifest["sources"]],
+            "merged": [
+                {
+                    "path": str(d.path),
+                    **({"part": d.manifest["part"]} if "part" in d.manifest else {}),
+                }
+                for d in data
+            ],
+            "held_out": {**_rule(first), "documents": splits["val"]["documents"]},
+            "splits": splits,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        os.rename(tmp, out)
+        ok = True
+        return manifest
+    finally:
+        if not ok:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _rule(manifest: dict) -> dict:
+    """How a prepared directory chose its held-out documents, without their count."""
+    return {k: v for k, v in manifest.get("held_out", {}).items() if k != "documents"}
+
+
+def _in_part_order(data: list) -> list:
+    """Parts made with ``--part`` sorted by index, after checking they are all N of one count;
+    directories without part information in the order given."""
+    with_part = [d for d in data if "part" in d.manifest]
+    if not with_part:
+        return data
+    if len(with_part) < len(data):
+        plain = next(d for d in data if "part" not in d.manifest)
+        raise DataError(f"{plain.path} was not prepared with --part, unlike the others")
+    counts = {d.manifest["part"]["count"] for d in data}
+    if len(counts) > 1:
+        raise DataError(
+            f"the parts were cut into different counts ({', '.join(map(str, sorted(counts)))}); "
+            "merge the parts of one --part I/N run"
+        )
+    count = counts.pop()
+    by_index: dict[int, list] = collections.defaultdict(list)
+    for d in data:
+        by_index[d.manifest["part"]["index"]].append(d)
+    twice = [i for i, ds in sorted(by_index.items()) if len(ds) > 1]
+    if twice:
+        paths = ", ".join(str(d.path) for d in by_index[twice[0]])
+        raise DataError(f"part {twice[0]}/{count} is given more than once ({paths})")
+    missing = [str(i) for i in range(1, count + 1) if i not in by_index]
+    if missing:
+        raise DataError(
+            f"part(s) {', '.join(missing)} of {count} are missing; merge all {count} parts"
+        )
+    return [by_index[i][0] for i in range(1, count + 1)]
 
 
 # -- the embedded corpus --------------------------------------------------------------------

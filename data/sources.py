@@ -2,35 +2,74 @@
 ``hylas data prepare``.
 
 An input is one of
-- a ``.txt`` / ``.md`` file: the whole file is one document;
-- a ``.jsonl`` file: one JSON object per line, the document in ``text_key``;
+- a ``.txt`` / ``.md`` / ``.text`` file: documents as ``split_documents`` says (below);
+- a ``.jsonl`` / ``.ndjson`` / ``.json`` file: JSON lines, one object per line, the document
+  in ``text_key`` (a file holding one JSON array is refused with that said);
+- any of the above compressed, ``.gz`` / ``.zst`` / ``.xz`` / ``.bz2`` (``a.jsonl.zst``,
+  ``b.txt.gz``): decompressed as a stream, never copied; zstd frames written with
+  ``zstd --long`` (windows up to 2 GiB) decode too;
 - a ``.parquet`` file: the document column ``text_key`` (read with ``datasets``, streamed);
 - a directory saved with ``datasets`` (``Dataset.save_to_disk``): the column ``text_key``
   of ``split`` when it holds several splits;
-- any other directory: every file above inside it, recursively, in sorted order;
+- any other directory: every file above inside it, recursively, in sorted order. Files of
+  other kinds are named in one warning (an error when nothing is left); hidden files and
+  directories (names starting with ``.``, e.g. ``.DS_Store``, ``.git``) are passed over;
 - ``hf:NAME`` or ``hf:NAME:CONFIG``: ``datasets.load_dataset(NAME, CONFIG, split=split,
   streaming=True)``, a hub dataset (from its cache when offline) or a local folder of data
   files, streamed so a large one never has to fit on disk twice.
 
-Text and jsonl files are decoded here so that invalid UTF-8 is handled by the user's choice:
+``split_documents`` cuts text files into documents: ``none`` (the whole file is one
+document), ``paragraph`` (runs of lines separated by blank or whitespace-only lines),
+``line`` (each non-blank line, without its line ending) or ``auto``: ``paragraph`` when the
+inputs are one single text file over 1 MB on disk (a compressed one judged by its
+compressed size), else ``none``. ``paragraph`` and ``line`` stream the file line by line.
+
+Text and JSON lines are decoded here so that invalid UTF-8 is handled by the user's choice:
 ``replace`` (each bad byte sequence becomes U+FFFD and is counted) or ``error`` (refused,
-naming the file and the byte offset). Empty documents are skipped and counted.
+naming the file and the byte offset: from the start of the line named for JSON lines, of the
+file for text, counted in decompressed bytes for a compressed file). Empty documents are
+skipped and counted; blank lines that only separate documents are not.
 """
 
 from __future__ import annotations
 
+import bz2
 import codecs
+import collections
+import contextlib
+import copy
+import dataclasses
+import gzip
+import io
+import itertools
 import json
+import logging
+import lzma
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import zstandard
+
 TEXT_SUFFIXES = (".txt", ".md", ".text")
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 FILE_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".xz": "xz", ".bz2": "bzip2"}
 BAD_UTF8 = ("replace", "error")
+SPLIT_DOCUMENTS = ("auto", "none", "paragraph", "line")
+AUTO_PARAGRAPH_BYTES = 1_000_000  # auto: a single text file larger than this is split
+READABLE = f"{', '.join(FILE_SUFFIXES)} (text and JSON lines also as {', '.join(COMPRESSIONS)})"
+# binary stream -> decompressed binary stream; zstd allows ``zstd --long`` windows (2 GiB)
+_DECOMPRESS = {
+    "gzip": lambda f: gzip.GzipFile(fileobj=f),
+    "zstd": lambda f: io.BufferedReader(_ZstdFrames(f), 1 << 20),
+    "xz": lzma.LZMAFile,
+    "bzip2": bz2.BZ2File,
+}
+# what a decompressor raises on a truncated or corrupt stream
+_CORRUPT = (EOFError, OSError, lzma.LZMAError, zstandard.ZstdError)
 
 
 class DataError(ValueError):
@@ -48,6 +87,7 @@ class SourceStats:
     bytes_read: int = 0  # of the input files so far (for progress)
     empty_skipped: int = 0
     bad_utf8_replaced: int = 0
+    split_documents: str | None = None  # how text files were cut; None when it read none
     files: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -71,13 +111,14 @@ class _Replacements:
 codecs.register_error("hylas-count", _Replacements.handler)
 
 
-def _decode(raw: bytes, where: str, bad_utf8: str) -> tuple[str, int]:
+def _decode(raw: bytes, where: str, bad_utf8: str, offset: int = 0) -> tuple[str, int]:
     try:
         return raw.decode("utf-8"), 0
     except UnicodeDecodeError as e:
         if bad_utf8 == "error":
             raise DataError(
-                f"{where} is not valid UTF-8 (byte offset {e.start}: {raw[e.start : e.start + 4]!r}); "
+                f"{where} is not valid UTF-8 (byte offset {offset + e.start}: "
+                f"{raw[e.start : e.start + 4]!r}); "
                 "pass --bad-utf8 replace to replace such bytes and count them"
             ) from None
     before = _Replacements.count
@@ -85,15 +126,89 @@ def _decode(raw: bytes, where: str, bad_utf8: str) -> tuple[str, int]:
     return text, _Replacements.count - before
 
 
+def _format(path: Path) -> tuple[str | None, str | None]:
+    """(``text``, ``jsonl``, ``parquet`` or None when unreadable; the compression or None),
+    from the file name."""
+    compression = COMPRESSIONS.get(path.suffix)
+    inner = Path(path.stem).suffix if compression else path.suffix
+    if inner in TEXT_SUFFIXES:
+        return "text", compression
+    if inner in JSONL_SUFFIXES:
+        return "jsonl", compression
+    if inner in PARQUET_SUFFIXES and not compression:
+        return "parquet", None
+    return None, None
+
+
+class _Counted(io.RawIOBase):
+    """A file that adds the bytes read from it to ``stats.bytes_read`` (for progress)."""
+
+    def __init__(self, fh, stats: SourceStats):
+        self.fh, self.stats = fh, stats
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self.fh.readinto(b)
+        self.stats.bytes_read += n
+        return n
+
+
+class _ZstdFrames(io.RawIOBase):
+    """zstd frames one after another, with ``zstd --long`` windows (up to 2 GiB). Unlike
+    zstandard's stream reader, which returns a cut frame's partial data in silence, it
+    raises EOFError when the input ends inside a frame."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.dctx = zstandard.ZstdDecompressor(max_window_size=2**31)
+        self.frame = self.dctx.decompressobj()
+        self.inside = False  # part of the current frame has been read
+        self.pending = bytearray()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self.pending:
+            data = self.raw.read(1 << 20)
+            if not data:
+                if self.inside:
+                    raise EOFError("the input ends inside a zstd frame")
+                return 0
+            while data:
+                self.inside = True
+                self.pending += self.frame.decompress(data)
+                data = b""
+                if self.frame.eof:  # the next frame starts in what is left
+                    data, self.inside = self.frame.unused_data, False
+                    self.frame = self.dctx.decompressobj()
+        n = min(len(b), len(self.pending))
+        b[:n] = self.pending[:n]
+        del self.pending[:n]
+        return n
+
+
 class Source:
     """One ``--input`` item. Iterating yields its documents (non-empty strings) in order;
     ``stats`` fills in as it goes."""
 
     def __init__(
-        self, spec: str, text_key: str = "text", split: str = "train", bad_utf8: str = "replace"
+        self,
+        spec: str,
+        text_key: str = "text",
+        split: str = "train",
+        bad_utf8: str = "replace",
+        split_documents: str = "auto",
     ):
         if bad_utf8 not in BAD_UTF8:
             raise DataError(f"--bad-utf8 must be replace or error, got {bad_utf8!r}")
+        if split_documents not in SPLIT_DOCUMENTS:
+            raise DataError(
+                f"--split-documents must be one of {', '.join(SPLIT_DOCUMENTS)}, "
+                f"got {split_documents!r}"
+            )
         self.spec, self.text_key, self.split, self.bad_utf8 = spec, text_key, split, bad_utf8
         if spec.startswith("hf:"):
             self.kind, self.files = "datasets", []
@@ -105,21 +220,53 @@ class Source:
                 self.kind, self.files = "saved dataset", [path]
             elif path.is_dir():
                 self.kind = "directory"
-                self.files = sorted(
-                    p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES
-                )
-                if not self.files:
-                    raise DataError(
-                        f"input directory {spec} holds no {', '.join(FILE_SUFFIXES)} files"
-                    )
-            elif path.suffix in FILE_SUFFIXES:
+                self.files = self._directory(path)
+            elif _format(path)[0]:
                 self.kind, self.files = "file", [path]
             else:
                 raise DataError(
                     f"input {spec}: cannot tell its format from the name; use one of "
-                    f"{', '.join(FILE_SUFFIXES)}, a datasets directory, or hf:NAME"
+                    f"{READABLE}, a datasets directory, or hf:NAME"
                 )
-        self.stats = SourceStats(spec, self.kind, files=[str(f) for f in self.files])
+        texts = [f for f in self.files if _format(f)[0] == "text"]
+        if split_documents == "auto":
+            big = self.kind == "file" and texts and texts[0].stat().st_size > AUTO_PARAGRAPH_BYTES
+            split_documents = "paragraph" if big else "none"
+        self.split_documents = split_documents
+        self.stats = SourceStats(
+            spec,
+            self.kind,
+            split_documents=split_documents if texts else None,
+            files=[str(f) for f in self.files],
+        )
+
+    def _directory(self, path: Path) -> list[Path]:
+        """The readable files under ``path``; the others named in one warning."""
+        found = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        files = [p for p in found if _format(p)[0]]
+        others = [str(p.relative_to(path)) for p in found if not _format(p)[0]]
+        if others:
+            listed = ", ".join(others[:10]) + (
+                f" and {len(others) - 10} more" if len(others) > 10 else ""
+            )
+            if not files:
+                raise DataError(
+                    f"input directory {self.spec} holds no file Hylas can read, only "
+                    f"{len(others)} of other kinds ({listed}); readable: {READABLE}"
+                )
+            logging.getLogger("hylas").warning(
+                "input directory %s: skipping %d file(s) Hylas cannot read: %s",
+                self.spec,
+                len(others),
+                listed,
+            )
+        if not files:
+            raise DataError(f"input directory {self.spec} holds no {READABLE} files")
+        return files
 
     @property
     def total_bytes(self) -> int | None:
@@ -145,24 +292,59 @@ class Source:
     # -- formats ------------------------------------------------------------------------
 
     def _file(self, f: Path) -> Iterator[str]:
-        if f.suffix in TEXT_SUFFIXES:
-            raw = f.read_bytes()
-            text, bad = _decode(raw, str(f), self.bad_utf8)
-            self.stats.bad_utf8_replaced += bad
-            self.stats.bytes_read += len(raw)
-            yield from self._keep([text])
-        elif f.suffix in JSONL_SUFFIXES:
-            yield from self._keep(self._jsonl(f))
+        kind, compression = _format(f)
+        if kind == "text":
+            yield from self._keep(self._text(f, compression))
+        elif kind == "jsonl":
+            yield from self._keep(self._jsonl(f, compression))
         else:
             yield from self._keep(self._parquet(f))
             self.stats.bytes_read += f.stat().st_size
 
-    def _jsonl(self, f: Path) -> Iterator[str]:
-        with open(f, "rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
-                self.stats.bytes_read += len(raw)
+    @contextlib.contextmanager
+    def _open(self, f: Path, compression: str | None) -> Iterator[io.BufferedIOBase]:
+        """``f`` as a binary stream, decompressed on the fly; a decompression failure becomes
+        one DataError naming the file. Bytes read from disk are counted for progress."""
+        with open(f, "rb", buffering=0) as fh:
+            stream = io.BufferedReader(_Counted(fh, self.stats), 1 << 20)
+            if compression:
+                stream = _DECOMPRESS[compression](stream)
+            try:
+                yield stream
+            except _CORRUPT as e:
+                if compression is None:
+                    raise
+                raise DataError(f"{f} is truncated or corrupt ({compression}): {e}") from None
+
+    def _text(self, f: Path, compression: str | None) -> Iterator[str]:
+        with self._open(f, compression) as stream:
+            if self.split_documents == "none":
+                text, bad = _decode(stream.read(), str(f), self.bad_utf8)
+                self.stats.bad_utf8_replaced += bad
+                yield text
+                return
+            offset, lines = 0, []
+            for raw in itertools.chain(stream, [b""]):  # b"": a blank line ends the last one
+                if raw.strip():
+                    line, bad = _decode(raw, str(f), self.bad_utf8, offset)
+                    self.stats.bad_utf8_replaced += bad
+                    lines.append(line)
+                offset += len(raw)
+                if lines and (self.split_documents == "line" or not raw.strip()):
+                    yield "".join(lines).rstrip("\r\n")
+                    lines = []
+
+    def _jsonl(self, f: Path, compression: str | None) -> Iterator[str]:
+        with self._open(f, compression) as stream:
+            first = True
+            for lineno, raw in enumerate(stream, 1):
                 if not raw.strip():
                     continue
+                if first and raw.lstrip().startswith(b"["):
+                    raise DataError(
+                        f"{f} holds a JSON array, not JSON lines; write one object per line"
+                    )
+                first = False
                 where = f"{f}:{lineno}"
                 line, bad = _decode(raw, where, self.bad_utf8)
                 self.stats.bad_utf8_replaced += bad
@@ -257,8 +439,43 @@ def _is_saved_dataset(path: Path) -> bool:
 
 
 def open_sources(
-    inputs: list[str], text_key: str = "text", split: str = "train", bad_utf8: str = "replace"
+    inputs: list[str],
+    text_key: str = "text",
+    split: str = "train",
+    bad_utf8: str = "replace",
+    split_documents: str = "auto",
 ) -> list[Source]:
+    """One Source per input; ``auto`` splitting applies only when there is a single input."""
     if not inputs:
         raise DataError("no --input given")
-    return [Source(os.fspath(i), text_key, split, bad_utf8) for i in inputs]
+    if split_documents == "auto" and len(inputs) > 1:
+        split_documents = "none"
+    return [Source(os.fspath(i), text_key, split, bad_utf8, split_documents) for i in inputs]
+
+
+def part_sources(sources: list[Source], index: int, count: int) -> tuple[list[Source], list[str]]:
+    """The sources cut down to part ``index`` (1-based) of ``count``, and its files: every
+    input file, sorted by its resolved path, goes to part ``k mod count + 1`` where ``k`` is its
+    place in that order, whatever the order of the inputs."""
+    for s in sources:
+        if s.kind not in ("file", "directory"):
+            raise DataError(f"--part slices inputs by file, and {s.spec} is a {s.kind} input")
+    ranked = sorted(str(f.resolve()) for s in sources for f in s.files)
+    twice = [f for f, n in collections.Counter(ranked).items() if n > 1]
+    if twice:
+        raise DataError(f"input file {twice[0]} is named more than once among the inputs")
+    files = ranked[index - 1 :: count]
+    if not files:
+        raise DataError(
+            f"part {index}/{count} has no input files ({count} is larger than the number of "
+            f"files, {len(ranked)})"
+        )
+    mine, cut = set(files), []
+    for s in sources:
+        kept = [f for f in s.files if str(f.resolve()) in mine]
+        if kept:
+            part = copy.copy(s)
+            part.files = kept
+            part.stats = dataclasses.replace(s.stats, files=[str(f) for f in kept])
+            cut.append(part)
+    return cut, files

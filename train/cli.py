@@ -1,5 +1,5 @@
-"""The ``hylas`` command: ``train``, ``generate``, ``data tokenizer``, ``data prepare``;
-later work adds ``export`` and ``import-hf``."""
+"""The ``hylas`` command: ``train``, ``generate``, ``data tokenizer``, ``data prepare``,
+``data merge``; later work adds ``export`` and ``import-hf``."""
 
 from __future__ import annotations
 
@@ -140,7 +140,9 @@ def cmd_data_tokenizer(args: argparse.Namespace) -> int:
     from hylas.data.sources import open_sources
     from hylas.data.tokenizer import train_tokenizer
 
-    sources = open_sources(args.input, args.text_key, args.split, args.bad_utf8)
+    sources = open_sources(
+        args.input, args.text_key, args.split, args.bad_utf8, args.split_documents
+    )
     budget = args.max_characters
 
     def documents():
@@ -171,12 +173,28 @@ def cmd_data_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_part(text: str) -> tuple[int, int]:
+    """``I/N`` -> (I, N), with 1 <= I <= N."""
+    from hylas.data.sources import DataError
+
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and 1 <= int(index) <= int(count)):
+        raise DataError(f"--part must be I/N with 1 <= I <= N (e.g. 1/8), got {text!r}")
+    return int(index), int(count)
+
+
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from hylas.data.prepare import prepare
-    from hylas.data.sources import open_sources
+    from hylas.data.sources import open_sources, part_sources
     from hylas.data.tokenizer import Tokenizer
 
-    sources = open_sources(args.input, args.text_key, args.split, args.bad_utf8)
+    part = parse_part(args.part) if args.part else None
+    sources = open_sources(
+        args.input, args.text_key, args.split, args.bad_utf8, args.split_documents
+    )
+    if part:
+        sources, files = part_sources(sources, *part)
+        part = {"index": part[0], "count": part[1], "files": files}
     tokenizer = Tokenizer.load(args.tokenizer)
     logging.getLogger("hylas").info(
         "tokenizing %s with %d worker%s into %s",
@@ -193,6 +211,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         shard_tokens=args.shard_tokens,
         progress=sys.stderr.isatty(),
+        part=part,
     )
     train, val = m["splits"]["train"], m["splits"]["val"]
     print(
@@ -204,12 +223,48 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     )
     for s in m["sources"]:
         notes = []
+        if s.get("split_documents") in ("paragraph", "line"):
+            notes.append(f"text split into documents, one per {s['split_documents']}")
         if s["bad_utf8_replaced"]:
             notes.append(f"replaced {s['bad_utf8_replaced']} invalid UTF-8 sequences")
         if s["empty_skipped"]:
             notes.append(f"skipped {s['empty_skipped']} empty documents")
         if notes:
             print(f"{s['input']}: {'; '.join(notes)}")
+    if part:
+        print(
+            f"part {part['index']}/{part['count']}: {len(part['files'])} input file(s); join the "
+            f"{part['count']} parts with: hylas data merge PART_DIR ... --out DIR"
+        )
+        return 0
+    held = m["held_out"]
+    if held["rule"] == "tail":
+        print(f"one document: held out its last {held['characters']:,} characters")
+    elif held["rule"] == "hash-smallest":
+        print(
+            f"held out the {held['documents']} document(s) of smallest hash: too few documents "
+            f"for --val-fraction {held['fraction']} to pick by hash alone"
+        )
+    if val["documents"]:
+        print(f"train on it: hylas train --set data.path={args.out}")
+    else:
+        print(
+            f"no held-out split (--val-fraction {args.val_fraction}), which hylas train needs; "
+            "prepare again into a new --out with --val-fraction 0.005"
+        )
+    return 0
+
+
+def cmd_data_merge(args: argparse.Namespace) -> int:
+    from hylas.data.prepare import merge_prepared
+
+    m = merge_prepared(args.parts, args.out)
+    train, val = m["splits"]["train"], m["splits"]["val"]
+    print(
+        f"merged {len(m['merged'])} prepared directories into {args.out}: "
+        f"{train['tokens']:,} training tokens in {len(train['shards'])} shard(s), "
+        f"{val['tokens']:,} held-out tokens ({val['documents']:,} documents), {m['dtype']}"
+    )
     print(f"train on it: hylas train --set data.path={args.out}")
     return 0
 
@@ -221,8 +276,9 @@ def add_input_args(p: argparse.ArgumentParser) -> None:
         nargs="+",
         action="extend",
         metavar="INPUT",
-        help="text (.txt, .md: one document per file), .jsonl, .parquet files, directories of "
-        "them, a directory saved with datasets, or hf:NAME[:CONFIG] for datasets.load_dataset",
+        help="text (.txt, .md), JSON lines (.jsonl, .json) files, either also .gz/.zst/.xz/.bz2, "
+        ".parquet files, directories of them, a directory saved with datasets, or "
+        "hf:NAME[:CONFIG] for datasets.load_dataset",
     )
     p.add_argument("--text-key", default="text", help="the JSON field / column holding the text")
     p.add_argument("--split", default="train", help="the datasets split to read (default: train)")
@@ -231,6 +287,14 @@ def add_input_args(p: argparse.ArgumentParser) -> None:
         choices=("replace", "error"),
         default="replace",
         help="invalid UTF-8 in text/jsonl files: replace with U+FFFD and count (default), or stop",
+    )
+    p.add_argument(
+        "--split-documents",
+        choices=("auto", "none", "paragraph", "line"),
+        default="auto",
+        help="how text files become documents: none (a file is one document), paragraph "
+        "(separated by blank lines), line (each non-blank line); auto (default): paragraph for "
+        "a single text file input over 1 MB (compressed size for a compressed one), else none",
     )
 
 
@@ -263,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("data", help="train a tokenizer, prepare token shards")
+    p = sub.add_parser("data", help="train a tokenizer, prepare token shards, merge prepared parts")
     data = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     p = data.add_parser(
         "tokenizer", help="train a sentencepiece BPE tokenizer (with Hugging Face files)"
@@ -292,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--val-fraction",
         type=float,
         default=0.005,
-        help="hold out every 1/F-th document for evaluation (default 0.005; 0 = none)",
+        help="hold out the documents whose text hash falls below F, for evaluation "
+        "(default 0.005; 0 = none)",
     )
     p.add_argument(
         "--shard-tokens",
@@ -300,7 +365,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=1 << 28,
         help="tokens per shard file, at most (a longer document gets a shard of its own)",
     )
+    p.add_argument(
+        "--part",
+        metavar="I/N",
+        help="prepare only the I-th of N parts of the input files (by file, the same whatever "
+        "the order of --input), for one job of N; join them with 'hylas data merge'",
+    )
     p.set_defaults(func=cmd_data_prepare)
+    p = data.add_parser("merge", help="join prepared parts (from --part I/N) into one directory")
+    p.add_argument("parts", nargs="+", metavar="PART_DIR", help="prepared directories to join")
+    p.add_argument("--out", required=True, help="the prepared directory to write (must not exist)")
+    p.set_defaults(func=cmd_data_merge)
 
     for name, what in PLANNED_COMMANDS.items():  # listed in --help; refused in main()
         sub.add_parser(name, help=f"(not available yet) {what}")

@@ -141,7 +141,9 @@ def open_data(cfg: Config, layout: Layout, batches: BatchLayout) -> Data:
     ]
     if not with_val:
         raise TrainError(
-            f"no held-out documents in {', '.join(map(str, paths))}; prepare with --val-fraction > 0"
+            f"no held-out documents in {', '.join(map(str, paths))} (prepared with --val-fraction 0?); "
+            "prepare it again with hylas data prepare --input ... --tokenizer ... --out NEW "
+            "--val-fraction 0.005"
         )
     held_out = eval_batches(
         [prepared[i].split("val") for i in with_val],
