@@ -323,15 +323,19 @@ class Source:
                 self.stats.bad_utf8_replaced += bad
                 yield text
                 return
-            offset, lines = 0, []
+            # A document's lines are gathered as bytes and decoded once, from its first byte.
+            offset, start, lines = 0, 0, []
             for raw in itertools.chain(stream, [b""]):  # b"": a blank line ends the last one
-                if raw.strip():
-                    line, bad = _decode(raw, str(f), self.bad_utf8, offset)
-                    self.stats.bad_utf8_replaced += bad
-                    lines.append(line)
+                blank = not raw.strip()
+                if not blank:
+                    if not lines:
+                        start = offset
+                    lines.append(raw)
                 offset += len(raw)
-                if lines and (self.split_documents == "line" or not raw.strip()):
-                    yield "".join(lines).rstrip("\r\n")
+                if lines and (blank or self.split_documents == "line"):
+                    text, bad = _decode(b"".join(lines), str(f), self.bad_utf8, start)
+                    self.stats.bad_utf8_replaced += bad
+                    yield text.rstrip("\r\n")
                     lines = []
 
     def _jsonl(self, f: Path, compression: str | None) -> Iterator[str]:
