@@ -33,3 +33,26 @@ def outputs_and_grads(fn, inputs, h0, **kw):
     do, dht = torch.randn(o.shape, generator=gen), torch.randn(ht.shape, generator=gen)
     leaves = [*inputs] + ([h0] if h0 is not None else [])
     return o, ht, torch.autograd.grad((o.float() * do).sum() + (ht * dht).sum(), leaves)
+
+
+def spawn_ranks(worker, world: int, out_dir, timeout_s: float = 120) -> None:
+    """Run ``worker(rank, port, out_dir)`` in ``world`` spawned processes on a free port;
+    kill them all and fail the test if they run past ``timeout_s``."""
+    import socket
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.start_processes(
+        worker, args=(port, str(out_dir)), nprocs=world, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=max(deadline - time.monotonic(), 0)):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {world}-rank launch ran past {timeout_s} s")

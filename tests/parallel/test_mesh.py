@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from hylas.model.config import ConfigError
 from hylas.parallel.mesh import Layout, init_groups, layout_from_env, shutdown
+from tests.helpers import spawn_ranks
 
 WORLD, SP = 4, 2
 TIMEOUT_S = 120
@@ -49,18 +47,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out_dir = tmp_path_factory.mktemp("mesh")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = mp.start_processes(
-        _worker, args=(port, str(out_dir)), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=max(deadline - time.monotonic(), 0)):
-        if time.monotonic() >= deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {WORLD}-rank launch ran past {TIMEOUT_S} s")
+    spawn_ranks(_worker, WORLD, out_dir, TIMEOUT_S)
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 

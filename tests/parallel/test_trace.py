@@ -6,18 +6,16 @@ from __future__ import annotations
 import copy
 import os
 import pickle
-import socket
 import sys
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
-import torch.multiprocessing as mp
 from torch import nn
 
 from hylas.parallel.trace import CommRecord, trace_collectives
+from tests.helpers import spawn_ranks
 
 WORLD = 2
 TIMEOUT_S = 120
@@ -140,18 +138,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 def ranks(tmp_path_factory) -> list[dict]:
     """Each rank's results from one two-process gloo launch."""
     out_dir = tmp_path_factory.mktemp("trace")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = mp.start_processes(
-        _worker, args=(port, str(out_dir)), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=max(deadline - time.monotonic(), 0)):
-        if time.monotonic() >= deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {WORLD}-rank launch ran past {TIMEOUT_S} s")
+    spawn_ranks(_worker, WORLD, out_dir, TIMEOUT_S)
     results = []
     for rank in range(WORLD):
         with open(out_dir / f"rank{rank}.pkl", "rb") as f:

@@ -72,6 +72,20 @@ def torchrun_args(
     return cmd + (["--resume", resume] if resume else [])
 
 
+def start(
+    nproc: int, overrides: list[str], extra_env: dict | None = None, **kw
+) -> subprocess.Popen:
+    """Start torchrun and return at once, for tests that act on the running job."""
+    return subprocess.Popen(
+        torchrun_args(nproc, overrides, **kw),
+        cwd=REPO,
+        env=env(**(extra_env or {})),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def launch(
     nproc: int, overrides: list[str], timeout: float = 240, **kw
 ) -> subprocess.CompletedProcess:

@@ -21,16 +21,14 @@ import torch
 
 from hylas.train.checkpoint import find_checkpoint, open_checkpoint
 from tests.train.launch import (
-    REPO,
     SMALL,
     VENV_BIN,
-    env,
     eval_losses,
     free_port,
     launch,
     losses,
     metrics,
-    torchrun_args,
+    start,
 )
 
 RTOL = 1e-5  # dp=2 against dp=1: the same sums in another order
@@ -155,18 +153,10 @@ def test_two_nodes_with_static_rendezvous_match_one_process(root, straight1):
     """Also: four processes start with no prepared corpus; one per node prepares it."""
     out = root / "nodes"
     port = free_port()
-    cold = env(HYLAS_CACHE_DIR=str(root / "cold-cache"))
+    cold = {"HYLAS_CACHE_DIR": str(root / "cold-cache")}
     overrides = [*SMALL, "parallel.zero_stage=2", f"train.out_dir={out}"]
     procs = [
-        subprocess.Popen(
-            torchrun_args(2, overrides, nnodes=2, node_rank=rank, port=port),
-            cwd=REPO,
-            env=cold,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in (0, 1)
+        start(2, overrides, extra_env=cold, nnodes=2, node_rank=rank, port=port) for rank in (0, 1)
     ]
     for p in procs:
         _, err = p.communicate(timeout=300)
@@ -205,14 +195,7 @@ def workers_of(pid: int) -> list[int]:
 def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(root, straight2):
     out = root / "sigterm"
     overrides = [*SMALL, "parallel.zero_stage=2", "train.save_every=5", f"train.out_dir={out}"]
-    proc = subprocess.Popen(
-        torchrun_args(2, overrides),
-        cwd=REPO,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start(2, overrides)
     wait_for(lambda: logged_steps(out) >= 2, proc, what="step 2")
     for pid in workers_of(proc.pid):  # as a cluster scheduler signals every task
         os.kill(pid, signal.SIGTERM)
@@ -228,14 +211,7 @@ def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(root, straight2):
 def test_a_killed_worker_restarts_under_torchrun_and_the_run_continues_exactly(root, straight2):
     out = root / "sigkill"
     overrides = [*SMALL, "parallel.zero_stage=2", "train.save_every=2", f"train.out_dir={out}"]
-    proc = subprocess.Popen(
-        torchrun_args(2, overrides, max_restarts=1, resume="auto"),
-        cwd=REPO,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start(2, overrides, max_restarts=1, resume="auto")
     wait_for(lambda: logged_steps(out) >= 5, proc, what="step 5")
     os.kill(workers_of(proc.pid)[-1], signal.SIGKILL)
     _, stderr = proc.communicate(timeout=300)
@@ -249,15 +225,7 @@ def test_a_killed_worker_restarts_under_torchrun_and_the_run_continues_exactly(r
 def test_a_process_killed_while_writing_a_checkpoint_leaves_the_previous_one(root, straight1):
     out = root / "killed_write"
     overrides = [*SMALL, "parallel.zero_stage=2", "train.save_every=2", f"train.out_dir={out}"]
-    proc = subprocess.Popen(
-        torchrun_args(1, overrides, worker=["--stall-save-step", "4"]),
-        cwd=REPO,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start(1, overrides, worker=["--stall-save-step", "4"])
     partial = out / "checkpoints" / ".step_000004.partial"
     wait_for(lambda: (partial / "rng-00000.safetensors").exists(), proc, what="the stall")
     for pid in workers_of(proc.pid):  # the writing process itself
