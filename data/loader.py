@@ -256,6 +256,13 @@ def make_batch(
     is_start[:, 0] = True
     for b, s in enumerate(starts):
         is_start[b, s] = True
+    return _segment(input_ids, labels, is_start, sp_rank, sp_size)
+
+
+def _segment(input_ids, labels, is_start, sp_rank: int, sp_size: int) -> dict[str, torch.Tensor]:
+    """Columns [q T / sp, (q + 1) T / sp) of whole samples whose documents start where
+    ``is_start`` [B, T] is set, as this sp rank's batch (the module docstring's keys)."""
+    T = input_ids.shape[1]
     L = T // sp_size
     lo, hi = sp_rank * L, (sp_rank + 1) * L
     batch = {"input_ids": input_ids[:, lo:hi].contiguous(), "labels": labels[:, lo:hi].contiguous()}
@@ -263,6 +270,7 @@ def make_batch(
         return batch  # no document edge inside: the model's plain causal path
 
     # position in the document: t minus the latest start at or before t
+    cols = torch.arange(T)
     last_start = torch.where(is_start, cols, torch.zeros_like(cols)).cummax(dim=1).values
     batch["position_ids"] = (cols - last_start)[:, lo:hi].contiguous()
     local = is_start[:, lo:hi].clone()
@@ -274,14 +282,16 @@ def make_batch(
     return batch
 
 
-def select_rows(batch: dict[str, torch.Tensor], rows: list[int]) -> dict[str, torch.Tensor]:
-    """The samples ``rows`` of an (sp = 1) batch, with their document boundaries."""
-    out = {k: batch[k][rows] for k in ("input_ids", "labels", "position_ids") if k in batch}
+def select_rows(
+    batch: dict[str, torch.Tensor], rows: list[int], sp_rank: int = 0, sp_size: int = 1
+) -> dict[str, torch.Tensor]:
+    """The samples ``rows`` of an (sp = 1) batch with their document boundaries, as sp
+    rank ``sp_rank``'s segment of them."""
+    starts = torch.zeros(batch["input_ids"].shape, dtype=torch.bool)
+    starts[:, 0] = True
     if "cu_seqlens" in batch:
-        starts = torch.zeros(batch["input_ids"].shape, dtype=torch.bool)
         starts.view(-1)[batch["cu_seqlens"][:-1].long()] = True
-        out["cu_seqlens"] = _cu_seqlens(starts[rows])
-    return out
+    return _segment(batch["input_ids"][rows], batch["labels"][rows], starts[rows], sp_rank, sp_size)
 
 
 def _cu_seqlens(starts: torch.Tensor) -> torch.Tensor:

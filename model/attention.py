@@ -2,10 +2,15 @@
 
 Optional per config: a sliding window (``model.attention.window``) and QK-norm
 (``model.attention.qk_norm``). Packed documents (a ``Packing`` from the decoder) are kept
-apart by a block-diagonal causal mask, so a token never attends to another document.
+apart blockwise, so a token never attends to another document: ``attend`` runs the queries in
+blocks of ``BLOCK`` rows, each against only the keys it can see, with a mask of that block's
+size; no [T, T] mask or score matrix is ever built, and short packed documents cost
+O(T x (BLOCK + document length)) rather than O(T^2).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +18,96 @@ from torch import nn
 
 from hylas.model.config import ModelConfig
 from hylas.model.layers import RMSNorm, RotaryEmbedding, init_normal
+
+if TYPE_CHECKING:
+    from hylas.model.decoder import Packing
+
+BLOCK = 512  # query rows per SDPA call: its mask is [B, 1, BLOCK, span of visible keys]
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_index: torch.Tensor,
+    k_index: torch.Tensor,
+    q_doc: torch.Tensor | None = None,
+    k_doc: torch.Tensor | None = None,
+    window: int = 0,
+    block: int = BLOCK,
+) -> torch.Tensor:
+    """Causal (optionally windowed, document-separated) attention, one query block at a time.
+
+    q [B, Hq, Tq, D], k and v [B, Hkv, Tk, D] (Hq a multiple of Hkv: grouped-query);
+    q_index [Tq] and k_index [Tk]: int64 positions of each query/key in the sample's sequence,
+    both strictly ascending; q_doc [B, Tq] and k_doc [B, Tk]: int document ids (None = one
+    document). Query i sees key j iff k_index[j] <= q_index[i], and (window > 0)
+    k_index[j] > q_index[i] - window, and q_doc[b, i] == k_doc[b, j]. Returns o [B, Hq, Tq, D]
+    in q's dtype; a query that sees no key (possible only when the keys are not the queries'
+    own, e.g. a sequence-parallel rank's queries against gathered keys) gets o = 0, whatever
+    the SDPA backend does with a fully masked row.
+
+    Each block runs against the smallest key span [lo, hi) it can see: causal end and window
+    start from the positions, and, when every row's document ids are non-decreasing (as
+    packing makes them), the span of the block's documents. Its mask is [B or 1, 1, rows,
+    span], or none where (without documents) the whole span is visible. One host sync per
+    call reads the spans.
+    """
+    B, Hq, Tq, _ = q.shape
+    Tk = k.shape[2]
+    gqa = Hq != k.shape[1]
+    if Tq == 0 or Tk == 0:
+        return q.new_zeros(*q.shape[:-1], v.shape[-1])
+    if q_doc is None and not window and Tq <= block and Tq == Tk and torch.equal(q_index, k_index):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+    starts = torch.arange(0, Tq, block, device=q.device)
+    ends = (starts + block).clamp(max=Tq)
+    first, last = q_index[starts], q_index[ends - 1]  # the block's lowest and highest position
+    hi = torch.searchsorted(k_index, last, right=True)
+    lo = torch.zeros_like(hi)
+    if window > 0:
+        lo = torch.searchsorted(k_index, first - window, right=True)
+    if q_doc is None:  # a block that sees its whole span needs no mask
+        full = k_index[(hi - 1).clamp(min=0)] <= first
+        if window > 0:
+            full &= k_index[lo.clamp(max=Tk - 1)] > last - window
+    else:
+        pad = len(starts) * block - Tq  # repeat the last id: block min and max unchanged
+        q_docs = torch.cat((q_doc, q_doc[:, -1:].expand(B, pad)), 1).view(B, -1, block)
+        k_docs = k_doc.contiguous()
+        first_doc = q_docs.amin(-1).to(k_docs.dtype)
+        last_doc = q_docs.amax(-1).to(k_docs.dtype)
+        doc_lo = torch.searchsorted(k_docs, first_doc).amin(0)
+        doc_hi = torch.searchsorted(k_docs, last_doc, right=True).amax(0)
+        ordered = (k_docs[:, 1:] >= k_docs[:, :-1]).all()  # else the searches mean nothing
+        lo = torch.where(ordered, torch.maximum(lo, doc_lo), lo)
+        hi = torch.where(ordered, torch.minimum(hi, doc_hi), hi)
+        full = torch.zeros_like(hi, dtype=torch.bool)
+    plan = torch.stack((starts, ends, lo, hi, full.long()), 1).tolist()
+
+    out = []
+    for q0, q1, k0, k1, whole in plan:
+        qb = q[:, :, q0:q1]
+        if k1 <= k0:  # no key visible to any row of the block
+            out.append(q.new_zeros(*qb.shape[:-1], v.shape[-1]))
+            continue
+        kb, vb = k[:, :, k0:k1], v[:, :, k0:k1]
+        if whole:
+            out.append(F.scaled_dot_product_attention(qb, kb, vb, enable_gqa=gqa))
+            continue
+        rows, cols = q_index[q0:q1, None], k_index[None, k0:k1]
+        mask = cols <= rows
+        if window > 0:
+            mask = mask & (cols > rows - window)
+        if q_doc is not None:
+            mask = mask & (q_doc[:, q0:q1, None] == k_doc[:, None, k0:k1])  # [B, rows, span]
+        mask = mask.view(-1, 1, q1 - q0, k1 - k0)  # [B or 1, 1, rows, span]
+        # A row that sees no key attends to the whole span (finite) and is then zeroed.
+        seen = mask.any(-1, keepdim=True)
+        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask | ~seen, enable_gqa=gqa)
+        out.append(o.masked_fill(~seen, 0))
+    return torch.cat(out, 2)
 
 
 class SoftmaxAttention(nn.Module):
@@ -57,30 +152,22 @@ class SoftmaxAttention(nn.Module):
             past = state[0].shape[2]
             k = torch.cat((state[0].to(k.dtype), k), dim=2)
             v = torch.cat((state[1].to(v.dtype), v), dim=2)
-        mask, causal = self._mask(T, past, x_BTD.device, seq)
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        o = self.core(q, k, v, seq, past)
         o = self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
         return o, ((k, v) if use_cache else None)
+
+    def core(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq: Packing | None, past: int
+    ) -> torch.Tensor:
+        """Attention of q [B, H, T, D] at positions past .. past + T - 1 over k, v
+        [B, H_kv, past + T, D] (the cached past first): causal, windowed, documents apart
+        (packed batches have no past). A sequence-parallel wrapper replaces this call."""
+        k_index = torch.arange(past + q.shape[2], device=q.device)
+        doc = None if seq is None else seq.seg_id
+        return attend(q, k, v, k_index[past:], k_index, doc, doc, self.window)
 
     def sequence_flops(self, seq_len: int) -> float:
         """q k^T and attention x v: 4 H D per visible key, averaged over causal positions."""
         w = self.window or seq_len
         visible = sum(min(t, w) for t in range(1, seq_len + 1)) / seq_len
         return 4.0 * self.n_heads * self.head_dim * visible
-
-    def _mask(self, T, past, device, seq):
-        """(attn_mask, is_causal) for SDPA: None and a flag where the plain causal mask is right."""
-        if seq is None and not self.window and (past == 0 or T == 1):
-            # SDPA's is_causal aligns the mask top-left, which is right only without a past.
-            return None, past == 0
-        rows = torch.arange(T, device=device).unsqueeze(1) + past  # query positions
-        cols = torch.arange(past + T, device=device)  # key positions
-        mask = cols <= rows
-        if self.window:
-            mask = mask & (cols > rows - self.window)
-        if seq is not None:  # packed: only keys of the query's own document
-            same = seq.seg_id.unsqueeze(-1) == seq.seg_id.unsqueeze(-2)  # [B, T, T]
-            mask = (mask & same).unsqueeze(1)  # [B, 1, T, T]
-        return mask, False

@@ -15,9 +15,10 @@ from hylas.model.layers import init_uniform
 class ShortConv(nn.Module):
     """y_t = silu(sum_{i < W} w_i x_{t-i}), where x_{t-i} counts only inside t's document.
 
-    ``seg_pos`` [B, T] is each token's offset from the start of its document (or sample):
-    tap i is used only where seg_pos >= i, so no document sees the previous one's tail.
-    The cache is the last W - 1 inputs [B, W - 1, C] (constant in sequence length).
+    ``seq`` is the batch's packing (``decoder.Packing``) or None; its ``seg_pos`` [B, T] is
+    each token's offset from the start of its document: tap i is used only where
+    seg_pos >= i, so no document sees the previous one's tail. The cache is the last W - 1
+    inputs [B, W - 1, C] (constant in sequence length).
     """
 
     def __init__(self, channels: int, width: int):
@@ -31,7 +32,12 @@ class ShortConv(nn.Module):
         bound = self.width**-0.5
         init_uniform(self.weight, -bound, bound, gen)
 
-    def forward(self, x_BTC, seg_pos_BT=None, tail=None):
+    def forward(self, x_BTC, seq=None, tail=None):
+        return self.mix(x_BTC, None if seq is None else seq.seg_pos, tail)
+
+    def mix(self, x_BTC, seg_pos_BT=None, tail=None):
+        """The convolution of x after ``tail`` (zeros when None), taps masked by
+        ``seg_pos``; returns (y, the last W - 1 inputs)."""
         B, T, C = x_BTC.shape
         W = self.width
         if tail is None:

@@ -19,6 +19,10 @@ from hylas.model.moe import MoE, RouterStats
 from hylas.model.registry import mixer_class
 
 IGNORE_INDEX = -100
+# Target tokens per LM-head chunk when a loss is asked for without the logits: longer
+# inputs run the head and the cross-entropy chunk by chunk, each recomputed in the
+# backward, so the [tokens, vocabulary] logits never exist at once.
+LOSS_CHUNK = 4096
 
 
 @dataclass
@@ -35,15 +39,20 @@ class Packing:
 
     cu_seqlens: int32 [N + 1] offsets into the flattened B * T tokens (every document
     start and every sample start); seg_id [B, T]: each token's document (global index);
-    seg_pos [B, T]: its offset from its document's start.
+    seg_pos [B, T]: its offset from its document's start. segment: under sequence
+    parallelism, where these T tokens sit in the whole samples (``hylas.parallel.sp``);
+    the layers pass it through untouched, the sequence-parallel wrappers read it.
     """
 
     cu_seqlens: torch.Tensor
     seg_id: torch.Tensor
     seg_pos: torch.Tensor
+    segment: object | None = None
 
     @classmethod
-    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, B: int, T: int) -> Packing:
+    def from_cu_seqlens(
+        cls, cu_seqlens: torch.Tensor, B: int, T: int, segment: object | None = None
+    ) -> Packing:
         cu = cu_seqlens.to(torch.long)
         total = B * T
         if cu.dim() != 1 or len(cu) < 2 or cu[0] != 0 or cu[-1] != total:
@@ -57,7 +66,7 @@ class Packing:
         starts[cu[:-1]] = 1
         seg_id = starts.cumsum(0) - 1
         seg_pos = torch.arange(total, device=cu.device) - cu[seg_id]
-        return cls(cu_seqlens.to(torch.int32), seg_id.view(B, T), seg_pos.view(B, T))
+        return cls(cu_seqlens.to(torch.int32), seg_id.view(B, T), seg_pos.view(B, T), segment)
 
 
 @dataclass
@@ -162,6 +171,7 @@ class HylasLM(nn.Module):
         cache: HybridCache | None = None,
         use_cache: bool = False,
         logits: bool = True,
+        segment: object | None = None,
     ) -> LMOutput:
         """input_ids, labels, position_ids: [B, T] int64; labels hold the next token or -100.
 
@@ -169,7 +179,11 @@ class HylasLM(nn.Module):
         sample start) keeps packed documents apart in every layer; position_ids then default
         to each token's offset in its document. The loss is the mean cross-entropy over the
         tokens whose label is not -100. With ``use_cache`` the returned cache continues
-        from ``cache`` (or from empty); caches are for unpacked batches.
+        from ``cache`` (or from empty); caches are for unpacked batches. With ``logits``
+        False the loss is computed in chunks of the LM head (``LOSS_CHUNK``).
+
+        segment: this rank's place in sequence-parallel samples (``hylas.parallel.sp``,
+        which also wraps the layers); it needs ``cu_seqlens``.
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -177,7 +191,9 @@ class HylasLM(nn.Module):
         if cu_seqlens is not None:
             if cache is not None or use_cache:
                 raise ValueError("decoding caches are for unpacked batches; drop cu_seqlens")
-            seq = Packing.from_cu_seqlens(cu_seqlens.to(input_ids.device), B, T)
+            seq = Packing.from_cu_seqlens(cu_seqlens.to(input_ids.device), B, T, segment)
+        elif segment is not None:
+            raise ValueError("a sequence-parallel segment needs its cu_seqlens")
         if position_ids is None:
             if seq is not None:
                 position_ids = seq.seg_pos
@@ -199,10 +215,13 @@ class HylasLM(nn.Module):
         out = LMOutput(logits=None)
         if use_cache:
             out.cache = HybridCache(new_states, past + T)
-        if logits or labels is not None:  # the LM head runs once for both
+        if logits:  # the LM head runs once for the logits and the loss
             out.logits = self.lm_head(x)[..., : self.cfg.vocab_size]
         if labels is not None:
-            out.lm_loss_sum = self.loss(out.logits, labels, reduction="sum")
+            if logits:
+                out.lm_loss_sum = self.loss(out.logits, labels, reduction="sum")
+            else:
+                out.lm_loss_sum = self.chunked_loss_sum(x, labels)
             out.targets = int((labels != IGNORE_INDEX).sum())
             out.loss = out.lm_loss = out.lm_loss_sum / out.targets
         moe = [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
@@ -228,6 +247,25 @@ class HylasLM(nn.Module):
             ignore_index=IGNORE_INDEX,
             reduction=reduction,
         )
+
+    def chunked_loss_sum(self, x_BTD: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+        """The summed cross-entropy of the LM head over the target tokens, ``LOSS_CHUNK``
+        targets at a time; beyond one chunk each chunk's logits are recomputed in the
+        backward instead of kept."""
+        keep = (labels_BT.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
+        x = x_BTD.flatten(0, 1).index_select(0, keep)
+        y = labels_BT.flatten().index_select(0, keep)
+        if len(y) <= LOSS_CHUNK:
+            return self._head_loss_sum(x, y)
+        total = x.new_zeros((), dtype=torch.float32)
+        for lo in range(0, len(y), LOSS_CHUNK):
+            part = (x[lo : lo + LOSS_CHUNK], y[lo : lo + LOSS_CHUNK])
+            total = total + checkpoint(self._head_loss_sum, *part, use_reentrant=False)
+        return total
+
+    def _head_loss_sum(self, x_ND: torch.Tensor, labels_N: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(x_ND)[..., : self.cfg.vocab_size]
+        return F.cross_entropy(logits.float(), labels_N, reduction="sum")
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Exact parameter count (a tied LM head counted once)."""

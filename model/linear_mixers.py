@@ -127,10 +127,9 @@ class LinearMixer(nn.Module):
         q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
         new_tails = None
         if self.convs:
-            seg_pos = seq.seg_pos if seq is not None else None
             tails = tails or (None, None, None)
             (q, tq), (k, tk), (v, tv) = (
-                conv(x, seg_pos, tail)
+                conv(x, seq, tail)
                 for conv, x, tail in zip(
                     (self.q_conv, self.k_conv, self.v_conv), (q, k, v), tails, strict=True
                 )

@@ -108,11 +108,8 @@ class ParallelConfig:
     timeout_s: float = 600.0  # how long a collective waits for a peer before the run fails
 
     def validate(self) -> ParallelConfig:
-        if self.sp != 1:
-            raise ConfigError(
-                "parallel.sp is not available yet in this version of Hylas (LASP-2 sequence "
-                "parallelism arrives later); leave it at 1"
-            )
+        if self.sp < 1:
+            raise ConfigError(f"parallel.sp must be at least 1, got {self.sp}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.timeout_s <= 0:
@@ -194,6 +191,11 @@ class Config:
         self.data.validate()
         self.parallel.validate()
         self.wandb.validate()
+        if self.train.seq_len % self.parallel.sp:
+            raise ConfigError(
+                f"train.seq_len={self.train.seq_len} must divide by parallel.sp="
+                f"{self.parallel.sp}: each sp rank holds an equal contiguous segment"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from hylas.data.tokenizer import Tokenizer
 from hylas.kernels import resolve_backend
 from hylas.model import HylasLM
 from hylas.model.moe import RouterStats
+from hylas.parallel import sp
 from hylas.parallel.mesh import Layout, device_for, init_groups, layout_from_env, shutdown
 from hylas.train.checkpoint import (
     SaveRequest,
@@ -73,10 +74,18 @@ def compute_dtype(requested: str, device: torch.device) -> str:
 
 
 @torch.no_grad()
-def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict:
-    """The loader's batch as model keyword arguments (document boundaries when present)."""
+def model_inputs(
+    batch: dict[str, torch.Tensor], device: torch.device, sp_group: dist.ProcessGroup | None = None
+) -> dict:
+    """The loader's batch as model keyword arguments (document boundaries when present);
+    an sp rank's segment also gets its place in the whole samples (``parallel.sp``)."""
     keys = ("input_ids", "labels", "position_ids", "cu_seqlens")
-    return {k: batch[k].to(device) for k in keys if k in batch}
+    inputs = {k: batch[k].to(device) for k in keys if k in batch}
+    if "global_cu_seqlens" in batch:
+        B, L = batch["input_ids"].shape
+        start = int(batch["segment_start"])
+        inputs["segment"] = sp.Segment(sp_group, batch["global_cu_seqlens"], start, B, L, device)
+    return inputs
 
 
 @dataclass
@@ -259,6 +268,8 @@ class Trainer:
         self.data = open_data(cfg, self.layout, self.batches)
 
         model = build_model(cfg, self.device)
+        if self.layout.sp > 1:
+            sp.apply(model)
         self.step, self.bad_streak, self.skipped = 0, 0, 0
         ckpt = None
         if self.resume_from is not None:
@@ -326,6 +337,9 @@ class Trainer:
             self.data.held_out_windows,
         )
 
+    def inputs(self, batch: dict[str, torch.Tensor]) -> dict:
+        return model_inputs(batch, self.device, self.groups.sp)
+
     # -- one optimizer step -----------------------------------------------------------------
 
     def train_step(
@@ -339,7 +353,7 @@ class Trainer:
         lm_sum, aux_sum, bad = 0.0, 0.0, False
         pooled: list[RouterStats] = []
         for m, batch in enumerate(micro_batches):
-            out = self.engine(**model_inputs(batch, self.device), logits=False)
+            out = self.engine(**self.inputs(batch), logits=False)
             # out.lm_loss_sum: summed token cross-entropy; DeepSpeed averages over ranks.
             loss = out.lm_loss_sum * (world / n_targets)
             if out.moe_stats:
@@ -413,10 +427,12 @@ class Trainer:
             rows = list(range(r, n, dp))
             # Every rank runs the same number of forwards (ZeRO-3 gathers weights in each).
             for lo in range(0, math.ceil(n / dp), micro):
-                part = select_rows(batch, rows[lo : lo + micro] or [0])
+                part = select_rows(
+                    batch, rows[lo : lo + micro] or [0], self.layout.sp_rank, self.layout.sp
+                )
                 if not rows[lo : lo + micro]:  # nothing left here: a forward that counts nothing
                     part["labels"] = torch.full_like(part["labels"], -100)
-                out = self.engine(**model_inputs(part, self.device), logits=False)
+                out = self.engine(**self.inputs(part), logits=False)
                 targets = int((part["labels"] != -100).sum())
                 if targets:
                     sums[source, 0] += out.lm_loss_sum.item()

@@ -14,6 +14,10 @@ transform (``hylas.kernels.chunk_delta_torch``), solved in fp32.
 
 from hylas.kernels import delta
 
+# LASP-2 (docs/architecture.md, "Sequence parallelism"): the entering state changes every
+# chunk's writes (u - w S), so the local kernel waits for it.
+SPLIT_OUTPUT = False
+
 
 def chunk(
     q,

@@ -13,6 +13,10 @@ K ** -0.5.
 from hylas.kernels import delta
 from hylas.kernels.common import check_gate
 
+# LASP-2 (docs/architecture.md, "Sequence parallelism"): the entering state changes every
+# chunk's writes (u - w S), so the local kernel waits for it.
+SPLIT_OUTPUT = False
+
 
 def _check(q, g, beta):
     check_gate(g, q, "scalar", "g")

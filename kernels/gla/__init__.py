@@ -11,6 +11,11 @@ Outputs are in v's dtype; ``scale=None`` means K ** -0.5.
 from hylas.kernels import gated
 from hylas.kernels.common import check_gate
 
+# LASP-2 (docs/architecture.md, "Sequence parallelism"): the output from an entering state
+# S is the output from zero plus scale * (q * exp(cumsum g)) S, so a rank runs its whole
+# local kernel while the states are being gathered.
+SPLIT_OUTPUT = True
+
 
 def chunk(
     q,

@@ -10,6 +10,11 @@ L2 or sum normalisation) for long sequences.
 
 from hylas.kernels import gated
 
+# LASP-2 (docs/architecture.md, "Sequence parallelism"): the output from an entering state
+# S is the output from zero plus scale * (q * exp(cumsum g)) S, so a rank runs its whole
+# local kernel while the states are being gathered.
+SPLIT_OUTPUT = True
+
 
 def chunk(
     q,

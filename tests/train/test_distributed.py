@@ -1,6 +1,7 @@
 """The engine across layouts, with real ranks (gloo, torchrun) compared with the 1-process
-run: per-step losses, held-out and MoE losses, resume on the same and on other layouts,
-two simulated nodes, signals, a killed worker, a killed checkpoint write, skipped steps.
+run: per-step losses, held-out and MoE losses, sequence parallelism (sp = 2, 4 and
+dp = 2 x sp = 2 on two simulated nodes), resume on the same and on other layouts, signals,
+a killed worker, a killed checkpoint write, skipped steps.
 
 Reference runs are shared between tests (module fixtures); every launch has a timeout.
 """
@@ -32,12 +33,14 @@ from tests.train.launch import (
 )
 
 RTOL = 1e-5  # dp=2 against dp=1: the same sums in another order
+# sp against one process: the same sums, and the recurrences' states folded across ranks
+SP_RTOL = 1e-4
 
 
-def assert_losses_close(actual: dict, expected: dict, steps=range(1, 11), what=""):
+def assert_losses_close(actual: dict, expected: dict, steps=range(1, 11), what="", rtol=RTOL):
     for s in steps:
         rel = abs(actual[s] - expected[s]) / abs(expected[s])
-        assert rel <= RTOL, f"{what} step {s}: {actual[s]} vs {expected[s]} (relative {rel:.1e})"
+        assert rel <= rtol, f"{what} step {s}: {actual[s]} vs {expected[s]} (relative {rel:.1e})"
 
 
 @pytest.fixture(scope="module")
@@ -110,18 +113,19 @@ def test_dp2_matches_dp1_at_every_zero_stage(root, straight1, straight2, no_comp
         assert abs(a[s] - b[s]) / b[s] <= RTOL
 
 
-def test_a_moe_model_at_dp2_zero3_matches_one_process(root):
+def test_a_moe_model_at_dp2_sp2_zero3_matches_one_process(root):
+    """Router statistics and auxiliary losses pooled over dp x sp equal one process's."""
     moe = ["model.moe.num_experts=4", "model.moe.top_k=2"]
     one = run(root, "moe1", 1, *moe)
-    two = run(root, "moe2", 2, *moe, "parallel.zero_stage=3")
-    assert_losses_close(losses(two), losses(one), what="MoE")
-    aux = [{r["step"]: r["moe_aux_loss"] for r in metrics(d) if "loss" in r} for d in (two, one)]
-    assert_losses_close(aux[0], aux[1], what="MoE aux loss")
+    four = run(root, "moe4", 4, *moe, "parallel.sp=2", "parallel.zero_stage=3")
+    assert_losses_close(losses(four), losses(one), what="MoE", rtol=SP_RTOL)
+    aux = [{r["step"]: r["moe_aux_loss"] for r in metrics(d) if "loss" in r} for d in (four, one)]
+    assert_losses_close(aux[0], aux[1], what="MoE aux loss", rtol=SP_RTOL)
     assert aux[1][1] > 0.01  # the aux loss is really in there (coefficient 0.01, E f P >= 1)
-    counts = [[r["moe_expert_counts"] for r in metrics(d) if "loss" in r] for d in (two, one)]
+    counts = [[r["moe_expert_counts"] for r in metrics(d) if "loss" in r] for d in (four, one)]
     assert counts[0] == counts[1]  # the router statistics are pooled over the ranks
-    a, b = eval_losses(two), eval_losses(one)
-    assert all(abs(a[s] - b[s]) / b[s] <= RTOL for s in b)
+    a, b = eval_losses(four), eval_losses(one)
+    assert all(abs(a[s] - b[s]) / b[s] <= SP_RTOL for s in b)
 
 
 def test_resume_on_another_layout(root, straight1, straight2):
@@ -149,12 +153,46 @@ def test_resume_on_another_layout(root, straight1, straight2):
     }
 
 
-def test_two_nodes_with_static_rendezvous_match_one_process(root, straight1):
-    """Also: four processes start with no prepared corpus; one per node prepares it."""
+@pytest.fixture(scope="module")
+def sp2(root):
+    """dp=1 x sp=2, ZeRO 2, a checkpoint every 5."""
+    return run(root, "sp2", 2, "parallel.sp=2", "parallel.zero_stage=2", "train.save_every=5")
+
+
+@pytest.mark.parametrize("sp", [2, 4])
+def test_sequence_parallel_training_matches_one_process(root, straight1, sp2, sp):
+    out = sp2 if sp == 2 else run(root, f"sp{sp}", sp, f"parallel.sp={sp}")
+    assert_losses_close(losses(out), losses(straight1), what=f"sp={sp}", rtol=SP_RTOL)
+    a, b = eval_losses(out), eval_losses(straight1)
+    assert a.keys() == b.keys() == {0, 10}
+    assert all(abs(a[s] - b[s]) / b[s] <= SP_RTOL for s in b), (a, b)
+    assert open_checkpoint(out).manifest["world"]["sp"] == sp
+
+
+def test_sequence_parallel_resume_same_and_other_layout(root, straight2, sp2):
+    # stopped and resumed at dp=1 x sp=2: the straight sp=2 run, bitwise
+    extra = ["parallel.sp=2", "parallel.zero_stage=2", "train.save_every=5"]
+    out = run(root, "sp2_stopped", 2, *extra, "train.exit_at_step=5")
+    run(root, "sp2_stopped", 2, *extra, resume="auto")
+    assert losses(out) == losses(sp2)
+    assert eval_losses(out) == eval_losses(sp2)
+    # saved at dp=2 x sp=1, resumed at dp=1 x sp=2
+    out = root / "dp2_to_sp2"
+    launch(
+        2,
+        [*SMALL, *extra, f"train.out_dir={out}"],
+        resume=str(straight2 / "checkpoints" / "step_000005"),
+    )
+    assert_losses_close(losses(out), losses(straight2), steps=range(6, 11), what="dp2 -> sp2")
+
+
+def test_two_nodes_with_static_rendezvous_train_dp2_sp2_like_one_process(root, straight1):
+    """Two torchrun launches of 2 processes each: dp = 2 x sp = 2, each sp group on one
+    node. Also: the four processes start with no prepared corpus; one per node prepares it."""
     out = root / "nodes"
     port = free_port()
     cold = {"HYLAS_CACHE_DIR": str(root / "cold-cache")}
-    overrides = [*SMALL, "parallel.zero_stage=2", f"train.out_dir={out}"]
+    overrides = [*SMALL, "parallel.sp=2", "parallel.zero_stage=2", f"train.out_dir={out}"]
     procs = [
         start(2, overrides, extra_env=cold, nnodes=2, node_rank=rank, port=port) for rank in (0, 1)
     ]
@@ -165,8 +203,13 @@ def test_two_nodes_with_static_rendezvous_match_one_process(root, straight1):
     cache = root / "cold-cache"
     assert (cache / ".prepare.lock").exists()
     assert len(list(cache.glob("shakespeare-*"))) == 1
-    assert open_checkpoint(out).manifest["world"]["dp"] == 4
-    assert_losses_close(losses(out), losses(straight1), what="2 nodes x 2")
+    assert open_checkpoint(out).manifest["world"] == {
+        "world_size": 4,
+        "dp": 2,
+        "sp": 2,
+        "zero_stage": 2,
+    }
+    assert_losses_close(losses(out), losses(straight1), what="2 nodes x 2", rtol=SP_RTOL)
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120, what: str = ""):

@@ -1,0 +1,413 @@
+"""Sequence parallelism: one sample's sequence cut into contiguous segments over the ranks
+of an sp group, applied to a single-device model from outside (docs/architecture.md,
+"Sequence parallelism").
+
+The trainer builds one ``Segment`` per forward (where this rank's L = T / sp columns sit in
+the samples, and where the samples' documents start) and hands it to the model, whose
+``Packing`` carries it to every layer untouched. ``apply(model)`` wraps three boundaries of
+the single-device layers, which take the sequence-parallel path only when a segment is
+present:
+
+* ``LinearMixer._kernel``: LASP-2 (``_Lasp2``), written once against the op families'
+  protocol (``transition``, ``entering_state_grad``): ONE all-gather of each rank's
+  (A, B) forward and ONE of its G backward, per linear layer, whatever T;
+* ``SoftmaxAttention.core``: LASP-2H, the local queries against K and V all-gathered over
+  the group (dK and dV reduce-scattered back), or with a sliding window that fits in one
+  segment, against a halo of the window's reach from the previous rank;
+* ``ShortConv.forward``: the previous rank's last W - 1 inputs as a point-to-point halo.
+
+A new mixer on an existing family gets all of this for free; a new family gets it by
+providing the protocol and ``SPLIT_OUTPUT``.
+
+Legend: B samples, L tokens of this segment, T = L * sp, H heads, K / V head sizes, R the
+sp group's size, r this rank in it.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hylas.kernels.common import default_scale
+
+
+class Segment:
+    """This rank's columns [start, start + L) of B samples of T tokens, for one forward.
+
+    ``global_cu_seqlens`` (int32 [N + 1] over the flattened B * T tokens, every document
+    and sample start) says where documents start in the whole samples. From it:
+    ``continues`` [B] (the segment's first token continues the previous rank's document),
+    ``restarts`` [B] (a document starts after the segment's first token), ``doc_pos``
+    [B, L] (each token's offset in its document) and ``doc_id`` [B, T] (per-sample document
+    ids, for attention). ``saved`` keeps what a layer gathered in its forward, so that an
+    activation-checkpointing recompute does not gather it again: one segment per forward.
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        global_cu_seqlens: torch.Tensor,
+        start: int,
+        batch: int,
+        length: int,
+        device: torch.device | str = "cpu",
+    ):
+        self.group = group
+        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+        self.start, self.length, self.total = int(start), length, length * self.size
+        if self.start != self.rank * length:
+            raise ValueError(
+                f"sp rank {self.rank} holds columns from {self.start}, expected "
+                f"{self.rank * length} (segments of {length} tokens in rank order)"
+            )
+        B, T = batch, self.total
+        cu = global_cu_seqlens.to("cpu", torch.long)
+        if cu[0] != 0 or cu[-1] != B * T:
+            raise ValueError(f"global cu_seqlens must run from 0 to B * T = {B * T}")
+        starts = torch.zeros(B * T, dtype=torch.bool)
+        starts[cu[:-1]] = True
+        starts = starts.view(B, T)
+        if not starts[:, 0].all():
+            raise ValueError("global cu_seqlens must include every sample start")
+        cols = torch.arange(T)
+        last = torch.where(starts, cols, torch.zeros_like(cols)).cummax(1).values
+        mine = slice(self.start, self.start + length)
+        self.continues = ~starts[:, self.start].to(device)
+        self.restarts = starts[:, mine][:, 1:].any(1).to(device)
+        self.local_starts = starts[:, mine]
+        self.doc_pos = (cols - last)[:, mine].to(device)
+        self.doc_id = (starts.cumsum(1) - 1).to(device)
+        self.saved: dict = {}
+
+    def peer(self, offset: int) -> int:
+        """The global rank of the group member ``offset`` places after this one."""
+        return dist.get_global_rank(self.group, self.rank + offset)
+
+
+def apply(model: nn.Module) -> nn.Module:
+    """Make every linear mixer, softmax attention and short convolution of ``model`` take
+    the sequence-parallel path when its input's ``Packing`` holds a ``Segment``."""
+    from hylas.model.attention import SoftmaxAttention
+    from hylas.model.conv import ShortConv
+    from hylas.model.linear_mixers import LinearMixer
+
+    for module in model.modules():
+        if isinstance(module, LinearMixer):
+            module._kernel = types.MethodType(_linear_kernel(module._kernel), module)
+        elif isinstance(module, SoftmaxAttention):
+            module.core = types.MethodType(_attention_core(module.core), module)
+        elif isinstance(module, ShortConv):
+            module.forward = types.MethodType(_conv_forward(module.forward), module)
+    return model
+
+
+def _segment_of(seq):
+    return None if seq is None else seq.segment
+
+
+# -- LASP-2 for the linear mixers ----------------------------------------------------------
+
+
+def _linear_kernel(local):
+    def kernel(self, q, k, v, gates, state, use_cache, seq):
+        segment = _segment_of(seq)
+        if segment is None:
+            return local(q, k, v, gates, state, use_cache, seq)
+        if state is not None or use_cache:
+            raise ValueError("decoding caches are for single-device forwards, not sp segments")
+        layer = _LinearLayer(self, seq, segment, scale=default_scale(self.scale, q.shape[-1]))
+        return _Lasp2.apply(layer, q, k, v, *gates), None
+
+    return kernel
+
+
+class _LinearLayer:
+    """What ``_Lasp2`` needs of one mixer call besides its tensors."""
+
+    def __init__(self, mixer, seq, segment: Segment, scale: float):
+        self.family, self.backend = mixer.family, mixer.kernel_backend
+        self.key = ("lasp2", id(mixer))
+        self.seq, self.segment, self.scale = seq, segment, scale
+        self.first_doc, self.last_doc = seq.seg_id[:, 0], seq.seg_id[:, -1]
+
+    def chunk(self, q, k, v, gates, entering=None, final=False):
+        """The local kernel over the packed row of the B segments (documents restart at
+        the local ``cu_seqlens``), each sample's first document entering with
+        ``entering[b]`` (zeros when None)."""
+        B, L = q.shape[:2]
+        flat = [x.reshape(1, B * L, *x.shape[2:]) for x in (q, k, v, *gates)]
+        h0 = None
+        if entering is not None:
+            n_docs = len(self.seq.cu_seqlens) - 1
+            h0 = entering.new_zeros(n_docs, *entering.shape[1:])
+            h0 = h0.index_copy(0, self.first_doc.long(), entering)
+        o, finals = self.family.chunk(
+            *flat,
+            scale=self.scale,
+            initial_state=h0,
+            output_final_state=final,
+            cu_seqlens=self.seq.cu_seqlens,
+            backend=self.backend,
+        )
+        return o.view(B, L, *o.shape[2:]), finals
+
+    def protocol(self, fn, q, k, v, gates, *extra):
+        """``fn`` (the family's ``transition`` or ``entering_state_grad``) of each sample's
+        segment as one chain, with the protocol's zeros where a segment starts a document."""
+        args = (q, k, v, *gates, *extra)
+        seg = self.segment
+        if not seg.restarts.any():  # no document starts inside: all samples in one call
+            out = fn(*args, scale=self.scale)
+        else:
+            parts = []
+            for b in range(q.shape[0]):
+                starts = [0, *seg.local_starts[b, 1:].nonzero().flatten().add(1).tolist()]
+                cu = torch.tensor([*starts, q.shape[1]], dtype=torch.int32, device=q.device)
+                cu = cu if len(starts) > 1 else None
+                parts.append(fn(*(x[b : b + 1] for x in args), scale=self.scale, cu_seqlens=cu))
+            out = (
+                [torch.cat(p) for p in zip(*parts, strict=True)]
+                if isinstance(parts[0], tuple)
+                else torch.cat(parts)
+            )
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        keep = seg.continues.view(-1, *[1] * (first.dim() - 1)).to(first.dtype)
+        if isinstance(out, (tuple, list)):
+            return out[0] * keep, out[1]  # A: the state a segment receives is ignored
+        return out * keep  # G: nothing flows into a state the segment ignores
+
+    def gather(self, payload: torch.Tensor):
+        """Start the all-gather of this rank's [B, n] fp32 payload; (work, [R, B, n])."""
+        seg = self.segment
+        out = payload.new_empty(seg.size * payload.shape[0], *payload.shape[1:])
+        work = _all_gather(out, payload.contiguous(), seg.group, async_op=True)
+        return work, out.view(seg.size, *payload.shape)
+
+
+def _times_state(A: torch.Tensor, S: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """A S for a scalar [B, H], diagonal [B, H, K] or dense [B, H, K, K] transition."""
+    if A.dim() == 2:
+        return A[..., None, None] * S
+    if A.dim() == 3:
+        return A[..., None] * S
+    return (A.transpose(-1, -2) if transpose else A) @ S
+
+
+def _split(gathered: torch.Tensor, a_shape: torch.Size, b_shape: torch.Size):
+    n = a_shape[1:].numel()
+    R = gathered.shape[0]
+    return gathered[..., :n].reshape(R, *a_shape), gathered[..., n:].reshape(R, *b_shape)
+
+
+class _Lasp2(torch.autograd.Function):
+    """The output of one linear layer on this rank's segment, exact for the whole sequence.
+
+    Forward: (A, B) of each sample's segment (``transition``), ONE all-gather of [A | B]
+    (fp32), the prefix fold S_in(r) = A_{r-1} S_in(r-1) + B_{r-1}, and the local output
+    from S_in. Families with ``SPLIT_OUTPUT`` run their whole local kernel from a zero
+    state while the gather is in flight and add scale (q * exp(cumsum g)) S_in to the
+    first document's tokens after it; the delta-rule families run the kernel from S_in.
+
+    Backward: G (``entering_state_grad``), ONE all-gather of G, the suffix fold
+    dS_out(r) = A_{r+1}^T dS_out(r+1) + G_{r+1}, and the local backward with the entering
+    state S_in and the leaving-state gradient dS_out; the local forward it differentiates
+    is recomputed while G is in flight.
+    """
+
+    @staticmethod
+    def forward(ctx, layer: _LinearLayer, q, k, v, *gates):
+        seg, family = layer.segment, layer.family
+        saved = seg.saved.get(layer.key)
+        if saved is None:
+            A, B_state = layer.protocol(family.transition, q, k, v, gates)
+            payload = torch.cat([A.flatten(1), B_state.flatten(1)], 1).float()
+            work, gathered = layer.gather(payload)
+        else:  # an activation-checkpointing recompute: the states are already here
+            work, (A, B_state, gathered) = None, saved
+        o = layer.chunk(q, k, v, gates)[0] if family.SPLIT_OUTPUT else None
+        if work is not None:
+            work.wait()
+            seg.saved[layer.key] = (A, B_state, gathered)
+        A_all, B_all = _split(gathered, A.shape, B_state.shape)
+        S_in = torch.zeros_like(B_state)
+        for j in range(seg.rank):
+            S_in = _times_state(A_all[j], S_in) + B_all[j]
+        S_in = S_in * seg.continues.view(-1, 1, 1, 1).to(S_in.dtype)
+        if family.SPLIT_OUTPUT:
+            o = o + _entering_read(layer, q, gates, S_in).to(o.dtype)
+        else:
+            o = layer.chunk(q, k, v, gates, entering=S_in)[0]
+        ctx.layer, ctx.A_all, ctx.n_gates = layer, A_all, len(gates)
+        ctx.save_for_backward(q, k, v, *gates, S_in)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        layer, seg = ctx.layer, ctx.layer.segment
+        q, k, v, *gates, S_in = ctx.saved_tensors
+        G = layer.protocol(layer.family.entering_state_grad, q, k, v, gates, do)
+        work, G_all = layer.gather(G.flatten(1).float())
+        inputs = [q, k, v, *gates]
+        needs = ctx.needs_input_grad[1:]
+        with torch.enable_grad():  # the local forward from S_in, while G is in flight
+            leaves = [x.detach().requires_grad_(n) for x, n in zip(inputs, needs, strict=True)]
+            o, finals = layer.chunk(*leaves[:3], leaves[3:], entering=S_in, final=True)
+        work.wait()
+        G_all = G_all.view(seg.size, *G.shape)
+        dS_out = torch.zeros_like(S_in)
+        for j in range(seg.size - 1, seg.rank, -1):
+            dS_out = _times_state(ctx.A_all[j], dS_out, transpose=True) + G_all[j]
+        d_finals = torch.zeros_like(finals).index_copy(0, layer.last_doc.long(), dS_out)
+        wanted = [x for x, n in zip(leaves, needs, strict=True) if n]
+        grads = iter(torch.autograd.grad((o, finals), wanted, (do, d_finals)))
+        return None, *(next(grads) if n else None for n in needs)
+
+
+def _entering_read(layer: _LinearLayer, q, gates, S_in) -> torch.Tensor:
+    """scale (q_t * exp(sum of g up to t)) S_in for the tokens of each sample's first
+    document (zero elsewhere): what the entering state adds to a gated family's output."""
+    seq = layer.seq
+    first = (seq.seg_id == seq.seg_id[:, :1]).to(torch.float32)  # [B, L]
+    read = q.float() * layer.scale
+    if gates:
+        decay = gates[0].float().cumsum(1).exp()  # <= 1: log decays are <= 0
+        read = read * (decay if decay.dim() == 4 else decay.unsqueeze(-1))
+    return torch.einsum("blhk,bhkv->blhv", read, S_in) * first[:, :, None, None]
+
+
+# -- halos: the previous rank's last rows ------------------------------------------------
+
+
+class _Halo(torch.autograd.Function):
+    """The previous rank's last ``n`` rows of x [B, L, C] (zeros on the first rank), by
+    point-to-point; the backward returns the halo's gradient to its owner."""
+
+    @staticmethod
+    def forward(ctx, x, n: int, seg: Segment, key):
+        """key: where ``seg.saved`` keeps the halo for a recompute (None: not kept)."""
+        ctx.n, ctx.seg = n, seg
+        if key is not None and key in seg.saved:  # a recompute: received in the first forward
+            return seg.saved[key]
+        halo = x.new_zeros(x.shape[0], n, *x.shape[2:])
+        _exchange(seg, send=x[:, -n:].contiguous(), to=+1, recv=halo)
+        if key is not None:
+            seg.saved[key] = halo
+        return halo
+
+    @staticmethod
+    def backward(ctx, d_halo):
+        seg, n = ctx.seg, ctx.n
+        d_tail = d_halo.new_zeros(d_halo.shape)
+        _exchange(seg, send=d_halo.contiguous(), to=-1, recv=d_tail)
+        dx = d_tail.new_zeros(d_tail.shape[0], seg.length, *d_tail.shape[2:])
+        dx[:, -n:] = d_tail
+        return dx, None, None, None
+
+
+def _exchange(seg: Segment, send: torch.Tensor, to: int, recv: torch.Tensor) -> None:
+    """Send ``send`` to the rank ``to`` places along (if there is one) and fill ``recv``
+    from the rank as far the other way (if there is one)."""
+    ops = []
+    if 0 <= seg.rank + to < seg.size:
+        ops.append(dist.P2POp(dist.isend, send, seg.peer(to), seg.group))
+    if 0 <= seg.rank - to < seg.size:
+        ops.append(dist.P2POp(dist.irecv, recv, seg.peer(-to), seg.group))
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+
+def _conv_forward(local):
+    def forward(self, x_BTC, seq=None, tail=None):
+        segment = _segment_of(seq)
+        if segment is None:
+            return local(x_BTC, seq, tail)
+        n = self.width - 1
+        if segment.length < n:
+            raise ValueError(
+                f"sp segments of {segment.length} tokens are shorter than the short "
+                f"convolution's reach ({n}); use a longer train.seq_len or a smaller parallel.sp"
+            )
+        halo = _Halo.apply(x_BTC, n, segment, ("conv", id(self)))
+        y, _ = self.mix(x_BTC, segment.doc_pos, halo)
+        return y, None
+
+    return forward
+
+
+# -- LASP-2H for softmax attention ---------------------------------------------------------
+
+
+class _GatherSequence(torch.autograd.Function):
+    """x [B, C, L, D] of every rank, concatenated along L: [B, C, T, D]; the backward
+    reduce-scatters the gradient back to its owners."""
+
+    @staticmethod
+    def forward(ctx, x, seg: Segment):
+        ctx.seg = seg
+        out = x.new_empty(seg.size * x.shape[0], *x.shape[1:])
+        _all_gather(out, x.contiguous(), seg.group)
+        out = out.view(seg.size, *x.shape).permute(1, 2, 0, 3, 4)
+        return out.reshape(x.shape[0], x.shape[1], seg.total, x.shape[3])
+
+    @staticmethod
+    def backward(ctx, grad):
+        seg = ctx.seg
+        B, C, _, D = grad.shape
+        parts = grad.reshape(B, C, seg.size, seg.length, D).permute(2, 0, 1, 3, 4).contiguous()
+        out = grad.new_empty(B, C, seg.length, D)
+        _reduce_scatter(out, parts.view(-1, C, seg.length, D), group=seg.group)
+        return out, None
+
+
+def _attention_core(local):
+    def core(self, q, k, v, seq, past):
+        segment = _segment_of(seq)
+        if segment is None:
+            return local(q, k, v, seq, past)
+        from hylas.model.attention import attend
+
+        start, L, Hkv = segment.start, segment.length, k.shape[1]
+        kv = torch.cat([k, v], dim=1)  # [B, 2 Hkv, L, D]: one collective for both
+        reach = self.window - 1 if self.window else None
+        doc_id = segment.doc_id
+        if reach is not None and reach <= L:  # a sliding window: a halo from the previous rank
+            lo = start - reach
+            if reach:  # on the first rank it is zeros, kept apart by their document id -1
+                halo = _Halo.apply(kv.transpose(1, 2), reach, segment, None).transpose(1, 2)
+                kv = torch.cat([halo, kv], dim=2)
+                doc_id = torch.cat([doc_id.new_full((len(doc_id), reach), -1), doc_id], 1)
+                doc_id = doc_id[:, start : start + reach + L]
+            else:
+                doc_id = doc_id[:, start : start + L]
+        else:
+            lo = 0
+            kv = _GatherSequence.apply(kv, segment)[:, :, : start + L]
+            doc_id = doc_id[:, : start + L]
+        keys, values = kv[:, :Hkv], kv[:, Hkv:]
+        device = q.device
+        return attend(
+            q,
+            keys,
+            values,
+            torch.arange(start, start + L, device=device),
+            torch.arange(lo, start + L, device=device),
+            segment.doc_id[:, start : start + L],
+            doc_id,
+            window=self.window or 0,
+        )
+
+    return core
+
+
+def _all_gather(*args, **kwargs):
+    """torch 2.13 renamed ``all_gather_into_tensor``; looked up at each call (tracers)."""
+    return getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(*args, **kwargs)
+
+
+def _reduce_scatter(*args, **kwargs):
+    """torch 2.13 renamed ``reduce_scatter_tensor``; looked up at each call (tracers)."""
+    return getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)(*args, **kwargs)
