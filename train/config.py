@@ -49,7 +49,7 @@ class TrainConfig:
     # the hardware has fast bf16 matmuls (CUDA with bf16, CPUs with AMX), else float32.
     dtype: str = "auto"
     eval_every: int = 0  # 0 = evaluate at step 0 and at the end only
-    eval_batches: int = 8
+    eval_batches: int = 8  # held-out batches per evaluation; 0 = no evaluation
     log_every: int = 10
     save_every: int = 0  # 0 = checkpoint at the end only
     exit_at_step: int = 0  # > 0: checkpoint and exit cleanly at that step (job time limits)
@@ -59,12 +59,13 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default
 
     def validate(self) -> TrainConfig:
-        for name in ("steps", "seq_len", "batch_size", "eval_batches", "log_every"):
+        for name in ("steps", "seq_len", "batch_size", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
         for name in (
             "warmup_steps",
             "eval_every",
+            "eval_batches",
             "save_every",
             "exit_at_step",
             "threads",

@@ -55,8 +55,8 @@ class RunResult:
     run_dir: Path
     checkpoint: Path
     steps: int  # the step the run stopped at
-    first_eval_loss: float | None
-    last_eval_loss: float
+    first_eval_loss: float | None  # None without evaluation (train.eval_batches=0)
+    last_eval_loss: float | None
     stopped_by: str | None = None  # the signal that stopped the run early, if one did
 
 
@@ -148,21 +148,25 @@ def open_data(cfg: Config, layout: Layout, batches: BatchLayout) -> Data:
     with_val = [
         i for i, p in enumerate(prepared) if p.splits.get("val") and p.splits["val"].num_documents
     ]
-    if not with_val:
+    if tc.eval_batches == 0:  # no evaluation: the held-out split is not read
+        with_val = []
+    elif not with_val:
         raise TrainError(
             f"no held-out documents in {', '.join(map(str, paths))} (prepared with --val-fraction 0?); "
             "prepare it again with hylas data prepare --input ... --tokenizer ... --out NEW "
             "--val-fraction 0.005"
         )
-    held_out = eval_batches(
-        [prepared[i].split("val") for i in with_val],
-        tc.seq_len,
-        tc.batch_size,
-        tc.eval_batches,
-        pad_id=tokenizer.pad_id,
-        weights=[weights[i] for i in with_val],
-    )
-    held_out = [(with_val[i], b) for i, b in held_out]
+    held_out = []
+    if with_val:
+        held_out = eval_batches(
+            [prepared[i].split("val") for i in with_val],
+            tc.seq_len,
+            tc.batch_size,
+            tc.eval_batches,
+            pad_id=tokenizer.pad_id,
+            weights=[weights[i] for i in with_val],
+        )
+        held_out = [(with_val[i], b) for i, b in held_out]
     tokens = [s.stream_tokens for s in loader.sources]
     mix = ", ".join(
         f"{n} {w:.0%} ({t / 1e6:.2f}M tokens)"
@@ -506,7 +510,8 @@ class Trainer:
                 wandb.log(r, r["step"])
 
         first_eval = last_eval = None
-        if start == 0:
+        evaluating = tc.eval_batches > 0
+        if start == 0 and evaluating:
             result = self.evaluate()
             first_eval = last_eval = result["eval_loss"]
             record({"step": 0, **result})
@@ -570,7 +575,9 @@ class Trainer:
                         f"norm (train.max_bad_steps={tc.max_bad_steps}), up to step "
                         f"{self.step}; stopping{last}. Try a lower train.lr"
                     )
-                if (tc.eval_every and self.step % tc.eval_every == 0) or self.step == tc.steps:
+                if evaluating and (
+                    (tc.eval_every and self.step % tc.eval_every == 0) or self.step == tc.steps
+                ):
                     result = self.evaluate()
                     last_eval = result["eval_loss"]
                     record({"step": self.step, **result})
@@ -606,7 +613,7 @@ class Trainer:
             progress.close()
             metrics.close()
             wandb.finish()
-        if last_eval is None:
+        if last_eval is None and evaluating:
             last_eval = self.evaluate()["eval_loss"]
         return RunResult(
             self.run_dir, self.checkpoint, self.step, first_eval, last_eval, stopped_by

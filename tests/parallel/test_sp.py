@@ -168,7 +168,7 @@ def _collectives(world: int, group) -> dict:
         with trace_collectives() as backward:
             out.lm_loss_sum.backward()
         result[f"T={seq_len} checkpointing={recompute}"] = {
-            phase: [[r.kind, r.bytes] for r in tracer.records]
+            phase: [[r.kind, r.bytes, r.async_op] for r in tracer.records]
             for phase, tracer in (("forward", forward), ("backward", backward))
         }
     return result
@@ -206,14 +206,16 @@ def test_each_linear_layer_gathers_once_forward_and_once_backward(ranks):
         runs = r["collectives"]
         base = runs[f"T={T} checkpointing=False"]
         for phase in ("forward", "backward"):
-            gathers = [b for kind, b in base[phase] if kind == "all_gather_into_tensor"]
+            gathers = [r for r in base[phase] if r[0] == "all_gather_into_tensor"]
             assert len(gathers) == 2, f"rank {rank} {phase}: {base[phase]}"  # two layers
-            halo = [kind for kind, _ in base[phase] if kind in ("isend", "irecv")]
+            # launched asynchronously: the local kernel runs while the states travel
+            assert all(is_async for _, _, is_async in gathers)
+            halo = [r for r in base[phase] if r[0] in ("isend", "irecv")]
             # three short convs per layer, each a send forward (backward) and a receive,
             # except at the ends of the group
             per_conv = (rank < world - 1) + (rank > 0)
             assert len(halo) == 2 * 3 * per_conv, f"rank {rank} {phase}: {base[phase]}"
-            assert {kind for kind, _ in base[phase]} <= {"all_gather_into_tensor", "isend", "irecv"}
+            assert {r[0] for r in base[phase]} <= {"all_gather_into_tensor", "isend", "irecv"}
         longer = runs[f"T={2 * T} checkpointing=False"]
         assert longer == base, f"rank {rank}: the collectives changed with T"
         recomputed = runs[f"T={T} checkpointing=True"]

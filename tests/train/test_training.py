@@ -44,6 +44,15 @@ def test_float32_training_runs_and_decreases(tmp_path):
     assert result.last_eval_loss < result.first_eval_loss - 0.5
 
 
+def test_evaluation_can_be_switched_off(tmp_path):
+    overrides = [*FAST, "train.steps=2", "train.eval_batches=0", f"train.out_dir={tmp_path}"]
+    result = train(load_config("tiny", overrides))
+    assert result.first_eval_loss is None and result.last_eval_loss is None
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2]  # the training loss, no held-out loss
+    assert "eval_loss" not in records[0] and records[0]["loss"] > 0
+
+
 @pytest.mark.parametrize(
     "mixer",
     [
