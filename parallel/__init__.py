@@ -1,6 +1,5 @@
-"""Parallelism applied from outside the model: process groups (dp x sp, ep inside),
-LASP-2 / LASP-2H sequence parallelism and expert dispatch. Model code never imports this.
-
-This version trains in one process; multi-process training comes with the DeepSpeed
-engine and LASP-2 work, and ``parallel.*`` config keys are refused until then.
+"""Parallelism applied from outside the model: the process layout (``mesh``: world =
+dp x sp), sequence parallelism (``sp``: LASP-2 for the linear mixers, LASP-2H for softmax
+attention, halos for short convolutions) and the communication tracer (``trace``).
+The model's code never imports this package; ``sp.apply`` wraps its layers.
 """

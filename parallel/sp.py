@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hylas.kernels.common import default_scale
+from hylas.kernels.common import default_scale, resolve_backend
 
 
 class Segment:
@@ -87,16 +87,22 @@ class Segment:
         return dist.get_global_rank(self.group, self.rank + offset)
 
 
-def apply(model: nn.Module) -> nn.Module:
+def apply(model: nn.Module, states_from_kernel: bool | None = None) -> nn.Module:
     """Make every linear mixer, softmax attention and short convolution of ``model`` take
-    the sequence-parallel path when its input's ``Packing`` holds a ``Segment``."""
+    the sequence-parallel path when its input's ``Packing`` holds a ``Segment``.
+
+    states_from_kernel: where LASP-2 takes each segment's (A, B) and G (see ``_Lasp2``):
+    the local kernel (its final states from a zero start, its initial-state gradient) or
+    the families' protocol passes; None: the kernel where it is Triton (CUDA), else the
+    protocol."""
     from hylas.model.attention import SoftmaxAttention
     from hylas.model.conv import ShortConv
     from hylas.model.linear_mixers import LinearMixer
 
     for module in model.modules():
         if isinstance(module, LinearMixer):
-            module._kernel = types.MethodType(_linear_kernel(module._kernel), module)
+            wrapped = _linear_kernel(module._kernel, states_from_kernel)
+            module._kernel = types.MethodType(wrapped, module)
         elif isinstance(module, SoftmaxAttention):
             module.core = types.MethodType(_attention_core(module.core), module)
         elif isinstance(module, ShortConv):
@@ -111,14 +117,18 @@ def _segment_of(seq):
 # -- LASP-2 for the linear mixers ----------------------------------------------------------
 
 
-def _linear_kernel(local):
+def _linear_kernel(local, states_from_kernel: bool | None):
     def kernel(self, q, k, v, gates, state, use_cache, seq):
         segment = _segment_of(seq)
         if segment is None:
             return local(q, k, v, gates, state, use_cache, seq)
         if state is not None or use_cache:
             raise ValueError("decoding caches are for single-device forwards, not sp segments")
-        layer = _LinearLayer(self, seq, segment, scale=default_scale(self.scale, q.shape[-1]))
+        from_kernel = states_from_kernel
+        if from_kernel is None:
+            from_kernel = resolve_backend(self.kernel_backend, q) == "triton"
+        scale = default_scale(self.scale, q.shape[-1])
+        layer = _LinearLayer(self, seq, segment, scale, from_kernel)
         return _Lasp2.apply(layer, q, k, v, *gates), None
 
     return kernel
@@ -127,8 +137,9 @@ def _linear_kernel(local):
 class _LinearLayer:
     """What ``_Lasp2`` needs of one mixer call besides its tensors."""
 
-    def __init__(self, mixer, seq, segment: Segment, scale: float):
+    def __init__(self, mixer, seq, segment: Segment, scale: float, states_from_kernel: bool):
         self.family, self.backend = mixer.family, mixer.kernel_backend
+        self.states_from_kernel = states_from_kernel
         self.key = ("lasp2", id(mixer))
         self.seq, self.segment, self.scale = seq, segment, scale
         self.first_doc, self.last_doc = seq.seg_id[:, 0], seq.seg_id[:, -1]
@@ -179,6 +190,72 @@ class _LinearLayer:
             return out[0] * keep, out[1]  # A: the state a segment receives is ignored
         return out * keep  # G: nothing flows into a state the segment ignores
 
+    def kernel_transition(self, q, k, v, gates, finals: torch.Tensor):
+        """(A, B) from the local kernel: B the final states of its zero-start run
+        (``finals``), A the product of the transitions, in closed form for the gated
+        families and, for the delta rule, the final state of a run from the identity with
+        zero values (S_out = A I + 0); zero where the protocol has it zero."""
+        B_state = finals.index_select(0, self.last_doc.long()).float()
+        if self.family.SPLIT_OUTPUT:
+            if gates:
+                A = gates[0].float().sum(1).exp()  # [B, H] or [B, H, K]
+            else:
+                A = q.new_ones(q.shape[0], q.shape[2], dtype=torch.float32)
+        else:
+            B, _, H, K = q.shape
+            eye = torch.eye(K, device=q.device).expand(B, H, K, K).contiguous()
+            _, A = self.family.chunk(
+                q,
+                k,
+                v.new_zeros(*v.shape[:3], K),
+                *gates,
+                scale=self.scale,
+                initial_state=eye,
+                output_final_state=True,
+                backend=self.backend,
+            )
+        seg = self.segment
+        keep = (seg.continues & ~seg.restarts).to(torch.float32)
+        return A.float() * keep.view(-1, *[1] * (A.dim() - 1)), B_state
+
+    def recompute(self, inputs: list, needs: tuple, entering: torch.Tensor):
+        """The local forward from ``entering`` with autograd on: (leaves, o, final states,
+        the entering states as a leaf)."""
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_(n) for x, n in zip(inputs, needs, strict=True)]
+            entering = entering.detach().requires_grad_(self.states_from_kernel)
+            o, finals = self.chunk(*leaves[:3], leaves[3:], entering=entering, final=True)
+        return leaves, o, finals, entering
+
+    def local_grads(self, local, needs: tuple, do: torch.Tensor, dS_out: torch.Tensor):
+        """The gradients of the inputs (None where not needed) from the outputs' ``do`` and
+        the gradient ``dS_out`` of each sample's leaving state (its last document's)."""
+        leaves, o, finals, _ = local
+        d_finals = torch.zeros_like(finals).index_copy(0, self.last_doc.long(), dS_out)
+        wanted = [x for x, n in zip(leaves, needs, strict=True) if n]
+        grads = iter(torch.autograd.grad((o, finals), wanted, (do, d_finals)))
+        return [next(grads) if n else None for n in needs]
+
+    def kernel_entering_grad(self, local, needs: tuple, do: torch.Tensor):
+        """G from the local kernel's backward (its initial-state gradient, with no
+        gradient on the leaving state), and the inputs' gradients from ``do`` alone."""
+        leaves, o, _, entering = local
+        wanted = [x for x, n in zip(leaves, needs, strict=True) if n]
+        *grads, G = torch.autograd.grad(o, [*wanted, entering], do, retain_graph=True)
+        grads = iter(grads)
+        keep = self.segment.continues.view(-1, 1, 1, 1).to(G.dtype)
+        return G * keep, [next(grads) if n else None for n in needs]
+
+    def kernel_leaving_grads(self, local, needs: tuple, dS_out: torch.Tensor, grads: list):
+        """Add the inputs' gradients from the leaving states' ``dS_out`` to ``grads``."""
+        leaves, _, finals, _ = local
+        if not dS_out.any():
+            return grads
+        d_finals = torch.zeros_like(finals).index_copy(0, self.last_doc.long(), dS_out)
+        wanted = [x for x, n in zip(leaves, needs, strict=True) if n]
+        more = iter(torch.autograd.grad(finals, wanted, d_finals))
+        return [g + next(more) if n else None for g, n in zip(grads, needs, strict=True)]
+
     def gather(self, payload: torch.Tensor):
         """Start the all-gather of this rank's [B, n] fp32 payload; (work, [R, B, n])."""
         seg = self.segment
@@ -215,19 +292,35 @@ class _Lasp2(torch.autograd.Function):
     dS_out(r) = A_{r+1}^T dS_out(r+1) + G_{r+1}, and the local backward with the entering
     state S_in and the leaving-state gradient dS_out; the local forward it differentiates
     is recomputed while G is in flight.
+
+    (A layer's recompute costs one local forward: the price of not keeping the local
+    kernel's graph from the forward, which ran without autograd.)
+
+    With ``states_from_kernel`` (the default where the kernel is Triton) the local kernel
+    gives the states instead of the protocol's torch passes: B is the final state of its
+    zero-start run (for the gated families the same run that gives the output), A comes
+    in closed form from the gates or, for the delta rule, from a run of the kernel from the
+    identity; G is the recomputed kernel's initial-state gradient under dO alone, and the
+    gradients from dS_out take a second backward through its final states.
     """
 
     @staticmethod
     def forward(ctx, layer: _LinearLayer, q, k, v, *gates):
         seg, family = layer.segment, layer.family
         saved = seg.saved.get(layer.key)
+        o = None
         if saved is None:
-            A, B_state = layer.protocol(family.transition, q, k, v, gates)
+            if layer.states_from_kernel:
+                o, finals = layer.chunk(q, k, v, gates, final=True)
+                A, B_state = layer.kernel_transition(q, k, v, gates, finals)
+            else:
+                A, B_state = layer.protocol(family.transition, q, k, v, gates)
             payload = torch.cat([A.flatten(1), B_state.flatten(1)], 1).float()
             work, gathered = layer.gather(payload)
         else:  # an activation-checkpointing recompute: the states are already here
             work, (A, B_state, gathered) = None, saved
-        o = layer.chunk(q, k, v, gates)[0] if family.SPLIT_OUTPUT else None
+        if family.SPLIT_OUTPUT and o is None:
+            o = layer.chunk(q, k, v, gates)[0]  # from zero, while the states travel
         if work is not None:
             work.wait()
             seg.saved[layer.key] = (A, B_state, gathered)
@@ -240,7 +333,7 @@ class _Lasp2(torch.autograd.Function):
             o = o + _entering_read(layer, q, gates, S_in).to(o.dtype)
         else:
             o = layer.chunk(q, k, v, gates, entering=S_in)[0]
-        ctx.layer, ctx.A_all, ctx.n_gates = layer, A_all, len(gates)
+        ctx.layer, ctx.A_all = layer, A_all
         ctx.save_for_backward(q, k, v, *gates, S_in)
         return o
 
@@ -248,22 +341,23 @@ class _Lasp2(torch.autograd.Function):
     def backward(ctx, do):
         layer, seg = ctx.layer, ctx.layer.segment
         q, k, v, *gates, S_in = ctx.saved_tensors
-        G = layer.protocol(layer.family.entering_state_grad, q, k, v, gates, do)
-        work, G_all = layer.gather(G.flatten(1).float())
-        inputs = [q, k, v, *gates]
         needs = ctx.needs_input_grad[1:]
-        with torch.enable_grad():  # the local forward from S_in, while G is in flight
-            leaves = [x.detach().requires_grad_(n) for x, n in zip(inputs, needs, strict=True)]
-            o, finals = layer.chunk(*leaves[:3], leaves[3:], entering=S_in, final=True)
+        if layer.states_from_kernel:
+            local = layer.recompute([q, k, v, *gates], needs, S_in)
+            G, grads = layer.kernel_entering_grad(local, needs, do)
+            work, G_all = layer.gather(G.flatten(1).float())
+        else:
+            G = layer.protocol(layer.family.entering_state_grad, q, k, v, gates, do)
+            work, G_all = layer.gather(G.flatten(1).float())
+            local = layer.recompute([q, k, v, *gates], needs, S_in)  # while G is in flight
         work.wait()
         G_all = G_all.view(seg.size, *G.shape)
         dS_out = torch.zeros_like(S_in)
         for j in range(seg.size - 1, seg.rank, -1):
             dS_out = _times_state(ctx.A_all[j], dS_out, transpose=True) + G_all[j]
-        d_finals = torch.zeros_like(finals).index_copy(0, layer.last_doc.long(), dS_out)
-        wanted = [x for x, n in zip(leaves, needs, strict=True) if n]
-        grads = iter(torch.autograd.grad((o, finals), wanted, (do, d_finals)))
-        return None, *(next(grads) if n else None for n in needs)
+        if layer.states_from_kernel:
+            return None, *layer.kernel_leaving_grads(local, needs, dS_out, grads)
+        return None, *layer.local_grads(local, needs, do, dS_out)
 
 
 def _entering_read(layer: _LinearLayer, q, gates, S_in) -> torch.Tensor:

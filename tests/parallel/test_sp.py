@@ -49,13 +49,16 @@ def config(mixer: str, **kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw}).validate()
 
 
-CASES = {mixer: config(mixer) for mixer in MIXERS}
-CASES["gla+window-halo"] = config("gla", attention=AttentionConfig(window=24))
-CASES["deltanet+window-gather"] = config("deltanet", attention=AttentionConfig(window=200))
-CASES["moe+checkpointing"] = config(
-    "gated_deltanet",
-    moe=MoEConfig(num_experts=4, top_k=2, pattern="DM"),
-    activation_checkpointing=True,
+# case -> (config, LASP-2's states from the local kernel rather than the protocol passes)
+CASES = {mixer: (config(mixer), False) for mixer in MIXERS}
+for mixer in ("linear_attention", "retnet", "gla", "deltanet", "gated_deltanet"):
+    CASES[f"{mixer}, states from the kernel"] = (config(mixer), True)
+CASES["gla+window-halo"] = (config("gla", attention=AttentionConfig(window=24)), False)
+CASES["deltanet+window-gather"] = (config("deltanet", attention=AttentionConfig(window=200)), False)
+moe = MoEConfig(num_experts=4, top_k=2, pattern="DM")
+CASES["moe+checkpointing"] = (
+    config("gated_deltanet", moe=moe, activation_checkpointing=True),
+    False,
 )
 
 
@@ -125,11 +128,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     flat = {k: whole[k].reshape(1, -1) for k in ("input_ids", "labels", "position_ids")}
     flat["cu_seqlens"] = whole["cu_seqlens"]
     errors = {}
-    for name, cfg in CASES.items():
+    for name, (cfg, from_kernel) in CASES.items():
         ref_logits, ref_loss, ref_grads = run(build(cfg), whole)
         _, _, flat_grads = run(build(cfg), flat)
         logits, loss, grads = run(
-            sp.apply(build(cfg)), mine, group, slice(rank * L, (rank + 1) * L)
+            sp.apply(build(cfg), from_kernel), mine, group, slice(rank * L, (rank + 1) * L)
         )
         dist.all_reduce(loss)
         errs = {"logits": rel_rms_error(logits, ref_logits[:, rank * L : (rank + 1) * L])}
