@@ -398,7 +398,8 @@ def save_plot(plot: dict, path: Path) -> None:
     ax = axes[0]
     for (layer, W), pts in _series(plot.get("comm", [])).items():
         ax.plot([t for t, _ in pts], [b / 1e6 for _, b in pts], "o-", label=f"{layer}, W={W}")
-    ax.set(xscale="log", yscale="log", xlabel="T (tokens)", ylabel="MB sent per rank per step")
+    ax.set_xscale("log", base=2)
+    ax.set(yscale="log", xlabel="T (tokens)", ylabel="MB sent per rank per step")
     ax.set_title("Communication per layer")
     ax.legend(fontsize=6)
     ax = axes[1]
@@ -413,7 +414,8 @@ def save_plot(plot: dict, path: Path) -> None:
     big = scale.get("big", {})
     if "peak_gb" in big:
         ax.plot([big["T"]], [max(big["peak_gb"])], "s", label=f"sp={big['sp']}, per rank")
-    ax.set(xscale="log", xlabel="T (tokens)", ylabel="peak resident GB per rank")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="T (tokens)", ylabel="peak resident GB per rank")
     ax.set_title("One training step, pure-linear tiny model")
     ax.legend(fontsize=8)
     fig.tight_layout()

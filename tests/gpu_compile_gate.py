@@ -225,10 +225,15 @@ class CompileOnlyDriver:
         return None, None, 0, 0, 1024
 
 
-def _run_case(family: str, K: int, V: int, dtype_name: str, states=(False, True)) -> None:
+ALL_STATES = ("none", "both", "final")
+
+
+def _run_case(family: str, K: int, V: int, dtype_name: str, states=ALL_STATES) -> None:
     """Forward and backward of ``chunk`` and ``recurrent``. ``states``: without an initial
-    and a final state (a training step) and with them (decoding prefill, sequence
-    parallelism); the two compile to separate kernels of nearly equal resources."""
+    and a final state (``none``: a training step), with both (``both``: decoding prefill,
+    LASP-2's local kernel from the entering state, whose backward also gives G) and with
+    a final state from zero (``final``: LASP-2's B from the kernel); they compile to
+    separate kernels of nearly equal resources."""
     import torch
     import torch.nn.functional as F
 
@@ -253,12 +258,13 @@ def _run_case(family: str, K: int, V: int, dtype_name: str, states=(False, True)
             gates.append(torch.rand(B, T, H, generator=gen).to(dtype).requires_grad_())
         return q, k.requires_grad_(), v, gates
 
-    for with_state in states:
+    for variant in states:
         q, k, v, gates = inputs()
-        h0 = torch.zeros(B, H, K, V, requires_grad=True) if with_state else None
+        h0 = torch.zeros(B, H, K, V, requires_grad=True) if variant == "both" else None
         o, ht = mod.chunk(
-            q, k, v, *gates, initial_state=h0, output_final_state=with_state, backend="triton"
-        )
+            q, k, v, *gates, initial_state=h0, output_final_state=variant != "none",
+            backend="triton",
+        )  # fmt: skip
         loss = o.float().sum() + (ht.sum() if ht is not None else 0)
         loss.backward()
     q, k, v, gates = inputs()
@@ -294,7 +300,7 @@ def _run_probe() -> None:
     _oversized_kernel()[(1,)](x, torch.zeros(128 * 128), BM=128, BK=512)
 
 
-def run_gate(cases, targets=tuple(TARGETS), log=None, probe=False, states=(False, True)):
+def run_gate(cases, targets=tuple(TARGETS), log=None, probe=False, states=ALL_STATES):
     """Compile ``cases`` for ``targets`` in this process; return every compiled kernel
     (a list of ``Compiled``). ``probe`` adds the oversized probe kernel, which must fail."""
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -390,9 +396,9 @@ def main(argv=None) -> int:
     families = args.families.split(",")
     cases = [c for c in cases if c[0] in families and c[3] in args.dtypes.split(",")]
     start = time.perf_counter()
-    # The CI matrix compiles the variant with initial and final states only: the training
-    # step's variant differs by a load before and a store after the scan loop.
-    states = (True,) if args.matrix == "ci" else (False, True)
+    # The CI matrix compiles the variant with initial and final states only: the others
+    # differ by a load before and a store after the scan loop.
+    states = ("both",) if args.matrix == "ci" else ALL_STATES
     records = run_gate(
         cases, args.targets.split(","), log=lambda m: print(m, flush=True),
         probe=args.probe, states=states,
