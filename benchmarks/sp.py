@@ -137,7 +137,8 @@ def _ring_kernel(self, q, k, v, gates, state, use_cache, seq):
     from hylas.kernels.common import default_scale
     from hylas.parallel.sp import _LinearLayer
 
-    layer = _LinearLayer(self, seq, seq.segment, scale=default_scale(self.scale, q.shape[-1]))
+    scale = default_scale(self.scale, q.shape[-1])
+    layer = _LinearLayer(self, seq, seq.segment, scale, states_from_kernel=False)
     return _Ring.apply(layer, q, k, v, *gates), None
 
 
@@ -158,7 +159,7 @@ def comm_rank(rank: int, world: int, repeats: int) -> list[dict]:
         layer = LINEAR_MIXERS[mixer](cfg, "torch")
         layer.init_weights(torch.Generator().manual_seed(0), 0.02, 0.01)
         layers[f"{mixer}, LASP-2"] = sp.apply(layer)
-        ring = LINEAR_MIXERS[mixer](cfg, "torch")
+        ring = sp.apply(LINEAR_MIXERS[mixer](cfg, "torch"))  # the convs' halos as LASP-2's
         ring.load_state_dict(layer.state_dict())
         ring._kernel = types.MethodType(_ring_kernel, ring)
         layers[f"{mixer}, ring"] = ring
@@ -404,13 +405,13 @@ def save_plot(plot: dict, path: Path) -> None:
     ax.legend(fontsize=6)
     ax = axes[1]
     scale = plot.get("scale", {})
-    if scale.get("sp1"):
-        ax.plot(
-            [r["T"] for r in scale["sp1"]],
-            [r["peak_gb"][0] for r in scale["sp1"]],
-            "o-",
-            label="sp=1",
-        )
+    sp1 = scale.get("sp1", [])
+    if sp1:
+        ax.plot([r["T"] for r in sp1], [r["peak_gb"][0] for r in sp1], "o-", label="sp=1")
+    if len(sp1) >= 2:  # the straight line through the last two, out to the long sequence
+        (t0, m0), (t1, m1) = [(r["T"], r["peak_gb"][0]) for r in sp1[-2:]]
+        m = m1 + (m1 - m0) / (t1 - t0) * (SCALE_T - t1)
+        ax.plot([t1, SCALE_T], [m1, m], "--", color="C0", label="sp=1, extrapolated")
     big = scale.get("big", {})
     if "peak_gb" in big:
         ax.plot([big["T"]], [max(big["peak_gb"])], "s", label=f"sp={big['sp']}, per rank")
