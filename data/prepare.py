@@ -177,27 +177,34 @@ def _pack(ids: list[list[int]], dtype: np.dtype, eos: int) -> tuple[np.ndarray, 
     return np.fromiter(itertools.chain.from_iterable(ids), dtype, count=total), ends
 
 
-def _encode_job(job: tuple[list[str], list[bool]]):
-    """One task: tokenize a run of documents; returns (tokens, ends) per split."""
-    texts, held_out = job
+def _encode_job(job: tuple[list[str], list[bool] | None, float]):
+    """One task: tokenize a run of documents; returns (tokens, ends) per split and, when
+    the held-out flags are None, the documents' text hashes that decided them."""
+    texts, held_out, fraction = job
+    hashes = None
+    if held_out is None:  # held out by hash, here rather than in the feeding process
+        hashes = [text_hash(t) for t in texts]
+        held_out = [h / 2**64 < fraction for h in hashes]
     ids = _worker["sp"].encode(texts, num_threads=1)
     dtype, eos = _worker["dtype"], _worker["eos"]
     train = [d for d, h in zip(ids, held_out, strict=True) if not h]
     val = [d for d, h in zip(ids, held_out, strict=True) if h] if any(held_out) else []
-    return _pack(train, dtype, eos), _pack(val, dtype, eos)
+    return _pack(train, dtype, eos), _pack(val, dtype, eos), hashes
 
 
-def _jobs(documents: Iterable[tuple[str, bool]]) -> Iterator[tuple[list[str], list[bool], int]]:
+def _jobs(documents: Iterable[tuple[str, bool | None]], fraction: float) -> Iterator:
+    """(job, characters) runs of about JOB_CHARACTERS; a job's flags are None when its
+    documents' are (held out by hash at ``fraction``, in the worker)."""
     texts, flags, size = [], [], 0
     for text, held_out in documents:
         texts.append(text)
         flags.append(held_out)
         size += len(text)
         if size >= JOB_CHARACTERS:
-            yield texts, flags, size
+            yield (texts, None if flags[0] is None else flags, fraction), size
             texts, flags, size = [], [], 0
     if texts:
-        yield texts, flags, size
+        yield (texts, None if flags[0] is None else flags, fraction), size
 
 
 class _Pool:
@@ -214,8 +221,8 @@ class _Pool:
     def map(self, jobs: Iterator) -> Iterator:
         pending: collections.deque = collections.deque()
         try:
-            for texts, flags, size in jobs:
-                pending.append((self.pool.submit(_encode_job, (texts, flags)), size))
+            for job, size in jobs:
+                pending.append((self.pool.submit(_encode_job, job), size))
                 if len(pending) >= self.limit:
                     future, n = pending.popleft()
                     yield future.result(), n
@@ -235,7 +242,7 @@ class _Pool:
 
 
 def _tokenize(
-    documents: Iterable[tuple[str, bool]],
+    documents: Iterable[tuple[str, bool | None]],
     tokenizer: Tokenizer,
     directory: Path,
     *,
@@ -243,6 +250,7 @@ def _tokenize(
     shard_tokens: int,
     input_bytes: tuple[int, Callable[[], int]] | None,
     progress: bool,
+    hash_split: HashSplit | None,
 ) -> dict:
     """One pass: the shards of both splits into ``directory``; returns their summaries."""
     dtype = token_dtype(tokenizer.vocab_size)
@@ -262,7 +270,11 @@ def _tokenize(
         t0 = logged = time.perf_counter()
         n_tokens = 0
         with bar:
-            for ((train_tok, train_ends), (val_tok, val_ends)), size in pool.map(_jobs(documents)):
+            fraction = hash_split.fraction if hash_split else 0.0
+            for result, size in pool.map(_jobs(documents, fraction)):
+                (train_tok, train_ends), (val_tok, val_ends), hashes = result
+                if hashes is not None:
+                    hash_split.hashes.extend(hashes)
                 writers["train"].add(train_tok, train_ends)
                 if len(val_ends):
                     writers["val"].add(val_tok, val_ends)
@@ -286,8 +298,18 @@ def _tokenize(
         pool.close(ok)
 
 
+class HashSplit:
+    """Documents whose held-out flag is None are held out when their :func:`text_hash`
+    falls below ``fraction``, decided in the tokenizer workers; ``hashes`` collects every
+    such document's hash, in order."""
+
+    def __init__(self, fraction: float):
+        self.fraction = fraction
+        self.hashes = array.array("Q")
+
+
 def write_prepared(
-    documents: Iterable[tuple[str, bool]],
+    documents: Iterable[tuple[str, bool | None]],
     tokenizer: Tokenizer,
     out: str | os.PathLike,
     *,
@@ -300,6 +322,7 @@ def write_prepared(
     held_out: dict | None = None,
     second_pass: Callable[[], tuple[Iterable[tuple[str, bool]], dict] | None] | None = None,
     part: dict | None = None,
+    hash_split: HashSplit | None = None,
 ) -> dict:
     """Tokenize ``(text, held_out)`` pairs into the prepared directory ``out``; returns the
     manifest. ``input_bytes`` is (total, a function giving the bytes read so far), for the
@@ -307,7 +330,8 @@ def write_prepared(
     ``to_dict()`` (a source's counts, complete once its documents are consumed) for the
     manifest. ``held_out`` says in the manifest how the split was made; when a split comes out
     empty, ``second_pass`` may give other documents to write instead, with their ``held_out``.
-    ``part`` is recorded in the manifest as is (see :func:`prepare`)."""
+    ``part`` is recorded in the manifest as is (see :func:`prepare`). A document's flag may
+    be None, deciding by ``hash_split`` (:class:`HashSplit`)."""
     out = Path(out)
     if out.exists():
         raise DataError(f"{out} already exists; remove it or choose another --out")
@@ -323,7 +347,9 @@ def write_prepared(
         t0 = time.perf_counter()
         shutil.copytree(tokenizer.model_file.parent, tmp / TOKENIZER_DIR)
         run = dict(workers=workers, shard_tokens=shard_tokens, input_bytes=input_bytes)
-        splits = _tokenize(documents, tokenizer, tmp, **run, progress=progress)
+        splits = _tokenize(
+            documents, tokenizer, tmp, **run, progress=progress, hash_split=hash_split
+        )
         redo = None
         if second_pass and not all(splits[s]["documents"] for s in SPLITS):
             redo = second_pass()
@@ -332,7 +358,7 @@ def write_prepared(
             for split in SPLITS:  # the first pass's shards and indexes
                 for f in tmp.glob(f"{split}_*"):
                     f.unlink()
-            splits = _tokenize(documents, tokenizer, tmp, **run, progress=progress)
+            splits = _tokenize(documents, tokenizer, tmp, **run, progress=progress, hash_split=None)
         if splits["train"]["documents"] == 0:
             raise DataError("no training documents: the inputs hold nothing to train on")
         manifest = {
@@ -410,15 +436,15 @@ def prepare(
     together hold out what one ``prepare`` of the whole would."""
     if not 0 <= val_fraction < 0.5:
         raise DataError(f"--val-fraction must be in [0, 0.5), got {val_fraction}")
-    hashes = array.array("Q")  # of every document, in order, for the second pass
+    split = HashSplit(val_fraction)  # decided in the workers
+    hashes = split.hashes  # of every document, in order, for the second pass
     only: list[str] = []  # the text while there is one document
     blank = [copy.deepcopy(s.stats) for s in sources]
 
-    def first_pass() -> Iterator[tuple[str, bool]]:
-        for text in itertools.chain.from_iterable(sources):
-            hashes.append(text_hash(text))
-            only[:] = [text] if len(hashes) == 1 else []
-            yield text, hashes[-1] / 2**64 < val_fraction
+    def first_pass() -> Iterator[tuple[str, None]]:
+        for n, text in enumerate(itertools.chain.from_iterable(sources)):
+            only[:] = [text] if n == 0 else []
+            yield text, None
 
     def again() -> Iterator[str]:
         for s, b in zip(sources, blank, strict=True):  # counts as before the first pass
@@ -464,6 +490,7 @@ def prepare(
         held_out={"rule": "hash", "fraction": val_fraction, "cut": False},
         second_pass=None if part else second_pass,
         part=part,
+        hash_split=split,
     )
 
 

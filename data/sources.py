@@ -46,6 +46,7 @@ import json
 import logging
 import lzma
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,10 @@ _DECOMPRESS = {
 }
 # what a decompressor raises on a truncated or corrupt stream
 _CORRUPT = (EOFError, OSError, lzma.LZMAError, zstandard.ZstdError)
+# A paragraph: a run of lines that each hold a byte other than ASCII whitespace (what
+# bytes.strip() removes), from its first line's start to its last line's end.
+_PARAGRAPH = re.compile(rb"[^\n]*\S[^\n]*(?:\n[^\n]*\S[^\n]*)*")
+_PARAGRAPH_BLOCK = 4 << 20  # bytes read at a time in paragraph mode
 
 
 class DataError(ValueError):
@@ -323,6 +328,9 @@ class Source:
                 self.stats.bad_utf8_replaced += bad
                 yield text
                 return
+            if self.split_documents == "paragraph":
+                yield from self._paragraphs(stream, f)
+                return
             # A document's lines are gathered as bytes and decoded once, from its first byte.
             offset, start, lines = 0, 0, []
             for raw in itertools.chain(stream, [b""]):  # b"": a blank line ends the last one
@@ -337,6 +345,28 @@ class Source:
                     self.stats.bad_utf8_replaced += bad
                     yield text.rstrip("\r\n")
                     lines = []
+
+    def _paragraphs(self, stream: io.BufferedIOBase, f: Path) -> Iterator[str]:
+        """Blank-line separated paragraphs, found by a regular expression over large blocks
+        (not line by line in Python); a paragraph that reaches a block's last line waits
+        for the next block. Each is decoded once, without its final line end."""
+        carry, base = b"", 0  # unfinished bytes, and the file offset where they start
+        while True:
+            block = stream.read(_PARAGRAPH_BLOCK)
+            buf = carry + block
+            end = len(buf) if not block else buf.rfind(b"\n") + 1  # whole lines only
+            last = None
+            for m in _PARAGRAPH.finditer(buf, 0, end):
+                if block and m.end() + 1 >= end:  # it may go on in the next block
+                    last = m.start()
+                    break
+                text, bad = _decode(m.group(), str(f), self.bad_utf8, base + m.start())
+                self.stats.bad_utf8_replaced += bad
+                yield text.rstrip("\r\n")
+            if not block:
+                return
+            cut = end if last is None else last
+            carry, base = buf[cut:], base + cut
 
     def _jsonl(self, f: Path, compression: str | None) -> Iterator[str]:
         with self._open(f, compression) as stream:

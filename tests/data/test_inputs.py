@@ -150,3 +150,34 @@ def test_bad_compressed_input_is_one_sentence(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(DataError, match=message):
         read(tmp_path / name)
+
+
+def test_paragraphs_read_in_blocks_equal_the_line_by_line_rule(tmp_path, monkeypatch):
+    """The block-wise paragraph splitter against the rule it implements, written here line
+    by line (a paragraph: consecutive lines holding a non-whitespace byte, without its final
+    line end), on random bytes with blocks of 1 to 8 bytes so paragraphs cross blocks."""
+    import random
+
+    from hylas.data import sources
+
+    rng = random.Random(0)
+    pieces = [b"a", b"bc d", b" ", b"\t", b"\r", b"\n", b"\n", b"\xe6\x9d\xb1", b"\xe6", b"\x0c"]
+    path = tmp_path / "p.txt"
+    for _ in range(300):
+        data = b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 60)))
+        path.write_bytes(data)
+        monkeypatch.setattr(sources, "_PARAGRAPH_BLOCK", rng.randint(1, 8))
+        expected, lines = [], []
+        parts = data.split(b"\n")
+        for raw in [p + b"\n" for p in parts[:-1]] + [parts[-1], b""]:
+            if raw.strip():
+                lines.append(raw)
+            elif lines:
+                expected.append(b"".join(lines).decode("utf-8", "replace").rstrip("\r\n"))
+                lines = []
+        [source] = open_sources([str(path)], split_documents="paragraph", bad_utf8="replace")
+        if not expected:
+            with pytest.raises(DataError, match="holds no documents"):
+                list(source)
+            continue
+        assert list(source) == expected, data
