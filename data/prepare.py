@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import array
 import collections
+import contextlib
 import copy
 import hashlib
 import itertools
@@ -308,6 +309,19 @@ class HashSplit:
         self.hashes = array.array("Q")
 
 
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A fresh directory beside ``out`` to fill and then rename to ``out``; whatever the
+    body does not rename (an error, an interrupt) is removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already once renamed
+
+
 def write_prepared(
     documents: Iterable[tuple[str, bool | None]],
     tokenizer: Tokenizer,
@@ -339,11 +353,7 @@ def write_prepared(
         raise DataError(f"--workers must be at least 1, got {workers}")
     if shard_tokens < 1:
         raise DataError(f"--shard-tokens must be positive, got {shard_tokens}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    tmp.chmod(0o755)
-    ok = False
-    try:
+    with _staging(out) as tmp:
         t0 = time.perf_counter()
         shutil.copytree(tokenizer.model_file.parent, tmp / TOKENIZER_DIR)
         run = dict(workers=workers, shard_tokens=shard_tokens, input_bytes=input_bytes)
@@ -380,11 +390,7 @@ def write_prepared(
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         os.rename(tmp, out)
-        ok = True
         return manifest
-    finally:
-        if not ok:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # -- which documents are held out -----------------------------------------------------------
@@ -539,11 +545,7 @@ def merge_prepared(parts: list[str | os.PathLike], out: str | os.PathLike) -> di
             "prepare every part with the same --val-fraction"
         )
     data = _in_part_order(data)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    tmp.chmod(0o755)
-    ok = False
-    try:
+    with _staging(out) as tmp:
         t0 = time.perf_counter()
         shutil.copytree(data[0].tokenizer_dir, tmp / TOKENIZER_DIR)
         splits = {}
@@ -590,11 +592,7 @@ def merge_prepared(parts: list[str | os.PathLike], out: str | os.PathLike) -> di
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         os.rename(tmp, out)
-        ok = True
         return manifest
-    finally:
-        if not ok:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _rule(manifest: dict) -> dict:

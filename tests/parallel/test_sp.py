@@ -23,6 +23,7 @@ from hylas.model.config import AttentionConfig, MoEConfig
 from hylas.model.registry import LINEAR_MIXERS, check_linear_mixer
 from hylas.parallel import sp
 from hylas.parallel.trace import trace_collectives
+from hylas.train.trainer import model_inputs
 from tests.helpers import rel_rms_error, spawn_ranks
 
 check_linear_mixer("gla")  # fills the registry
@@ -85,13 +86,8 @@ def samples(seq_len: int = T) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def inputs_of(batch: dict, group) -> dict:
-    out = {k: batch[k] for k in ("input_ids", "labels", "position_ids", "cu_seqlens")}
-    if "global_cu_seqlens" in batch:
-        B, L = batch["input_ids"].shape
-        out["segment"] = sp.Segment(
-            group, batch["global_cu_seqlens"], int(batch["segment_start"]), B, L
-        )
-    return out
+    """The model's arguments as the trainer makes them (its segment from the batch)."""
+    return model_inputs(batch, torch.device("cpu"), group)
 
 
 def run(
