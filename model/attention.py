@@ -161,10 +161,12 @@ class SoftmaxAttention(nn.Module):
     ) -> torch.Tensor:
         """Attention of q [B, H, T, D] at positions past .. past + T - 1 over k, v
         [B, H_kv, past + T, D] (the cached past first): causal, windowed, documents apart
-        (packed batches have no past). A sequence-parallel wrapper replaces this call."""
+        (packed batches have no past), pad tokens of a padded batch never seen. A sequence-parallel wrapper replaces this call."""
         k_index = torch.arange(past + q.shape[2], device=q.device)
-        doc = None if seq is None else seq.seg_id
-        return attend(q, k, v, k_index[past:], k_index, doc, doc, self.window)
+        q_doc = k_doc = None if seq is None else seq.seg_id
+        if seq is not None and seq.key_id is not None:  # padded: pads are a document apart
+            k_doc = seq.key_id
+        return attend(q, k, v, k_index[past:], k_index, q_doc, k_doc, self.window)
 
     def sequence_flops(self, seq_len: int) -> float:
         """q k^T and attention x v: 4 H D per visible key, averaged over causal positions."""

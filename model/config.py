@@ -73,10 +73,14 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     # Linear mixers (model/linear_mixers.py): value heads (None = n_heads; a multiple of it
-    # shares each q/k head across several value heads), short conv width (0 or 1 = off,
-    # for mixers that use one), the feature map of linear_attention, and beta in [0, 2]
-    # for the delta-rule mixers (negative eigenvalues, for state tracking).
+    # shares each q/k head across several value heads), the q/k and value head sizes (None =
+    # the mixer's own default, a fraction of d_model; set them to take a Transformer's
+    # attention shapes, as an imported Llama does), short conv width (0 or 1 = off, for
+    # mixers that use one), the feature map of linear_attention, and beta in [0, 2] for the
+    # delta-rule mixers (negative eigenvalues, for state tracking).
     linear_v_heads: int | None = None
+    linear_head_k: int | None = None
+    linear_head_v: int | None = None
     conv_size: int = 4
     feature_map: str = "elu_p1"
     allow_neg_eigval: bool = False
@@ -196,6 +200,10 @@ class ModelConfig:
                 f"model.linear_v_heads ({self.linear_v_heads}) must be a positive multiple of "
                 f"model.n_heads ({self.n_heads})"
             )
+        for name in ("linear_head_k", "linear_head_v"):
+            size = getattr(self, name)
+            if size is not None and size <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {size}")
         if self.conv_size < 0:
             raise ConfigError(f"model.conv_size must be >= 0, got {self.conv_size}")
         if self.feature_map not in FEATURE_MAPS:

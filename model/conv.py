@@ -17,8 +17,10 @@ class ShortConv(nn.Module):
 
     ``seq`` is the batch's packing (``decoder.Packing``) or None; its ``seg_pos`` [B, T] is
     each token's offset from the start of its document: tap i is used only where
-    seg_pos >= i, so no document sees the previous one's tail. The cache is the last W - 1
-    inputs [B, W - 1, C] (constant in sequence length).
+    seg_pos >= i, so no document sees the previous one's tail. In a padded batch (``seq.keep``)
+    pad inputs count as zeros: a left-padded row sees what it sees alone, as a run that starts
+    from an empty tail. The cache is the last W - 1 inputs [B, W - 1, C] (constant in
+    sequence length).
     """
 
     def __init__(self, channels: int, width: int):
@@ -33,7 +35,11 @@ class ShortConv(nn.Module):
         init_uniform(self.weight, -bound, bound, gen)
 
     def forward(self, x_BTC, seq=None, tail=None):
-        return self.mix(x_BTC, None if seq is None else seq.seg_pos, tail)
+        if seq is None:
+            return self.mix(x_BTC, None, tail)
+        if seq.keep is not None:  # padded: a pad is a zero input, as before a first token
+            return self.mix(x_BTC * seq.keep.unsqueeze(-1).to(x_BTC.dtype), None, tail)
+        return self.mix(x_BTC, seq.seg_pos, tail)
 
     def mix(self, x_BTC, seg_pos_BT=None, tail=None):
         """The convolution of x after ``tail`` (zeros when None), taps masked by

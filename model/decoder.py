@@ -42,12 +42,28 @@ class Packing:
     seg_pos [B, T]: its offset from its document's start. segment: under sequence
     parallelism, where these T tokens sit in the whole samples (``hylas.parallel.sp``);
     the layers pass it through untouched, the sequence-parallel wrappers read it.
+
+    A padded batch (``from_attention_mask``) has no cu_seqlens: ``keep`` [B, T] is False at
+    pad tokens, seg_id is 0 at pads and 1 at real tokens, and ``key_id`` [B, past + T] the
+    same over the cached keys too, so a softmax layer never attends to a pad and a linear
+    layer skips them (docs/architecture.md, "Padding").
     """
 
-    cu_seqlens: torch.Tensor
+    cu_seqlens: torch.Tensor | None
     seg_id: torch.Tensor
     seg_pos: torch.Tensor
     segment: object | None = None
+    keep: torch.Tensor | None = None
+    key_id: torch.Tensor | None = None
+
+    @classmethod
+    def from_attention_mask(cls, attention_mask: torch.Tensor, T: int) -> Packing:
+        """The padding of a batch from its attention mask [B, past + T] (1 = token, 0 = pad),
+        past being the tokens already in the cache."""
+        key_id = (attention_mask != 0).long()
+        seg_id = key_id[:, -T:]
+        seg_pos = (key_id.cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        return cls(None, seg_id, seg_pos, keep=seg_id.bool(), key_id=key_id)
 
     @classmethod
     def from_cu_seqlens(
@@ -172,6 +188,7 @@ class HylasLM(nn.Module):
         use_cache: bool = False,
         logits: bool = True,
         segment: object | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> LMOutput:
         """input_ids, labels, position_ids: [B, T] int64; labels hold the next token or -100.
 
@@ -184,6 +201,11 @@ class HylasLM(nn.Module):
 
         segment: this rank's place in sequence-parallel samples (``hylas.parallel.sp``,
         which also wraps the layers); it needs ``cu_seqlens``.
+
+        attention_mask [B, past + T] (1 = token, 0 = pad; past = the cached tokens): pad
+        tokens change no layer's state and are never attended to, and position_ids then
+        count only the real tokens, so a left-padded row gives what it gives alone. It is
+        for unpacked batches.
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -191,9 +213,19 @@ class HylasLM(nn.Module):
         if cu_seqlens is not None:
             if cache is not None or use_cache:
                 raise ValueError("decoding caches are for unpacked batches; drop cu_seqlens")
+            if attention_mask is not None:
+                raise ValueError("packed batches (cu_seqlens) take no attention_mask")
             seq = Packing.from_cu_seqlens(cu_seqlens.to(input_ids.device), B, T, segment)
         elif segment is not None:
             raise ValueError("a sequence-parallel segment needs its cu_seqlens")
+        elif attention_mask is not None:
+            if tuple(attention_mask.shape) != (B, past + T):
+                raise ValueError(
+                    f"attention_mask must be [batch, cached + new tokens] = {[B, past + T]}, "
+                    f"got {list(attention_mask.shape)}"
+                )
+            if not bool(attention_mask.all()):  # all ones is the unpadded batch
+                seq = Packing.from_attention_mask(attention_mask.to(input_ids.device), T)
         if position_ids is None:
             if seq is not None:
                 position_ids = seq.seg_pos

@@ -46,8 +46,8 @@ FEATURE_MAPS = {
 
 class LinearMixer(nn.Module):
     family = None  # the kernel module (hylas.kernels.<family>)
-    expand_k = 0.5  # key size of the layer = expand_k * d_model
-    expand_v = 1.0  # value size of the layer = expand_v * d_model
+    expand_k = 0.5  # default key size of the layer = expand_k * d_model (model.linear_head_k)
+    expand_v = 1.0  # default value size = expand_v * d_model (model.linear_head_v)
     use_short_conv = False
     feature_map = "identity"  # applied to q and k after the (optional) convolution
     l2_norm_qk = False  # delta-rule mixers: unit-norm q and k
@@ -59,8 +59,7 @@ class LinearMixer(nn.Module):
         self.kernel_backend = kernel_backend
         self.n_heads = cfg.n_heads
         self.n_v_heads = cfg.linear_v_heads or cfg.n_heads
-        key_dim = int(cfg.d_model * self.expand_k)
-        value_dim = int(cfg.d_model * self.expand_v)
+        key_dim, value_dim = self.widths(cfg)
         self.head_k, self.head_v = key_dim // self.n_heads, value_dim // self.n_v_heads
         self.q_proj = nn.Linear(cfg.d_model, key_dim, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, key_dim, bias=False)
@@ -76,10 +75,21 @@ class LinearMixer(nn.Module):
         self.build_gates(cfg)
 
     @classmethod
+    def widths(cls, cfg: ModelConfig) -> tuple[int, int]:
+        """(key width, value width) of the layer: n_heads x ``model.linear_head_k`` and
+        value heads x ``model.linear_head_v`` where set, else the mixer's fractions of d_model."""
+        hv = cfg.linear_v_heads or cfg.n_heads
+        key_dim = (
+            cfg.n_heads * cfg.linear_head_k if cfg.linear_head_k else cfg.d_model * cls.expand_k
+        )
+        value_dim = hv * cfg.linear_head_v if cfg.linear_head_v else cfg.d_model * cls.expand_v
+        return int(key_dim), int(value_dim)
+
+    @classmethod
     def check(cls, cfg: ModelConfig) -> None:
         """Refuse sizes this mixer cannot build, with one sentence."""
         hv = cfg.linear_v_heads or cfg.n_heads
-        key_dim, value_dim = int(cfg.d_model * cls.expand_k), int(cfg.d_model * cls.expand_v)
+        key_dim, value_dim = cls.widths(cfg)
         if key_dim % cfg.n_heads or value_dim % hv:
             raise ConfigError(
                 f"{cls.name}: key size {key_dim} and value size {value_dim} must divide into "
@@ -148,6 +158,8 @@ class LinearMixer(nn.Module):
             rep = self.n_v_heads // self.n_heads
             q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
         gates, q, k, v = self.gates(x_BTD, q, k, v)
+        if seq is not None and seq.keep is not None:  # padded: a pad writes and forgets nothing
+            k, gates = self.skip_pads(seq.keep, k, gates)
         o, new_state = self._kernel(q, k, v, gates, rec_state, use_cache, seq)
         o = self.extra_output(o, v)
         gate = F.silu(self.g_proj(x_BTD).view(B, T, self.n_v_heads, self.head_v))
@@ -157,6 +169,17 @@ class LinearMixer(nn.Module):
             o = self.o_norm(o * gate)
         out = self.o_proj(o.reshape(B, T, -1))
         return out, ((new_state, new_tails) if use_cache else None)
+
+    @staticmethod
+    def skip_pads(keep_BT, k, gates):
+        """k = 0 and every gate 0 at pad tokens: a log decay of 0 keeps the state, a write
+        strength (beta) of 0 writes nothing, so S_t = S_{t-1} across a pad in every family."""
+        keep = keep_BT.view(*keep_BT.shape, 1, 1)
+        k = k * keep.to(k.dtype)
+        gates = tuple(
+            g * keep.view(*keep_BT.shape, *[1] * (g.dim() - 2)).to(g.dtype) for g in gates
+        )
+        return k, gates
 
     def sequence_flops(self, seq_len: int) -> float:
         """The chunkwise kernel's forward work per token (chunk C = 64), per value head:
