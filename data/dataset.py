@@ -89,11 +89,20 @@ class PreparedData:
         return self.path / TOKENIZER_DIR
 
     def check_tokenizer(self, tokenizer: Tokenizer) -> None:
+        """Refuse a tokenizer other than the one the data was made with: another defining
+        file (of either kind), or the same file with another end-of-document id (a Hugging
+        Face tokenizer's eos comes from its config)."""
         want = self.tokenizer_info["sha256"]
         if tokenizer.sha256 != want:
             raise DataError(
-                f"the tokenizer {tokenizer.model_file} does not match the one {self.path} was "
+                f"the tokenizer {tokenizer.file} does not match the one {self.path} was "
                 f"prepared with (sha256 {tokenizer.sha256[:12]}... vs {want[:12]}...); use "
+                f"{self.tokenizer_dir} or prepare the data again with this tokenizer"
+            )
+        if tokenizer.eos_id != self.eos_id:
+            raise DataError(
+                f"the tokenizer in {tokenizer.directory} ends documents with id "
+                f"{tokenizer.eos_id}, but {self.path} was prepared with eos {self.eos_id}; use "
                 f"{self.tokenizer_dir} or prepare the data again with this tokenizer"
             )
 

@@ -4,7 +4,7 @@ A prepared directory::
 
     manifest.json                 written last: token and document counts, sha256 of every
                                   shard and index, the tokenizer's hash and ids, the sources
-    tokenizer/                    a copy of the tokenizer directory it was made with
+    tokenizer/                    a copy of the tokenizer it was made with (its files only)
     train_00000.bin ...           tokens (uint16 when the vocabulary fits, else uint32),
                                   every document followed by EOS; a document never straddles
                                   two shards
@@ -52,7 +52,6 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
-import sentencepiece as spm
 from tqdm import tqdm
 
 from hylas.data.corpus import corpus_fingerprint, load_corpus, split_corpus
@@ -163,8 +162,8 @@ class ShardWriter:
 _worker: dict = {}
 
 
-def _init_worker(model_file: str, dtype: str, eos_id: int) -> None:
-    _worker["sp"] = spm.SentencePieceProcessor(model_file=model_file)
+def _init_worker(tokenizer_dir: str, dtype: str, eos_id: int) -> None:
+    _worker["tokenizer"] = Tokenizer.load(tokenizer_dir)
     _worker["dtype"] = np.dtype(dtype)
     _worker["eos"] = eos_id
 
@@ -186,7 +185,7 @@ def _encode_job(job: tuple[list[str], list[bool] | None, float]):
     if held_out is None:  # held out by hash, here rather than in the feeding process
         hashes = [text_hash(t) for t in texts]
         held_out = [h / 2**64 < fraction for h in hashes]
-    ids = _worker["sp"].encode(texts, num_threads=1)
+    ids = _worker["tokenizer"].encode_batch(texts, num_threads=1)
     dtype, eos = _worker["dtype"], _worker["eos"]
     train = [d for d, h in zip(ids, held_out, strict=True) if not h]
     val = [d for d, h in zip(ids, held_out, strict=True) if h] if any(held_out) else []
@@ -212,11 +211,10 @@ class _Pool:
     """Worker processes fed in order with a bounded number of tasks in flight. A worker that
     dies (killed, out of memory) stops the run with an error instead of a hang."""
 
-    def __init__(self, workers: int, model_file: Path, dtype: np.dtype, eos_id: int):
+    def __init__(self, workers: int, tokenizer_dir: Path, dtype: np.dtype, eos_id: int):
         ctx = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
-        self.pool = ProcessPoolExecutor(
-            workers, ctx, initializer=_init_worker, initargs=(str(model_file), dtype.name, eos_id)
-        )
+        initargs = (str(tokenizer_dir), dtype.name, eos_id)  # each worker opens the tokenizer
+        self.pool = ProcessPoolExecutor(workers, ctx, initializer=_init_worker, initargs=initargs)
         self.limit = 2 * workers
 
     def map(self, jobs: Iterator) -> Iterator:
@@ -256,7 +254,7 @@ def _tokenize(
     """One pass: the shards of both splits into ``directory``; returns their summaries."""
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {s: ShardWriter(directory, s, dtype, shard_tokens) for s in SPLITS}
-    pool = _Pool(workers, tokenizer.model_file, dtype, tokenizer.eos_id)
+    pool = _Pool(workers, tokenizer.directory, dtype, tokenizer.eos_id)
     ok = False
     try:
         bar = tqdm(
@@ -355,7 +353,7 @@ def write_prepared(
         raise DataError(f"--shard-tokens must be positive, got {shard_tokens}")
     with _staging(out) as tmp:
         t0 = time.perf_counter()
-        shutil.copytree(tokenizer.model_file.parent, tmp / TOKENIZER_DIR)
+        tokenizer.copy_to(tmp / TOKENIZER_DIR)
         run = dict(workers=workers, shard_tokens=shard_tokens, input_bytes=input_bytes)
         splits = _tokenize(
             documents, tokenizer, tmp, **run, progress=progress, hash_split=hash_split
@@ -532,11 +530,12 @@ def merge_prepared(parts: list[str | os.PathLike], out: str | os.PathLike) -> di
                 f"{d.path} holds {m['dtype']} tokens, {data[0].path} {first['dtype']}; "
                 "prepare every part with the same --tokenizer"
             )
-        if m["tokenizer"]["sha256"] != first["tokenizer"]["sha256"]:
+        mine, want = m["tokenizer"], first["tokenizer"]
+        if (mine["sha256"], mine["eos_id"]) != (want["sha256"], want["eos_id"]):
             raise DataError(
                 f"{d.path} was prepared with another tokenizer than {data[0].path} (sha256 "
-                f"{m['tokenizer']['sha256'][:12]}... vs {first['tokenizer']['sha256'][:12]}...); "
-                "prepare every part with the same --tokenizer"
+                f"{mine['sha256'][:12]}... eos {mine['eos_id']} vs {want['sha256'][:12]}... "
+                f"eos {want['eos_id']}); prepare every part with the same --tokenizer"
             )
     rules = {json.dumps(_rule(d.manifest), sort_keys=True) for d in data}
     if len(rules) > 1:

@@ -1,21 +1,36 @@
-"""A sentencepiece BPE tokenizer that round-trips text exactly, saved as a directory that
-both Hylas and Hugging Face ``AutoTokenizer`` load offline.
+"""The tokenizers Hylas trains and prepares data with: one interface, two kinds of directory.
 
-A tokenizer directory holds::
+``Tokenizer.load(directory)`` opens either kind, chosen by what the directory holds:
 
-    tokenizer.model         the sentencepiece model (what Hylas encodes with)
-    tokenizer.json          the same BPE as a Hugging Face ``tokenizers`` file
-    tokenizer_config.json   special tokens, for AutoTokenizer
-    hylas_tokenizer.json    vocab size, the PAD/BOS/EOS/UNK ids and the sha256 of tokenizer.model
+- **Hylas's own sentencepiece BPE** (:class:`SentencePieceTokenizer`), written by
+  :func:`train_tokenizer`: a directory with ``hylas_tokenizer.json``, or one holding
+  ``tokenizer.model`` and no ``tokenizer.json`` (the tokenizer of a checkpoint written
+  before checkpoints held a tokenizer directory)::
 
-The model uses identity normalisation (no NFKC, no whitespace folding, no dummy prefix),
-byte fallback (no text is ever unknown), single digits and ``\\n`` as its own piece. The
-Hugging Face file is converted piece by piece (merges ranked by sentencepiece's scores), and
-the tests check that both encode the same ids.
+      tokenizer.model         the sentencepiece model (what Hylas encodes with)
+      tokenizer.json          the same BPE as a Hugging Face ``tokenizers`` file
+      tokenizer_config.json   special tokens, for AutoTokenizer
+      hylas_tokenizer.json    vocab size, the PAD/BOS/EOS/UNK ids and the sha256 of tokenizer.model
+
+  The model uses identity normalisation (no NFKC, no whitespace folding, no dummy prefix),
+  byte fallback (no text is ever unknown), single digits and ``\\n`` as its own piece. The
+  Hugging Face file is converted piece by piece (merges ranked by sentencepiece's scores),
+  and the tests check that both encode the same ids.
+
+- **A Hugging Face tokenizer** (:class:`HuggingFaceTokenizer`), as pretrained Llama-3-style
+  models ship it: ``tokenizer.json`` with ``tokenizer_config.json`` (its special tokens) and
+  perhaps ``special_tokens_map.json`` and a chat template. A directory holding both
+  ``tokenizer.model`` and ``tokenizer.json`` but no ``hylas_tokenizer.json`` is one of these
+  (Llama-2 and Mistral ship their sentencepiece file beside ``tokenizer.json``).
+
+Either kind is identified by the sha256 of the file that defines it (``tokenizer.model``,
+``tokenizer.json``): prepared data records it, and training refuses a tokenizer of another
+hash. ``encode`` adds no special tokens; Hylas ends every document with ``eos_id`` itself.
 """
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import io
 import json
@@ -29,9 +44,29 @@ import sentencepiece as spm
 
 MODEL_FILE = "tokenizer.model"
 META_FILE = "hylas_tokenizer.json"
+HF_FILE = "tokenizer.json"
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 NEWLINE = "\n"  # a user-defined piece: never merged with its neighbours
+
+# The files of a Hylas tokenizer directory, and of a Hugging Face tokenizer (whichever
+# exist are copied; transformers reads each of them when present).
+TOKENIZER_FILES = (
+    MODEL_FILE,
+    META_FILE,
+    HF_FILE,
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+HF_FILES = (
+    HF_FILE,
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -42,27 +77,116 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-class Tokenizer:
-    def __init__(self, model_file: str | os.PathLike):
-        self.model_file = Path(model_file)
-        try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
-        except (OSError, RuntimeError) as e:
-            raise ValueError(f"{model_file} is not a sentencepiece model ({e})") from None
-        self.sha256 = file_sha256(self.model_file)
+class Tokenizer(abc.ABC):
+    """What Hylas needs of a tokenizer, whichever kind: ids, encoding, decoding, its hash,
+    and its files (to re-open it in a worker process, and to copy it into prepared data,
+    checkpoints and Hugging Face exports).
 
-    @classmethod
-    def load(cls, directory: str | os.PathLike) -> Tokenizer:
-        path = Path(directory) / MODEL_FILE
-        if not path.is_file():
+    ``directory`` is where it was loaded from (``Tokenizer.load(directory)`` opens it again),
+    ``file`` the file that defines it and ``sha256`` that file's hash."""
+
+    kind: str  # "sentencepiece" or "huggingface", as recorded by describe()
+    directory: Path
+    file: Path
+    sha256: str
+    pad_id: int
+    bos_id: int | None
+    eos_id: int
+
+    @staticmethod
+    def load(directory: str | os.PathLike) -> Tokenizer:
+        """The tokenizer in ``directory``, of the kind its files say (see the module's
+        docstring); a directory holding neither kind is refused."""
+        directory = Path(directory)
+        has = lambda name: (directory / name).is_file()  # noqa: E731
+        if has(META_FILE) or (has(MODEL_FILE) and not has(HF_FILE)):
+            return SentencePieceTokenizer(directory)
+        if has(HF_FILE):
+            return HuggingFaceTokenizer(directory)
+        raise FileNotFoundError(
+            f"no tokenizer in {directory}: it holds neither {MODEL_FILE} (a Hylas tokenizer) "
+            f"nor {HF_FILE} (a Hugging Face one)"
+        )
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """The number of ids, added and special tokens included."""
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """The ids of ``text``, with no special tokens added."""
+
+    @abc.abstractmethod
+    def encode_batch(self, texts: list[str], num_threads: int = -1) -> list[list[int]]:
+        """``encode`` of each text; ``num_threads=1`` stays in this thread (a worker
+        process), otherwise the library's own threads may be used."""
+
+    @abc.abstractmethod
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    @abc.abstractmethod
+    def copy_to(self, directory: str | os.PathLike) -> list[str]:
+        """Copy the files that define this tokenizer into ``directory`` (made if missing),
+        so that ``Tokenizer.load(directory)`` opens the same tokenizer; returns their names.
+        Only tokenizer files: a model directory's weights stay where they are."""
+
+    @abc.abstractmethod
+    def save_hf(self, directory: str | os.PathLike) -> list[str]:
+        """Write the files ``transformers.AutoTokenizer.from_pretrained(directory)`` loads
+        offline and that encode as ``encode`` does; returns their names."""
+
+    def describe(self) -> dict:
+        """What a prepared dataset's manifest records about the tokenizer it was made with."""
+        return {
+            "kind": self.kind,
+            "sha256": self.sha256,
+            "vocab_size": self.vocab_size,
+            "pad_id": self.pad_id,
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+        }
+
+
+def save_hf_tokenizer(tokenizer: Tokenizer, directory: str | os.PathLike) -> list[str]:
+    """The tokenizer files of a Hugging Face export: what ``AutoTokenizer.from_pretrained``
+    loads offline from ``directory``, giving the ids Hylas encodes with. For Hylas's
+    sentencepiece tokenizer, its conversion (:func:`write_hf_files`); for a Hugging Face
+    tokenizer, a copy of its files. Returns the names written."""
+    return tokenizer.save_hf(directory)
+
+
+def _copy_files(src: Path, names: Iterable[str], dst: str | os.PathLike) -> list[str]:
+    """Copy those of ``names`` that exist in ``src`` to ``dst``; returns the ones copied."""
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = [n for n in names if (src / n).is_file()]
+    for name in copied:
+        shutil.copyfile(src / name, dst / name)
+    return copied
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """Hylas's sentencepiece BPE, from a directory holding ``tokenizer.model``. Its ids are
+    fixed: PAD 0, BOS 1, EOS 2, UNK 3."""
+
+    kind = "sentencepiece"
+    bos_id, eos_id, pad_id = BOS_ID, EOS_ID, PAD_ID
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self.file = self.model_file = self.directory / MODEL_FILE
+        if not self.file.is_file():
             raise FileNotFoundError(f"no tokenizer in {directory}: {MODEL_FILE} is missing")
-        return cls(path)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.file))
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"{self.file} is not a sentencepiece model ({e})") from None
+        self.sha256 = file_sha256(self.file)
 
     @property
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
-
-    bos_id, eos_id, pad_id = BOS_ID, EOS_ID, PAD_ID
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
@@ -73,18 +197,81 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode(list(ids))
 
-    def describe(self) -> dict:
-        """What a prepared dataset's manifest records about the tokenizer it was made with."""
-        return {
-            "sha256": self.sha256,
-            "vocab_size": self.vocab_size,
-            "pad_id": self.pad_id,
-            "bos_id": self.bos_id,
-            "eos_id": self.eos_id,
-        }
+    def copy_to(self, directory: str | os.PathLike) -> list[str]:
+        return _copy_files(self.directory, TOKENIZER_FILES, directory)
+
+    def save_hf(self, directory: str | os.PathLike) -> list[str]:
+        return write_hf_files(self, Path(directory))
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike) -> Tokenizer:
+class HuggingFaceTokenizer(Tokenizer):
+    """A Hugging Face tokenizer directory, read as transformers' ``PreTrainedTokenizerFast``
+    reads it: ``tokenizer.json`` as the file defines it, special tokens from
+    ``tokenizer_config.json``. That is what ``AutoTokenizer`` does for Llama-3-style
+    directories (``tokenizer_class`` ``PreTrainedTokenizerFast``).
+
+    ``eos_id`` and ``bos_id`` are the config's ``eos_token`` and ``bos_token`` (bos may be
+    None); a tokenizer without an eos token is refused, since Hylas ends every document with
+    it. ``pad_id`` is the pad token when the config defines one, else ``eos_id`` (padded
+    positions are never trained on, so any id serves). ``vocab_size`` counts the added
+    tokens too (``len`` of the fast tokenizer). Special tokens typed in a text encode as the
+    tokenizer's own settings say, as ``AutoTokenizer`` would encode them."""
+
+    kind = "huggingface"
+
+    def __init__(self, directory: str | os.PathLike):
+        from transformers import PreTrainedTokenizerFast
+
+        self.directory = Path(directory)
+        self.file = self.directory / HF_FILE
+        if not self.file.is_file():
+            raise FileNotFoundError(f"no tokenizer in {directory}: {HF_FILE} is missing")
+        try:
+            self.fast = PreTrainedTokenizerFast.from_pretrained(str(self.directory))
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            raise ValueError(
+                f"{self.directory} does not hold a readable Hugging Face tokenizer ({e})"
+            ) from None
+        if self.fast.eos_token_id is None:
+            raise ValueError(
+                f"the Hugging Face tokenizer in {self.directory} has no eos token (eos_token in "
+                "tokenizer_config.json or special_tokens_map.json), which Hylas ends every "
+                "document with"
+            )
+        self.backend = self.fast.backend_tokenizer
+        self.backend.no_truncation()  # whole documents, as AutoTokenizer encodes by default
+        self.backend.no_padding()
+        self.eos_id = self.fast.eos_token_id
+        self.bos_id = self.fast.bos_token_id
+        pad = self.fast.pad_token_id
+        self.pad_id = self.eos_id if pad is None else pad
+        self.sha256 = file_sha256(self.file)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.fast)
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str], num_threads: int = -1) -> list[list[int]]:
+        if num_threads == 1:
+            return [self.encode(t) for t in texts]
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.fast.decode(list(ids))
+
+    def copy_to(self, directory: str | os.PathLike) -> list[str]:
+        return _copy_files(self.directory, HF_FILES, directory)
+
+    def save_hf(self, directory: str | os.PathLike) -> list[str]:
+        return self.copy_to(directory)
+
+
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike
+) -> SentencePieceTokenizer:
     """Train BPE on ``texts`` (documents; sentencepiece sees them line by line, and skips
     lines over 64 KB) and write the tokenizer directory
     ``out_dir``: built under a temporary name and renamed when complete. An existing
@@ -109,7 +296,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
     tmp.chmod(0o755)  # mkdtemp makes it private; a finished directory is an ordinary one
     try:
         (tmp / MODEL_FILE).write_bytes(model.getvalue())
-        tok = Tokenizer(tmp / MODEL_FILE)
+        tok = SentencePieceTokenizer(tmp)
         write_hf_files(tok, tmp)
         meta = {**tok.describe(), "unk_id": UNK_ID, "model_type": "bpe", "byte_fallback": True}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -119,17 +306,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return Tokenizer(out_dir / MODEL_FILE)
-
-
-TOKENIZER_FILES = (
-    MODEL_FILE,
-    META_FILE,
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-)
+    return SentencePieceTokenizer(out_dir)
 
 
 def _train(texts: Iterable[str], vocab_size: int, model: io.BytesIO) -> None:
@@ -160,7 +337,7 @@ def _train(texts: Iterable[str], vocab_size: int, model: io.BytesIO) -> None:
     )
 
 
-def hf_tokenizer(tok: Tokenizer):
+def hf_tokenizer(tok: SentencePieceTokenizer):
     """The sentencepiece model as a Hugging Face ``tokenizers.Tokenizer`` with the same ids.
 
     Spaces become U+2581 as in sentencepiece; the merges come from the vocabulary, ranked by
@@ -191,8 +368,9 @@ def hf_tokenizer(tok: Tokenizer):
     return hf
 
 
-def write_hf_files(tok: Tokenizer, directory: Path) -> None:
-    """tokenizer.json and tokenizer_config.json, for ``AutoTokenizer.from_pretrained``."""
+def write_hf_files(tok: SentencePieceTokenizer, directory: Path) -> list[str]:
+    """tokenizer.json and tokenizer_config.json, for ``AutoTokenizer.from_pretrained``;
+    returns the names written."""
     from transformers import PreTrainedTokenizerFast
 
     fast = PreTrainedTokenizerFast(
@@ -206,4 +384,4 @@ def write_hf_files(tok: Tokenizer, directory: Path) -> None:
         # "<s>" typed in a text is text, as in sentencepiece and so in the training data
         split_special_tokens=True,
     )
-    fast.save_pretrained(directory)
+    return sorted(Path(p).name for p in fast.save_pretrained(directory))

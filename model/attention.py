@@ -121,7 +121,7 @@ class SoftmaxAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
-        self.rope = RotaryEmbedding(self.head_dim, cfg.rope_theta)
+        self.rope = RotaryEmbedding(self.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.window = cfg.attention.window
         if cfg.attention.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, eps=cfg.norm_eps)

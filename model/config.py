@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 
 class ConfigError(ValueError):
@@ -40,6 +40,18 @@ class AttentionConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """RoPE frequency scaling for long context; ``llama3`` is Llama 3.1's (kept exactly, so
+    an imported Llama 3.1 gives its own logits)."""
+
+    kind: str = "none"  # none | llama3
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclass
 class MoEConfig:
     """Mixture-of-Experts feed-forwards (model/moe.py); num_experts 0 = every FFN dense."""
 
@@ -69,6 +81,7 @@ class ModelConfig:
     linear_to_full: str = "3:1"
     d_ff: int | None = None  # None = 8/3 d_model rounded up to a multiple of 64 (SwiGLU)
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -87,6 +100,27 @@ class ModelConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     activation_checkpointing: bool = False  # recompute each block in the backward
+
+    def to_dict(self) -> dict:
+        """Plain values, nested for ``attention`` and ``moe`` (JSON- and YAML-safe)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        """The config ``to_dict`` gave, validated; an unknown key is refused by name."""
+        data = dict(data)
+        parts = {"attention": AttentionConfig, "moe": MoEConfig, "rope_scaling": RopeScalingConfig}
+        for name, part in parts.items():
+            if isinstance(data.get(name), dict):
+                known = {f.name for f in fields(part)}
+                unknown = sorted(set(data[name]) - known)
+                if unknown:
+                    raise ConfigError(f"model.{name} has no key {unknown[0]!r}")
+                data[name] = part(**data[name])
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"the model config has no key {unknown[0]!r}")
+        return cls(**data).validate()
 
     @property
     def pattern(self) -> str:
@@ -152,6 +186,18 @@ class ModelConfig:
             self._validate_linear(check_linear_mixer(self.linear_mixer))
         elif self.allow_neg_eigval:
             raise ConfigError("model.allow_neg_eigval needs linear layers in the layer pattern")
+        r = self.rope_scaling
+        if r.kind not in ("none", "llama3"):
+            raise ConfigError(f"model.rope_scaling.kind must be none or llama3, got {r.kind!r}")
+        if r.kind == "llama3" and not (
+            r.factor > 0
+            and 0 < r.low_freq_factor < r.high_freq_factor
+            and r.original_max_position > 0
+        ):
+            raise ConfigError(
+                "model.rope_scaling (llama3) needs factor > 0, 0 < low_freq_factor < "
+                "high_freq_factor and original_max_position > 0"
+            )
         if self.attention.window < 0:
             raise ConfigError(f"model.attention.window must be >= 0, got {self.attention.window}")
         if self.d_ff is not None and self.d_ff <= 0:

@@ -27,10 +27,26 @@ LOSS_CHUNK = 4096
 
 @dataclass
 class HybridCache:
-    """Per-layer decoding state: a linear layer's recurrent state, a softmax layer's (k, v)."""
+    """Per-layer decoding state: a linear layer's (recurrent state [B, Hv, K, V] fp32, conv
+    tails or None), a softmax layer's (k, v), each [B, H_kv, tokens, D]."""
 
     states: list = field(default_factory=list)
-    length: int = 0  # tokens seen so far
+    length: int = 0  # tokens seen so far (pads included)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Keep the rows ``beam_idx`` (beam search), in place."""
+
+        def pick(x):
+            if isinstance(x, torch.Tensor):
+                return x.index_select(0, beam_idx.to(x.device))
+            if isinstance(x, (tuple, list)):
+                return type(x)(pick(y) for y in x)
+            return x
+
+        self.states = [pick(s) for s in self.states]
 
 
 @dataclass
@@ -177,6 +193,13 @@ class HylasLM(nn.Module):
         self.norm.init_weights()
         if self.lm_head.weight is not self.embed.weight:
             init_normal(self.lm_head.weight, std, gen)
+
+    def init_buffers(self) -> None:
+        """Recompute the buffers no checkpoint holds (RoPE frequencies, fixed decays), leaving
+        the parameters as they are: for a model whose weights were loaded onto ``to_empty``."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "init_buffers"):
+                module.init_buffers()
 
     def forward(
         self,

@@ -7,6 +7,8 @@ wherever it lives, so they depend only on the seed and the order of the draws.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,16 +46,30 @@ class RMSNorm(nn.RMSNorm):
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotate-half RoPE; positions come from ``position_ids`` so packed documents restart at 0."""
+    """Rotate-half RoPE; positions come from ``position_ids`` so packed documents restart at 0.
 
-    def __init__(self, head_dim: int, theta: float):
+    ``scaling`` (a ``RopeScalingConfig`` or None) of kind ``llama3`` rescales the
+    frequencies as Llama 3.1 does: wavelengths longer than original_max_position /
+    low_freq_factor are divided by ``factor``, those shorter than original_max_position /
+    high_freq_factor kept, and those between interpolated smoothly."""
+
+    def __init__(self, head_dim: int, theta: float, scaling=None):
         super().__init__()
-        self.head_dim, self.theta = head_dim, theta
-        self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
+        self.register_buffer(
+            "inv_freq", torch.empty(head_dim // 2, dtype=torch.float32), persistent=False
+        )
 
     def init_weights(self) -> None:
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        """The frequencies, from the config (a buffer that no checkpoint holds)."""
         dims = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device="cpu")
-        init_value(self.inv_freq, 1.0 / self.theta ** (dims / self.head_dim))
+        inv_freq = 1.0 / self.theta ** (dims / self.head_dim)
+        if self.scaling is not None and self.scaling.kind == "llama3":
+            inv_freq = llama3_frequencies(inv_freq, self.scaling)
+        init_value(self.inv_freq, inv_freq)
 
     def forward(self, x_BTHD: torch.Tensor, position_ids_BT: torch.Tensor) -> torch.Tensor:
         angles = position_ids_BT.float().unsqueeze(-1) * self.inv_freq  # [B, T, D/2]
@@ -62,6 +78,20 @@ class RotaryEmbedding(nn.Module):
         x1, x2 = x_BTHD.float().chunk(2, dim=-1)
         out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
         return out.to(x_BTHD.dtype)
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, s) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling of ``inv_freq`` (see ``RotaryEmbedding``)."""
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = s.original_max_position / s.low_freq_factor
+    high_wavelen = s.original_max_position / s.high_freq_factor
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
 
 
 class SwiGLU(nn.Module):

@@ -255,9 +255,14 @@ class _FixedDecay(LinearMixer):
     family = simple_gla
 
     def build_gates(self, cfg):
-        self.register_buffer("log_decay", torch.empty(self.n_v_heads), persistent=False)
+        log_decay = torch.empty(self.n_v_heads, dtype=torch.float32)
+        self.register_buffer("log_decay", log_decay, persistent=False)
 
     def init_gates(self, gen, std):
+        self.init_buffers()
+
+    def init_buffers(self):
+        """The fixed decays, from the config (a buffer that no checkpoint holds)."""
         init_value(self.log_decay, _fixed_decay(self.name, self.n_v_heads))
 
     def gates(self, x_BTD, q, k, v):

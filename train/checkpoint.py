@@ -8,12 +8,14 @@ Layout of ``<run>/checkpoints/step_000300/``::
     optimizer-00003.safetensors  Adam moments of the parameters in rank 3's share, whole
     rng-00003.safetensors      rank 3's random generators (torch, CUDA, numpy, Python)
     trainer.json               optimizer step count, bad-step streak, the loader's position
-    tokenizer.model            the tokenizer, so a checkpoint is self-contained
+    tokenizer/                 the run's tokenizer, so a checkpoint is self-contained: its
+                               tokenizer.model, or its tokenizer.json and config (Hugging Face)
 
 Each parameter's state is stored whole (DeepSpeed gathers it from whatever ZeRO shards
 hold it), so a checkpoint written at one dp size and ZeRO stage resumes at another, and
 ``model.safetensors`` alone serves generation and export with no process group. Nothing
-is unpickled on load: tensors are safetensors, everything else JSON.
+is unpickled on load: tensors are safetensors, everything else JSON. Checkpoints written
+before ``tokenizer/`` hold ``tokenizer.model`` beside the weights; they still open.
 """
 
 from __future__ import annotations
@@ -35,14 +37,14 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 
-from hylas.data.tokenizer import file_sha256
+from hylas.data.tokenizer import Tokenizer, file_sha256
 from hylas.train.config import Config, config_from_dict
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
 TRAINER_FILE = "trainer.json"
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_DIR = "tokenizer"
 PARTIAL = ".partial"
 
 
@@ -119,7 +121,7 @@ class SaveRequest:
     step: int
     cfg: Config
     layout: dict[str, int]
-    tokenizer_file: Path
+    tokenizer: Tokenizer  # its files are copied into the checkpoint
     trainer: dict[str, Any]  # optimizer steps, bad-step streak, data position, tokens seen
     metrics: dict[str, float]
 
@@ -171,10 +173,10 @@ def save_checkpoint(
     if rank == 0:
         weights.update({k: v.detach().to("cpu", copy=True) for k, v in buffers.items()})
         safetensors.torch.save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
-        shutil.copyfile(request.tokenizer_file, tmp / TOKENIZER_FILE)
+        tokenizer = request.tokenizer.copy_to(tmp / TOKENIZER_DIR)
         trainer = json.dumps(request.trainer, indent=2) + "\n"
         (tmp / TRAINER_FILE).write_text(trainer)
-        mine += [MODEL_FILE, TOKENIZER_FILE, TRAINER_FILE]
+        mine += [MODEL_FILE, TRAINER_FILE, *(f"{TOKENIZER_DIR}/{name}" for name in tokenizer)]
     digests = {name: file_sha256(tmp / name) for name in mine}
     gathered: list[dict[str, str] | None] = [None] * world
     dist.all_gather_object(gathered, digests)  # also: every rank has finished writing
@@ -239,9 +241,11 @@ class Checkpoint:
     def step(self) -> int:
         return self.manifest["step"]
 
-    @property
-    def tokenizer_file(self) -> Path:
-        return self.path / TOKENIZER_FILE
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer the run trained with, from ``tokenizer/``, or in a checkpoint
+        written before that directory, from the ``tokenizer.model`` beside the weights."""
+        directory = self.path / TOKENIZER_DIR
+        return Tokenizer.load(directory if directory.is_dir() else self.path)
 
     def trainer_state(self) -> dict[str, Any]:
         return json.loads((self.path / TRAINER_FILE).read_text())

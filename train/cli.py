@@ -1,5 +1,5 @@
-"""The ``hylas`` command: ``train``, ``generate``, ``data tokenizer``, ``data prepare``,
-``data merge``; later work adds ``export`` and ``import-hf``."""
+"""The ``hylas`` command: ``train``, ``generate``, ``export``, ``import-hf``,
+``data tokenizer``, ``data prepare``, ``data merge``."""
 
 from __future__ import annotations
 
@@ -7,11 +7,6 @@ import argparse
 import logging
 import os
 import sys
-
-PLANNED_COMMANDS = {
-    "export": "Hugging Face export",
-    "import-hf": "Hugging Face import",
-}
 
 
 def rank_label() -> str:
@@ -99,14 +94,13 @@ def with_model_of_checkpoint(cfg, overrides: list[str]):
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from hylas.data.tokenizer import Tokenizer
     from hylas.model import HylasLM, generate
     from hylas.train.checkpoint import load_model_weights, open_checkpoint
 
     if args.max_new_tokens <= 0:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     ckpt = open_checkpoint(args.checkpoint)
-    tokenizer = Tokenizer(ckpt.tokenizer_file)
+    tokenizer = ckpt.tokenizer()
     model = HylasLM(ckpt.config.model, ckpt.config.kernels.backend)
     load_model_weights(ckpt, model)
     model.eval()
@@ -133,6 +127,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out.flush()
         shown = text
     out.write("\n")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from hylas.train.export import export
+
+    done = export(args.checkpoint, args.out, args.max_shard_size, args.dtype)
+    remote = done["architecture"] == "HylasForCausalLM"
+    print(
+        f"exported step {done['step']} to {args.out} as {done['architecture']} "
+        f"({done['why']}); {len(done['files'])} files"
+    )
+    print(
+        "load it: AutoModelForCausalLM.from_pretrained("
+        f"{str(args.out)!r}{', trust_remote_code=True' if remote else ''})"
+    )
+    return 0
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from hylas.train.hf_import import import_hf
+
+    done = import_hf(args.hf_dir, args.out, args.overrides)
+    print(
+        f"imported {done['source']} into {args.out}: {done['parameters']:,} parameters, "
+        f"layers {done['pattern']}"
+    )
+    print(f"continue pretraining: hylas train --set train.init_from={args.out} data.sources=...")
     return 0
 
 
@@ -327,6 +349,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face model directory")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint directory, or a run directory (newest checkpoint)",
+    )
+    p.add_argument("--out", required=True, help="the directory to write (must not exist)")
+    p.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="split the weights into files of at most this size, with an index (default 5GB)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="the weights' dtype in the export (default float32, as trained)",
+    )
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "import-hf",
+        help="make a Hylas checkpoint of a Hylas export or a Llama (optionally made hybrid)",
+    )
+    p.add_argument("hf_dir", metavar="HF_DIR", help="a Hylas export or a LlamaForCausalLM folder")
+    p.add_argument(
+        "--out", required=True, help="the checkpoint directory to write (must not exist)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model.* changes, e.g. model.layer_pattern=LLLF model.linear_mixer=gated_deltanet "
+        "to turn attention layers linear (initialised from their attention weights)",
+    )
+    p.set_defaults(func=cmd_import_hf)
+
     p = sub.add_parser("data", help="train a tokenizer, prepare token shards, merge prepared parts")
     data = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     p = data.add_parser(
@@ -344,7 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_tokenizer)
     p = data.add_parser("prepare", help="tokenize text into token shards for training")
     add_input_args(p)
-    p.add_argument("--tokenizer", required=True, help="a directory from 'hylas data tokenizer'")
+    p.add_argument(
+        "--tokenizer",
+        required=True,
+        help="a directory from 'hylas data tokenizer', or a Hugging Face tokenizer directory "
+        "(tokenizer.json, as Llama-3-style models ship)",
+    )
     p.add_argument("--out", required=True, help="the prepared directory to write (must not exist)")
     p.add_argument(
         "--workers",
@@ -377,8 +444,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the prepared directory to write (must not exist)")
     p.set_defaults(func=cmd_data_merge)
 
-    for name, what in PLANNED_COMMANDS.items():  # listed in --help; refused in main()
-        sub.add_parser(name, help=f"(not available yet) {what}")
     return parser
 
 
@@ -392,10 +457,6 @@ def main(argv: list[str] | None = None) -> int:
     from hylas.train.trainer import TrainError
 
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in PLANNED_COMMANDS:
-        what = PLANNED_COMMANDS[argv[0]]
-        print(f"hylas: error: 'hylas {argv[0]}' is not available yet ({what})", file=sys.stderr)
-        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -405,7 +466,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, TrainError, ValueError, FileNotFoundError) as e:
+    except (
+        ConfigError,
+        CheckpointError,
+        TrainError,
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+    ) as e:
         print(f"hylas: error{rank_label()}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -476,7 +476,7 @@ class Trainer:
             step=self.step,
             cfg=self.cfg,
             layout={**self.layout.describe(), "zero_stage": self.cfg.parallel.zero_stage},
-            tokenizer_file=Path(self.data.tokenizer.model_file),
+            tokenizer=self.data.tokenizer,
             trainer={
                 "optimizer_steps": self.engine.optimizer_steps(),
                 "bad_streak": self.bad_streak,

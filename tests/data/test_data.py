@@ -40,11 +40,11 @@ def test_tokenizer_round_trips_exactly(tokenizer, text):
 
 
 def test_tokenizer_reloads_from_its_directory(tokenizer):
-    again = Tokenizer.load(tokenizer.model_file.parent)
+    again = Tokenizer.load(tokenizer.directory)
     text = "Thou art more lovely and more temperate."
     assert again.encode(text) == tokenizer.encode(text) and again.vocab_size == VOCAB
     with pytest.raises(FileNotFoundError, match="no tokenizer in"):
-        Tokenizer.load(tokenizer.model_file.parent / "missing")
+        Tokenizer.load(tokenizer.directory / "missing")
 
 
 def test_prepared_corpus_is_cached(monkeypatch):
@@ -83,7 +83,7 @@ def test_impossible_vocabulary_is_one_sentence(tmp_path):
 
 
 def test_tokenizer_directory_records_ids_and_refuses_foreign_files(tokenizer, tmp_path):
-    meta = json.loads((tokenizer.model_file.parent / META_FILE).read_text())
+    meta = json.loads((tokenizer.directory / META_FILE).read_text())
     assert (meta["pad_id"], meta["bos_id"], meta["eos_id"], meta["unk_id"]) == (0, 1, 2, 3)
     assert meta["vocab_size"] == VOCAB and meta["sha256"] == tokenizer.sha256
     (tmp_path / "notes.txt").write_text("mine")
@@ -103,7 +103,7 @@ HF_TEXTS = [
 def test_hugging_face_files_load_offline_and_match_sentencepiece(tokenizer):
     from transformers import AutoTokenizer
 
-    hf = AutoTokenizer.from_pretrained(tokenizer.model_file.parent)  # HF_HUB_OFFLINE=1 in conftest
+    hf = AutoTokenizer.from_pretrained(tokenizer.directory)  # HF_HUB_OFFLINE=1 in conftest
     assert (hf.pad_token_id, hf.bos_token_id, hf.eos_token_id) == (0, 1, 2)
     assert len(hf) == VOCAB
     held_out = split_corpus(load_corpus())[1][0].text[:20_000]

@@ -112,7 +112,7 @@ def test_the_command_says_train_on_it_only_with_a_held_out_split(
     tmp_path, tokenizer, texts, capsys
 ):
     src = write_jsonl(tmp_path / "a.jsonl", forty(texts))
-    args = ["data", "prepare", "--input", src, "--tokenizer", str(tokenizer.model_file.parent)]
+    args = ["data", "prepare", "--input", src, "--tokenizer", str(tokenizer.directory)]
     assert main([*args, "--out", str(tmp_path / "held")]) == 0
     printed = capsys.readouterr().out
     assert "held out the 1 document(s) of smallest hash" in printed

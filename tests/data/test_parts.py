@@ -33,7 +33,7 @@ def corpus(tmp_path_factory):
 
 def prepare_args(inputs, tokenizer, out, *extra):
     return [
-        *("data", "prepare", "--input", *inputs, "--tokenizer", str(tokenizer.model_file.parent)),
+        *("data", "prepare", "--input", *inputs, "--tokenizer", str(tokenizer.directory)),
         *("--out", str(out), "--split-documents", "line", "--val-fraction", "0.2"),
         *("--workers", "1", *extra),
     ]

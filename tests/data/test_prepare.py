@@ -264,7 +264,7 @@ def test_a_different_tokenizer_is_refused(prepared, tmp_path):
 
 def test_command_line_prepares_and_reports_errors_in_one_line(tmp_path, tokenizer, texts, capsys):
     write_jsonl(tmp_path / "a.jsonl", texts)
-    tok = str(tokenizer.model_file.parent)
+    tok = str(tokenizer.directory)
     args = ["data", "prepare", "--input", str(tmp_path / "a.jsonl"), "--tokenizer", tok]
     assert main([*args, "--out", str(tmp_path / "out"), "--workers", "2"]) == 0
     assert "prepared 60 documents" in capsys.readouterr().out

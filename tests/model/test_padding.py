@@ -88,5 +88,5 @@ def test_linear_head_sizes_are_config_keys(mixer):
     assert layer.v_proj.weight.shape == (2 * 32, 64)
     assert layer.o_proj.weight.shape == (64, 2 * 32)
     check_rows_equal_alone(model, lengths=(3, 6), steps=(1,))
-    with pytest.raises(ConfigError, match="model.linear_head_k must be positive"):
+    with pytest.raises(ConfigError, match=r"model\.linear_head_k must be positive"):
         config(mixer, linear_head_k=0)

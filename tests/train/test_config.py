@@ -93,9 +93,13 @@ def test_cli_reports_config_errors_in_one_line_with_exit_code_2(capsys):
     assert not any("Traceback" in line for line in err)
 
 
-def test_cli_refuses_commands_of_later_work(capsys):
-    assert main(["export", "--checkpoint", "x", "--out", "y"]) == 2
-    assert "'hylas export' is not available yet" in capsys.readouterr().err
+def test_cli_export_of_a_directory_that_is_not_a_checkpoint_is_refused(capsys, tmp_path):
+    assert main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f"hylas: error: {tmp_path} is neither a checkpoint nor a run directory with checkpoints"
+    )
+    assert not (tmp_path / "y").exists()
 
 
 @pytest.mark.parametrize("amx", [True, False])

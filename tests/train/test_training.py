@@ -81,11 +81,16 @@ def test_checkpoint_holds_whole_state_and_refuses_corruption_and_misfits(tmp_pat
         "model.safetensors",
         "optimizer-00000.safetensors",
         "rng-00000.safetensors",
-        "tokenizer.model",
+        "tokenizer",
         "trainer.json",
     ]
     ckpt = open_checkpoint(tmp_path)  # a run directory finds its newest checkpoint
     assert ckpt.path == path and ckpt.step == 3
+    listed = {n for n in ckpt.manifest["files"] if n.startswith("tokenizer/")}
+    assert {"tokenizer/tokenizer.model", "tokenizer/hylas_tokenizer.json"} <= listed
+    assert listed == {f"tokenizer/{p.name}" for p in (path / "tokenizer").iterdir()}
+    tokenizer = ckpt.tokenizer()
+    assert tokenizer.kind == "sentencepiece" and tokenizer.vocab_size == 4096
     assert ckpt.manifest["world"] == {"world_size": 1, "dp": 1, "sp": 1, "zero_stage": 0}
     assert ckpt.trainer_state()["optimizer_steps"] == 3
     model = HylasLM(ckpt.config.model)
@@ -277,7 +282,7 @@ def test_training_refuses_data_that_does_not_fit(tmp_path, mixture, capsys):
     base = ["train", "--set", *FAST, f"train.out_dir={tmp_path / 'r'}", "model.vocab_size=512"]
     cases = [
         (
-            [f"data.path={mixture / 'comedies'}", f"data.tokenizer={other.model_file.parent}"],
+            [f"data.path={mixture / 'comedies'}", f"data.tokenizer={other.directory}"],
             "does not match the one",
         ),
         ([f"data.path={tmp_path / 'nothing'}"], "does not exist"),
