@@ -154,7 +154,9 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
         f"imported {done['source']} into {args.out}: {done['parameters']:,} parameters, "
         f"layers {done['pattern']}"
     )
-    print(f"continue pretraining: hylas train --set train.init_from={args.out} data.sources=...")
+    print(
+        f"continue pretraining: hylas train --set train.init_from={args.out} data.path=PREPARED_DIR"
+    )
     return 0
 
 

@@ -29,6 +29,7 @@ from hylas.model.moe import RouterStats
 from hylas.parallel import sp
 from hylas.parallel.mesh import Layout, device_for, init_groups, layout_from_env, shutdown
 from hylas.train.checkpoint import (
+    Checkpoint,
     SaveRequest,
     atomic_write_text,
     complete_checkpoints,
@@ -99,6 +100,17 @@ class Data:
     @property
     def held_out_windows(self) -> int:
         return sum(len(b["input_ids"]) for _, b in self.held_out)
+
+
+def check_same_tokenizer(start: Checkpoint, tokenizer: Tokenizer) -> None:
+    """train.init_from: the data must be tokenized as the starting model was trained."""
+    theirs = start.tokenizer()
+    if (theirs.sha256, theirs.eos_id) != (tokenizer.sha256, tokenizer.eos_id):
+        raise TrainError(
+            f"{start.path} was trained with another tokenizer than the data's "
+            f"({theirs.file.name} sha256 {theirs.sha256[:12]}... vs {tokenizer.sha256[:12]}...); "
+            f"prepare the data with: hylas data prepare --tokenizer {start.path / 'tokenizer'} ..."
+        )
 
 
 def open_data(cfg: Config, layout: Layout, batches: BatchLayout) -> Data:
@@ -292,6 +304,11 @@ class Trainer:
         ckpt = None
         if self.resume_from is not None:
             ckpt = open_checkpoint(self.resume_from)
+            if "imported" in ckpt.manifest:
+                raise TrainError(
+                    f"{ckpt.path} is an imported model with no training state to resume; "
+                    f"start a run from it with --set train.init_from={ckpt.path}"
+                )
             if ckpt.config.model != cfg.model:
                 raise TrainError(
                     f"{ckpt.path} was trained with a different model config; resume needs the same"
@@ -299,6 +316,7 @@ class Trainer:
             load_model_weights(ckpt, model)
         elif tc.init_from:
             start = open_checkpoint(tc.init_from)
+            check_same_tokenizer(start, self.data.tokenizer)
             load_model_weights(start, model)
             log.info("starting from the weights of %s (step %d there)", start.path, start.step)
         self.flops_per_token = model.flops_per_token(tc.seq_len)
