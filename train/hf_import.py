@@ -245,7 +245,7 @@ def map_layers(
             )
     model = HylasLM(target, kernel_backend="torch", seed=0)
     state = {n: p.detach() for n, p in model.named_parameters()}
-    for name, t in mapped.items():
+    for name, t in sorted(mapped.items()):
         if name not in state:
             raise ImportRefused(f"{where}: the weight {name} has no place in the imported model")
         if t.shape != state[name].shape:
