@@ -70,22 +70,29 @@ def import_hf(hf_dir: str | Path, out: str | Path, overrides: list[str] = ()) ->
     where = str(config_file)
     if kind == "hylas":
         source = ModelConfig.from_dict(hf["hylas_model"])
-        weights = {k.removeprefix("model."): v for k, v in read_weights(hf_dir).items()}
     elif kind in STOCK_TYPES:
-        source = model_config_of(hf, kind, where)
-        weights = from_stock_state(read_weights(hf_dir), source, str(hf_dir))
+        from transformers import AutoConfig
+
+        # transformers reads the config (older files' key names included) as it would
+        stock = AutoConfig.from_pretrained(hf_dir).to_dict()
+        source = model_config_of({**hf, **stock}, kind, where)
     else:
         raise ImportRefused(
             f"{where}: model_type {kind!r} is not one Hylas imports "
             f"(hylas, {', '.join(STOCK_TYPES)})"
         )
-    tokenizer = Tokenizer.load(hf_dir)
     cfg = target_config(source, overrides)
+    tokenizer = Tokenizer.load(hf_dir)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ImportRefused(
             f"{hf_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
             f"vocabulary is {cfg.model.vocab_size}"
         )
+    log.info("reading the weights of %s", hf_dir)
+    if kind == "hylas":
+        weights = {k.removeprefix("model."): v for k, v in read_weights(hf_dir).items()}
+    else:
+        weights = from_stock_state(read_stock_weights(hf_dir), source, str(hf_dir))
     state = map_layers(source, cfg.model, weights, str(hf_dir))
     write_checkpoint(out, cfg, state, tokenizer, {"imported_from": str(hf_dir), "type": kind})
     return {
@@ -98,8 +105,9 @@ def import_hf(hf_dir: str | Path, out: str | Path, overrides: list[str] = ()) ->
 # -- reading ----------------------------------------------------------------------------------
 
 
-def read_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the directory's safetensors weights (one file or sharded), in fp32."""
+def read_weights(hf_dir: Path, tensors: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of the directory's safetensors weights (one file or sharded), in fp32
+    (with ``tensors`` False, only check that there are such files)."""
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -111,11 +119,24 @@ def read_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
             "Hylas reads no pickled weights"
         )
     out = {}
+    if not tensors:
+        return out
     for name in files:
         with safetensors.safe_open(str(hf_dir / name), "pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 out[key] = f.get_tensor(key).to(torch.float32)
     return out
+
+
+def read_stock_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """A stock folder's weights in transformers' current names, fp32: loaded by transformers
+    itself, which converts the layouts checkpoints are published in (e.g. Mixtral's experts
+    one by one) to its own (stacked experts)."""
+    from transformers import AutoModelForCausalLM
+
+    read_weights(hf_dir, tensors=False)  # refuse pickled weights before transformers reads them
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    return {k: v.detach() for k, v in model.state_dict().items()}
 
 
 def model_config_of(hf: dict, kind: str, where: str) -> ModelConfig:
@@ -167,7 +188,7 @@ def model_config_of(hf: dict, kind: str, where: str) -> ModelConfig:
         dense = set(hf.get("mlp_only_layers") or [])
         pattern = "".join("D" if i in dense else "M" for i in range(hf["num_hidden_layers"]))
         moe = MoEConfig(
-            num_experts=hf["num_experts"],
+            num_experts=hf.get("num_experts") or hf["num_local_experts"],
             top_k=hf["num_experts_per_tok"],
             d_expert=hf["moe_intermediate_size"],
             pattern=pattern,
