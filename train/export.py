@@ -55,6 +55,15 @@ def export(
         raise FileExistsError(f"{out} already exists and is not empty; choose a new --out")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        if convert_file_size_to_int(max_shard_size) <= 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(
+            f"--max-shard-size must be a size such as 5GB or 500MB, got {max_shard_size!r}"
+        ) from None
     ckpt = open_checkpoint(checkpoint)
     cfg = ckpt.config.model
     tokenizer = ckpt.tokenizer()
