@@ -204,7 +204,8 @@ def model_card(ckpt: Checkpoint, cfg: ModelConfig, arch: str | None, why: str, n
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{name}"'
+        + (", trust_remote_code=True)" if remote else ")"),
         f'model = AutoModelForCausalLM.from_pretrained("{name}"'
         + (", trust_remote_code=True)" if remote else ")"),
         'ids = tokenizer("ROMEO.", return_tensors="pt").input_ids',
