@@ -148,14 +148,6 @@ class Tokenizer(abc.ABC):
         }
 
 
-def save_hf_tokenizer(tokenizer: Tokenizer, directory: str | os.PathLike) -> list[str]:
-    """The tokenizer files of a Hugging Face export: what ``AutoTokenizer.from_pretrained``
-    loads offline from ``directory``, giving the ids Hylas encodes with. For Hylas's
-    sentencepiece tokenizer, its conversion (:func:`write_hf_files`); for a Hugging Face
-    tokenizer, a copy of its files. Returns the names written."""
-    return tokenizer.save_hf(directory)
-
-
 def _copy_files(src: Path, names: Iterable[str], dst: str | os.PathLike) -> list[str]:
     """Copy those of ``names`` that exist in ``src`` to ``dst``; returns the ones copied."""
     dst = Path(dst)

@@ -99,6 +99,9 @@ def export(
             from hylas.model.bundle import write_bundle
 
             write_bundle(tmp)
+        # The tokenizer's own files (Hylas reads them back on import), then what
+        # AutoTokenizer reads (for Hylas's sentencepiece model, its conversion).
+        tokenizer.copy_to(tmp)
         tokenizer.save_hf(tmp)
         (tmp / "README.md").write_text(model_card(ckpt, cfg, arch, why, out.name))
         if out.exists():

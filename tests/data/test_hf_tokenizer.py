@@ -14,7 +14,7 @@ from hylas.data.corpus import load_corpus, split_corpus
 from hylas.data.dataset import PreparedData
 from hylas.data.prepare import prepare, text_hash
 from hylas.data.sources import DataError, open_sources
-from hylas.data.tokenizer import Tokenizer, file_sha256, save_hf_tokenizer
+from hylas.data.tokenizer import Tokenizer, file_sha256
 from hylas.train.cli import main
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
@@ -262,7 +262,7 @@ def test_save_hf_tokenizer_gives_auto_tokenizer_the_same_ids(kind, tokenizer, hf
     tok = tokenizer if kind == "sentencepiece" else Tokenizer.load(hf_dir)
     out = tmp_path / "export"
     out.mkdir()
-    names = save_hf_tokenizer(tok, out)
+    names = tok.save_hf(out)
     assert sorted(names) == sorted(p.name for p in out.iterdir())
     if kind == "huggingface":
         assert sorted(names) == HF_FILES  # the tokenizer's files, not the model's

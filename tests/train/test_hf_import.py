@@ -184,12 +184,22 @@ def test_export_then_import_is_the_identity_on_weights(tmp_path):
         open_checkpoint(tmp_path / "back").config.model
         == open_checkpoint(run.checkpoint).config.model
     )
+    # the export carries Hylas's own tokenizer files, so the import has the very same one
+    # and a run from it takes the data the original was trained on
+    mine, theirs = open_checkpoint(tmp_path / "back").tokenizer(), run_tokenizer(run)
+    assert (
+        (mine.kind, mine.sha256) == (theirs.kind, theirs.sha256) == ("sentencepiece", mine.sha256)
+    )
     # an imported checkpoint holds no training state: resuming it is refused in words
     with pytest.raises(TrainError, match="imported model with no training state"):
         train(
             load_config("tiny", [*FAST, f"train.out_dir={tmp_path / 'r'}"]),
             resume=tmp_path / "back",
         )
+
+
+def run_tokenizer(run) -> Tokenizer:
+    return open_checkpoint(run.checkpoint).tokenizer()
 
 
 def test_a_checkpoint_of_another_tokenizer_cannot_start_a_run(tmp_path, llama):
