@@ -393,7 +393,7 @@ def save_plot(plot: dict, path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"\n(no PNG: install matplotlib, pip install -e '.[bench]', to get {path})")
+        print(f"\n(no PNG: install matplotlib, a Hylas dependency, to get {path})")
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]

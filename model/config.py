@@ -29,6 +29,32 @@ def expand_ratio(ratio: str) -> str:
     return "L" * n_linear + "F" * n_full
 
 
+PLACEMENTS = ("end", "start", "spread")
+
+
+def ratio_pattern(ratio: str, n_layers: int, placement: str = "end") -> str:
+    """The whole-depth layer pattern of a linear:full ratio over ``n_layers`` layers.
+
+    ``end`` and ``start`` tile the smallest group with that ratio (``"3:1"`` -> ``LLLF`` or
+    ``FLLL``) over depth; ``spread`` puts the f = n_layers x full / (linear + full) softmax
+    layers at floor((j + 1/2) x n_layers / f), j = 0 .. f - 1, evenly over the whole depth.
+    A ratio whose group does not divide ``n_layers`` is refused."""
+    if placement not in PLACEMENTS:
+        raise ConfigError(
+            f"the placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}"
+        )
+    unit = expand_ratio(ratio)
+    if n_layers % len(unit):
+        raise ConfigError(f"the ratio {ratio} (group {unit}) does not divide {n_layers} layers")
+    if placement == "start":
+        unit = unit[unit.index("F") :] + unit[: unit.index("F")] if "F" in unit else unit
+    full = n_layers // len(unit) * unit.count("F")
+    if placement != "spread" or full == 0:
+        return unit * (n_layers // len(unit))
+    where = {int((j + 0.5) * n_layers / full) for j in range(full)}
+    return "".join("F" if i in where else "L" for i in range(n_layers))
+
+
 @dataclass
 class AttentionConfig:
     """The softmax (``F``) layers."""

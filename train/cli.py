@@ -160,6 +160,37 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hylas.train.sweep import SweepOptions, sweep
+
+    ratios = [r.strip() for r in args.ratios.split(",") if r.strip()]
+    mixers = [m.strip() for m in args.mixers.split(",") if m.strip()]
+    if not ratios or not mixers:
+        raise ValueError("--ratios and --mixers each need at least one entry")
+    if args.steps is not None and args.steps <= 0:
+        raise ValueError(f"--steps must be positive, got {args.steps}")
+    if args.context <= 0:
+        raise ValueError(f"--context must be positive, got {args.context}")
+    sweep(
+        SweepOptions(
+            recipe=args.config,
+            ratios=ratios,
+            mixers=mixers,
+            out=Path(args.out),
+            placement=args.placement,
+            steps=args.steps,
+            overrides=args.overrides,
+            context=args.context,
+            recall_steps=args.recall_steps,
+            recall_tolerance=args.recall_tolerance,
+            loss_tolerance=args.loss_tolerance,
+        )
+    )
+    return 0
+
+
 def cmd_data_tokenizer(args: argparse.Namespace) -> int:
     from hylas.data.sources import open_sources
     from hylas.data.tokenizer import train_tokenizer
@@ -390,6 +421,48 @@ def build_parser() -> argparse.ArgumentParser:
         "to turn attention layers linear (initialised from their attention weights)",
     )
     p.set_defaults(func=cmd_import_hf)
+
+    p = sub.add_parser(
+        "sweep",
+        help="train one proxy run per (mixer, linear:full ratio) and compare loss, recall, "
+        "throughput and decoding memory",
+    )
+    p.add_argument("--config", default="tiny", help="the recipe or YAML file of every run")
+    p.add_argument(
+        "--ratios", default="1:0,7:1,3:1,1:1,0:1", help="linear:full ratios, comma-separated"
+    )
+    p.add_argument("--mixers", default="gated_deltanet", help="linear mixers, comma-separated")
+    p.add_argument(
+        "--placement",
+        choices=("end", "start", "spread"),
+        default="end",
+        help="softmax layers at the end of each group, at its start, or spread over depth",
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="training steps per run (default: the recipe's)"
+    )
+    p.add_argument(
+        "--context", type=int, default=32768, help="context for decoding memory and speed"
+    )
+    p.add_argument(
+        "--recall-steps",
+        type=int,
+        default=None,
+        help="training steps of each MQAR recall run (default: the pinned budget)",
+    )
+    p.add_argument("--recall-tolerance", type=float, default=0.05)
+    p.add_argument("--loss-tolerance", type=float, default=0.02)
+    p.add_argument("--out", required=True, help="the sweep directory (rerun to resume)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides for every run, e.g. model.n_layers=8 data.path=DIR",
+    )
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("data", help="train a tokenizer, prepare token shards, merge prepared parts")
     data = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)

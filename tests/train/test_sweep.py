@@ -1,0 +1,126 @@
+"""``hylas sweep``: layer patterns of a ratio and placement, ratios refused up front, the
+recommendation rule, and a two-ratio sweep that writes every output and skips its finished
+runs when run again."""
+
+import json
+import logging
+
+import pytest
+
+from hylas.model.config import ConfigError, ratio_pattern
+from hylas.train.cli import main
+from hylas.train.sweep import check_ratios, recommend
+
+
+@pytest.mark.parametrize(
+    "ratio, placement, pattern",
+    [
+        ("3:1", "end", "LLLFLLLF"),
+        ("3:1", "start", "FLLLFLLL"),
+        ("3:1", "spread", "LLFLLLFL"),  # softmax layers at floor((j + 1/2) 8 / 2) = 2, 6
+        ("7:1", "spread", "LLLLFLLL"),
+        ("1:1", "end", "LFLFLFLF"),
+        ("6:2", "end", "LLLFLLLF"),
+        ("1:0", "spread", "LLLLLLLL"),
+        ("0:1", "start", "FFFFFFFF"),
+    ],
+)
+def test_a_ratio_and_placement_give_the_layer_pattern(ratio, placement, pattern):
+    assert ratio_pattern(ratio, 8, placement) == pattern
+
+
+def test_ratios_that_do_not_fit_the_depth_are_refused_naming_those_that_do():
+    with pytest.raises(ConfigError) as e:
+        check_ratios(["1:0", "5:1", "3:1", "2:1"], 8)
+    message = str(e.value)
+    assert message.startswith("the ratios 5:1, 2:1 do not fit 8 layers")
+    assert "of those asked, 1:0, 3:1 fit;" in message
+    assert message.endswith("ratios that fit: 1:0, 7:1, 3:1, 5:3, 1:1, 3:5, 1:3, 1:7, 0:1")
+    with pytest.raises(ConfigError, match="must look like '3:1'"):
+        check_ratios(["3-1"], 8)
+    with pytest.raises(ConfigError, match="placement must be one of end, start, spread"):
+        ratio_pattern("3:1", 8, "middle")
+
+
+def row(name, share, loss, recall, mixer="gla"):
+    return {
+        "name": name,
+        "mixer": mixer,
+        "ratio": name,
+        "pattern": "",
+        "softmax_share": share,
+        "eval_loss": loss,
+        "recall": recall,
+    }
+
+
+def test_the_recommendation_is_the_most_linear_run_within_both_tolerances():
+    rows = [
+        row("1:0", 0.0, 5.00, 0.20),  # best loss, recall far below
+        row("7:1", 0.125, 5.05, 0.86),  # recall within 0.05, loss within 2%: the pick
+        row("3:1", 0.25, 5.02, 0.90),
+        row("0:1", 1.0, 5.20, 0.91, mixer="none"),  # best recall, loss 4% over
+    ]
+    rec = recommend(rows, recall_tolerance=0.05, loss_tolerance=0.02)
+    assert (rec["ratio"], rec["best_recall"], rec["best_loss"]) == ("7:1", 0.91, 5.00)
+    assert "recall 0.860 within 0.05 of the best 0.910" in rec["text"]
+    assert recommend(rows, 0.01, 0.02)["ratio"] == "3:1"  # 7:1's recall no longer close
+
+
+def test_a_two_ratio_sweep_writes_every_output_and_a_rerun_skips_it(tmp_path, caplog):
+    out = tmp_path / "sweep"
+    args = [
+        "sweep",
+        "--ratios",
+        "1:0,1:1",
+        "--mixers",
+        "gla",
+        "--steps",
+        "3",
+        "--recall-steps",
+        "3",
+        "--context",
+        "512",
+        "--out",
+        str(out),
+        "--set",
+        "model.n_layers=2",
+        "model.d_model=64",
+        "model.n_heads=2",
+        "train.warmup_steps=1",
+        "train.batch_size=4",
+        "train.seq_len=64",
+        "train.eval_batches=1",
+        "train.dtype=float32",
+    ]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
+    assert [(r["name"], r["pattern"]) for r in rows] == [("gla-1to0", "LL"), ("gla-1to1", "LF")]
+    for r in rows:
+        assert r["eval_loss"] > 0 and 0 <= r["recall"] <= 1 and len(r["recall_seeds"]) == 2
+        assert r["tokens_per_s"] > 0 and r["decode_ms"] > 0 and r["parameters"] > 0
+    # the linear layer's cache is constant; the softmax layer adds 2 x 2 heads x 32 x 512 x 2 B
+    kv_mb = 2 * 2 * 32 * 512 * 2 / 2**20
+    assert rows[1]["cache_mb"] == pytest.approx(rows[0]["cache_mb"] / 2 + kv_mb, rel=1e-6)
+    table = (out / "sweep.md").read_text()
+    assert "| gla-1to0 | `LL` |" in table and "recommended: gla at" in table
+    assert (out / "sweep.png").stat().st_size > 10_000
+    assert json.loads((out / "recommendation.json").read_text())["run"] in ("gla-1to0", "gla-1to1")
+
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")}
+    with caplog.at_level(logging.INFO, logger="hylas"):
+        assert main(args) == 0
+    assert sum("complete, skipped" in r.message for r in caplog.records) == 2
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")} == before
+
+
+def test_bad_sweep_arguments_get_their_sentence(tmp_path, capsys):
+    out = str(tmp_path / "s")
+    assert main(["sweep", "--ratios", "1:0,5:1", "--out", out, "--set", "model.n_layers=4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("hylas: error: the ratio 5:1 does not fit 4 layers")
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", "--placement", "middle", "--out", out])
+    assert e.value.code == 2
+    assert "invalid choice: 'middle'" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

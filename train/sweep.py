@@ -1,0 +1,340 @@
+"""``hylas sweep``: the linear-to-full ratio study as one command.
+
+One proxy run per (mixer, ratio), all at the recipe's depth, on the user's data, with the
+same measures (docs/architecture.md, "Ratio sweeps"):
+
+    eval_loss        the held-out LM loss at the end of the run (the normal trainer)
+    recall           multi-query associative recall (MQAR): the same architecture trained
+                     from scratch on the synthetic task, accuracy at the query positions,
+                     the mean over seeds (and their spread)
+    tokens_per_s     training throughput at the run's sequence length (metrics.jsonl)
+    cache_mb         decoding memory per sequence at ``context`` tokens: the linear layers'
+                     states and conv tails as measured, the softmax layers' KV computed
+                     (bf16, as served)
+    decode_ms        one decoding step with a cache holding ``context`` tokens, measured
+    parameters, flops_per_token
+
+Each run is a normal run directory inside ``out``; its measures go to ``result.json``
+when complete, so a rerun skips finished runs and resumes unfinished ones. The all-softmax
+ratio (0:1) does not depend on the linear mixer and runs once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hylas.model.config import ConfigError, ModelConfig, expand_ratio, ratio_pattern
+from hylas.train.checkpoint import atomic_write_text
+from hylas.train.config import load_config
+
+log = logging.getLogger("hylas")
+
+RESULT = "result.json"
+
+
+@dataclass
+class SweepOptions:
+    recipe: str
+    ratios: list[str]
+    mixers: list[str]
+    out: Path
+    placement: str = "end"
+    steps: int | None = None
+    overrides: list[str] = field(default_factory=list)
+    context: int = 32768
+    recall_seeds: tuple[int, ...] = (0, 1)
+    recall_steps: int | None = None  # None: the pinned budget of ``hylas.train.recall``
+    recall_tolerance: float = 0.05
+    loss_tolerance: float = 0.02
+
+
+def softmax_share(ratio: str) -> float:
+    unit = expand_ratio(ratio)
+    return unit.count("F") / len(unit)
+
+
+def check_ratios(ratios: list[str], n_layers: int) -> None:
+    """Refuse, in one sentence, ratios whose smallest group does not divide the depth."""
+    bad = []
+    for r in ratios:
+        unit = expand_ratio(r)  # refuses a malformed ratio by itself
+        if n_layers % len(unit):
+            bad.append(r)
+    if bad:
+        fits = [r for r in ratios if r not in bad]
+        rule = [f"{a}:{b}" for a, b in _fitting(n_layers)]
+        raise ConfigError(
+            f"the ratio{'s' if len(bad) > 1 else ''} {', '.join(bad)} do{'' if len(bad) > 1 else 'es'} "
+            f"not fit {n_layers} layers (a + b in lowest terms must divide it); "
+            f"of those asked, {', '.join(fits) or 'none'} fit{'s' if len(fits) == 1 else ''}; "
+            f"ratios that fit: {', '.join(rule)}"
+        )
+
+
+def _fitting(n: int) -> list[tuple[int, int]]:
+    """Every linear:full ratio in lowest terms whose group divides n, most linear first."""
+    out = {(1, 0), (0, 1)}
+    for group in range(2, n + 1):
+        if n % group == 0:
+            out |= {(a, group - a) for a in range(1, group) if math.gcd(a, group - a) == 1}
+    return sorted(out, key=lambda ab: (-ab[0] / (ab[0] + ab[1]), ab[0] + ab[1]))
+
+
+def plan(opts: SweepOptions) -> list[dict]:
+    """The runs: name, mixer, ratio, layer pattern and the config overrides of each."""
+    base = load_config(opts.recipe, opts.overrides)
+    n = base.model.n_layers
+    check_ratios(opts.ratios, n)
+    runs, seen = [], set()
+    for mixer in opts.mixers:
+        for ratio in opts.ratios:
+            pattern = ratio_pattern(ratio, n, opts.placement)
+            key = pattern if "L" not in pattern else (mixer, pattern)
+            if key in seen:
+                continue
+            seen.add(key)
+            name = "softmax-only" if "L" not in pattern else f"{mixer}-{ratio.replace(':', 'to')}"
+            if "L" in pattern and opts.placement != "end":
+                name += f"-{opts.placement}"
+            runs.append(
+                {
+                    "name": name,
+                    "mixer": mixer if "L" in pattern else "none",
+                    "ratio": ratio,
+                    "placement": opts.placement,
+                    "pattern": pattern,
+                    "softmax_share": pattern.count("F") / n,
+                }
+            )
+    return runs
+
+
+def run_overrides(opts: SweepOptions, run: dict) -> list[str]:
+    extra = [f"model.layer_pattern={run['pattern']}", f"train.out_dir={opts.out / run['name']}"]
+    if run["mixer"] != "none":
+        extra.append(f"model.linear_mixer={run['mixer']}")
+    if opts.steps:
+        extra.append(f"train.steps={opts.steps}")
+    return [*opts.overrides, *extra]
+
+
+def sweep(opts: SweepOptions) -> list[dict]:
+    """Run (or resume) every run of the sweep; return one row per run."""
+    import torch.distributed as dist
+
+    from hylas.train.trainer import train
+
+    runs = plan(opts)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    rank0 = int(__import__("os").environ.get("RANK", "0")) == 0
+    spent: list[float] = []
+    rows = []
+    for i, run in enumerate(runs):
+        result_file = opts.out / run["name"] / RESULT
+        if result_file.is_file():
+            rows.append(json.loads(result_file.read_text()))
+            log.info("run %d/%d %s: complete, skipped", i + 1, len(runs), run["name"])
+            continue
+        left = len(runs) - i
+        eta = f", about {statistics.mean(spent) * left / 60:.0f} min left" if spent else ""
+        log.info(
+            "run %d/%d %s (layers %s)%s; %d to go",
+            i + 1,
+            len(runs),
+            run["name"],
+            run["pattern"],
+            eta,
+            left - 1,
+        )
+        t0 = time.perf_counter()
+        cfg = load_config(opts.recipe, run_overrides(opts, run))
+        run_dir = opts.out / run["name"]
+        resume = "auto" if (run_dir / "checkpoints").is_dir() else None
+        result = train(cfg, resume=resume)
+        if dist.is_initialized():
+            dist.barrier()
+        if rank0:
+            row = {**run, **measure(cfg, result, opts)}
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            atomic_write_text(result_file, json.dumps(row, indent=2) + "\n")
+            rows.append(row)
+        spent.append(time.perf_counter() - t0)
+    if rank0:
+        write_outputs(opts, rows)
+    return rows
+
+
+def measure(cfg, result, opts: SweepOptions) -> dict:
+    """The measures of one finished run (see the module docstring)."""
+    from hylas.model.decoder import HylasLM
+    from hylas.train.recall import recall_accuracy
+
+    model = HylasLM(cfg.model, kernel_backend=cfg.kernels.backend, seed=0)
+    records = [
+        json.loads(line)
+        for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:] or [
+        r["tokens_per_s"] for r in records if "tokens_per_s" in r
+    ]
+    budget = {"steps": opts.recall_steps} if opts.recall_steps else {}
+    recalls = [recall_accuracy(cfg.model, seed=s, **budget)["recall"] for s in opts.recall_seeds]
+    cache_mb, decode_ms = decode_cost(cfg.model, opts.context)
+    return {
+        "eval_loss": result.last_eval_loss,
+        "recall": statistics.mean(recalls),
+        "recall_seeds": recalls,
+        "recall_spread": max(recalls) - min(recalls),
+        "tokens_per_s": statistics.mean(speeds) if speeds else None,
+        "cache_mb": cache_mb,
+        "decode_ms": decode_ms,
+        "context": opts.context,
+        "parameters": model.num_parameters(),
+        "flops_per_token": model.flops_per_token(cfg.train.seq_len),
+    }
+
+
+@torch.no_grad()
+def decode_cost(cfg: ModelConfig, context: int, steps: int = 8) -> tuple[float, float]:
+    """(cache MB per sequence, ms per decoded token) with ``context`` tokens behind.
+
+    The linear layers' cache is what a prefill leaves (constant in context) and is
+    measured; each softmax layer holds keys and values of ``context`` tokens, counted at
+    2 bytes (bf16) for the memory and filled with random values for the timing, which runs
+    ``steps`` decoding steps from that cache."""
+    from hylas.model.decoder import HybridCache, HylasLM
+
+    model = HylasLM(cfg, kernel_backend="auto", seed=0).eval()
+    out = model(torch.zeros(1, 4, dtype=torch.long), use_cache=True)
+    heads, head_dim = cfg.kv_heads, cfg.d_model // cfg.n_heads
+    states, linear_bytes = [], 0
+    for kind, state in zip(cfg.pattern, out.cache.states, strict=True):
+        if kind == "F":
+            kv = torch.randn(1, heads, context, head_dim)
+            states.append((kv, kv.clone()))
+        else:
+            linear_bytes += sum(t.numel() * t.element_size() for t in _tensors(state))
+            states.append(state)
+    kv_bytes = cfg.pattern.count("F") * 2 * heads * head_dim * context * 2
+    cache = HybridCache(states, context)
+    token = torch.zeros(1, 1, dtype=torch.long)
+    model(token, cache=cache, use_cache=True)  # warm up
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        model(token, cache=cache, use_cache=True)  # the cache stays at ``context``
+    ms = (time.perf_counter() - t0) / steps * 1e3
+    return (linear_bytes + kv_bytes) / 2**20, ms
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (tuple, list)):
+        for y in x:
+            yield from _tensors(y)
+
+
+# -- outputs ----------------------------------------------------------------------------------
+
+
+def recommend(rows: list[dict], recall_tolerance: float, loss_tolerance: float) -> dict:
+    """The most linear run whose recall is within ``recall_tolerance`` (absolute) of the
+    best and whose loss is within ``loss_tolerance`` (relative) of the best, with the
+    numbers that decided it."""
+    done = [r for r in rows if r.get("eval_loss") is not None]
+    best_recall = max(r["recall"] for r in done)
+    best_loss = min(r["eval_loss"] for r in done)
+    ok = [
+        r
+        for r in done
+        if r["recall"] >= best_recall - recall_tolerance
+        and r["eval_loss"] <= best_loss * (1 + loss_tolerance)
+    ]
+    pick = min(ok, key=lambda r: (r["softmax_share"], r["eval_loss"]))
+    return {
+        "run": pick["name"],
+        "mixer": pick["mixer"],
+        "ratio": pick["ratio"],
+        "pattern": pick["pattern"],
+        "recall": pick["recall"],
+        "eval_loss": pick["eval_loss"],
+        "best_recall": best_recall,
+        "best_loss": best_loss,
+        "recall_tolerance": recall_tolerance,
+        "loss_tolerance": loss_tolerance,
+        "text": (
+            f"recommended: {pick['mixer']} at {pick['ratio']} ({pick['pattern']}): the most "
+            f"linear run with recall {pick['recall']:.3f} within {recall_tolerance} of the best "
+            f"{best_recall:.3f} and held-out loss {pick['eval_loss']:.4f} within "
+            f"{loss_tolerance:.0%} of the best {best_loss:.4f}"
+        ),
+    }
+
+
+def write_outputs(opts: SweepOptions, rows: list[dict]) -> dict:
+    """sweep.jsonl, sweep.md (the table and the recommendation) and sweep.png."""
+    rows = sorted(rows, key=lambda r: (r["mixer"], r["softmax_share"]))
+    atomic_write_text(opts.out / "sweep.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    rec = recommend(rows, opts.recall_tolerance, opts.loss_tolerance)
+    lines = [
+        f"# Ratio sweep: {opts.recipe}, {len(rows)} runs",
+        "",
+        f"Placement `{opts.placement}`; decoding measured at {opts.context:,} tokens of context.",
+        "",
+        "| run | layers | softmax share | held-out loss | recall (seeds) | tokens/s | "
+        "cache MB/seq | decode ms/token | parameters | MFLOP/token |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        seeds = ", ".join(f"{x:.3f}" for x in r["recall_seeds"])
+        lines.append(
+            f"| {r['name']} | `{r['pattern']}` | {r['softmax_share']:.3f} | "
+            f"{r['eval_loss']:.4f} | {r['recall']:.3f} ({seeds}) | {r['tokens_per_s']:,.0f} | "
+            f"{r['cache_mb']:,.1f} | {r['decode_ms']:.2f} | {r['parameters']:,} | "
+            f"{r['flops_per_token'] / 1e6:.1f} |"
+        )
+    lines += ["", rec["text"], ""]
+    atomic_write_text(opts.out / "sweep.md", "\n".join(lines))
+    atomic_write_text(opts.out / "recommendation.json", json.dumps(rec, indent=2) + "\n")
+    plot(rows, opts.out / "sweep.png")
+    print("\n".join(lines))
+    return rec
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Loss, recall and throughput against the softmax share, one line per mixer (the
+    all-softmax run ends every line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shared = [r for r in rows if r["mixer"] == "none"]
+    mixers = sorted({r["mixer"] for r in rows} - {"none"}) or ["none"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for mixer in mixers:
+        mine = sorted(
+            [r for r in rows if r["mixer"] == mixer] + shared, key=lambda r: r["softmax_share"]
+        )
+        x = [r["softmax_share"] for r in mine]
+        for ax, key in zip(axes, ("eval_loss", "recall", "tokens_per_s"), strict=True):
+            ax.plot(x, [r[key] for r in mine], marker="o", label=mixer)
+    for ax, title in zip(axes, ("held-out loss", "MQAR recall", "training tokens/s"), strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("softmax share of layers")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
