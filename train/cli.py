@@ -184,6 +184,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             overrides=args.overrides,
             context=args.context,
             recall_steps=args.recall_steps,
+            recall_pairs=args.recall_pairs,
+            recall_seq_len=args.recall_seq_len,
             recall_tolerance=args.recall_tolerance,
             loss_tolerance=args.loss_tolerance,
         )
@@ -450,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="training steps of each MQAR recall run (default: the pinned budget)",
     )
+    p.add_argument("--recall-pairs", type=int, default=None, help="MQAR key-value pairs")
+    p.add_argument("--recall-seq-len", type=int, default=None, help="MQAR sequence length")
     p.add_argument("--recall-tolerance", type=float, default=0.05)
     p.add_argument("--loss-tolerance", type=float, default=0.02)
     p.add_argument("--out", required=True, help="the sweep directory (rerun to resume)")

@@ -52,6 +52,8 @@ class SweepOptions:
     context: int = 32768
     recall_seeds: tuple[int, ...] = (0, 1)
     recall_steps: int | None = None  # None: the pinned budget of ``hylas.train.recall``
+    recall_pairs: int | None = None  # None: MQARConfig's
+    recall_seq_len: int | None = None  # None: MQARConfig's
     recall_tolerance: float = 0.05
     loss_tolerance: float = 0.02
 
@@ -90,7 +92,8 @@ def _fitting(n: int) -> list[tuple[int, int]]:
 
 def plan(opts: SweepOptions) -> list[dict]:
     """The runs: name, mixer, ratio, layer pattern and the config overrides of each."""
-    base = load_config(opts.recipe, opts.overrides)
+    # the recipe's depth; its own pattern need not fit it, each run sets one
+    base = load_config(opts.recipe, [*opts.overrides, "model.layer_pattern=F"])
     n = base.model.n_layers
     check_ratios(opts.ratios, n)
     runs, seen = [], set()
@@ -174,6 +177,7 @@ def sweep(opts: SweepOptions) -> list[dict]:
 
 def measure(cfg, result, opts: SweepOptions) -> dict:
     """The measures of one finished run (see the module docstring)."""
+    from hylas.data.mqar import MQARConfig
     from hylas.model.decoder import HylasLM
     from hylas.train.recall import recall_accuracy
 
@@ -186,8 +190,15 @@ def measure(cfg, result, opts: SweepOptions) -> dict:
     speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:] or [
         r["tokens_per_s"] for r in records if "tokens_per_s" in r
     ]
+    task = MQARConfig()
+    if opts.recall_pairs:
+        task.pairs = opts.recall_pairs
+    if opts.recall_seq_len:
+        task.seq_len = opts.recall_seq_len
     budget = {"steps": opts.recall_steps} if opts.recall_steps else {}
-    recalls = [recall_accuracy(cfg.model, seed=s, **budget)["recall"] for s in opts.recall_seeds]
+    recalls = [
+        recall_accuracy(cfg.model, task, seed=s, **budget)["recall"] for s in opts.recall_seeds
+    ]
     cache_mb, decode_ms = decode_cost(cfg.model, opts.context)
     return {
         "eval_loss": result.last_eval_loss,
@@ -299,7 +310,7 @@ def write_outputs(opts: SweepOptions, rows: list[dict]) -> dict:
         lines.append(
             f"| {r['name']} | `{r['pattern']}` | {r['softmax_share']:.3f} | "
             f"{r['eval_loss']:.4f} | {r['recall']:.3f} ({seeds}) | {r['tokens_per_s']:,.0f} | "
-            f"{r['cache_mb']:,.1f} | {r['decode_ms']:.2f} | {r['parameters']:,} | "
+            f"{r['cache_mb']:.3g} | {r['decode_ms']:.2f} | {r['parameters']:,} | "
             f"{r['flops_per_token'] / 1e6:.1f} |"
         )
     lines += ["", rec["text"], ""]
