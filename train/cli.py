@@ -193,6 +193,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_recall(args: argparse.Namespace) -> int:
+    from hylas.train.eval_recall import format_report, parse_contexts, recall_probe
+
+    report = recall_probe(
+        args.checkpoint,
+        parse_contexts(args.contexts),
+        samples=args.samples,
+        seed=args.seed,
+        pairs=args.pairs,
+        data=args.data,
+        out=args.out,
+    )
+    print(format_report(report))
+    if args.out:
+        print(f"results: {args.out}")
+    return 0
+
+
 def cmd_data_tokenizer(args: argparse.Namespace) -> int:
     from hylas.data.sources import open_sources
     from hylas.data.tokenizer import train_tokenizer
@@ -467,6 +485,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="config overrides for every run, e.g. model.n_layers=8 data.path=DIR",
     )
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("eval", help="measure a trained checkpoint")
+    evals = p.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND", required=True)
+    p = evals.add_parser(
+        "recall",
+        help="zero-shot in-context recall: key-value pairs in held-out text, then a question "
+        "(near 0 for small models)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint directory, or a run directory (newest checkpoint)",
+    )
+    p.add_argument(
+        "--contexts",
+        default="256,1024,4096",
+        help="prompt lengths in tokens, comma-separated (default 256,1024,4096)",
+    )
+    p.add_argument("--samples", type=int, default=100, help="prompts per context (default 100)")
+    p.add_argument("--pairs", type=int, default=4, help="key-value pairs per prompt (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="draws the keys, values and filler")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="a prepared directory whose held-out split gives the filler "
+        "(default: the data the checkpoint trained on)",
+    )
+    p.add_argument("--out", default=None, help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_eval_recall)
 
     p = sub.add_parser("data", help="train a tokenizer, prepare token shards, merge prepared parts")
     data = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
