@@ -6,7 +6,8 @@ same measures (docs/architecture.md, "Ratio sweeps"):
     eval_loss        the held-out LM loss at the end of the run (the normal trainer)
     recall           multi-query associative recall (MQAR): the same architecture trained
                      from scratch on the synthetic task, accuracy at the query positions,
-                     the mean over seeds (and their spread)
+                     the mean over seeds (and their spread), and its final training loss
+                     (recall_loss), which orders architectures before accuracy moves
     tokens_per_s     training throughput at the run's sequence length (metrics.jsonl)
     cache_mb         decoding memory per sequence at ``context`` tokens: the linear layers'
                      states and conv tails as measured, the softmax layers' KV computed
@@ -196,15 +197,15 @@ def measure(cfg, result, opts: SweepOptions) -> dict:
     if opts.recall_seq_len:
         task.seq_len = opts.recall_seq_len
     budget = {"steps": opts.recall_steps} if opts.recall_steps else {}
-    recalls = [
-        recall_accuracy(cfg.model, task, seed=s, **budget)["recall"] for s in opts.recall_seeds
-    ]
+    probes = [recall_accuracy(cfg.model, task, seed=s, **budget) for s in opts.recall_seeds]
+    recalls = [p["recall"] for p in probes]
     cache_mb, decode_ms = decode_cost(cfg.model, opts.context)
     return {
         "eval_loss": result.last_eval_loss,
         "recall": statistics.mean(recalls),
         "recall_seeds": recalls,
         "recall_spread": max(recalls) - min(recalls),
+        "recall_loss": statistics.mean(p["loss"] for p in probes),
         "tokens_per_s": statistics.mean(speeds) if speeds else None,
         "cache_mb": cache_mb,
         "decode_ms": decode_ms,
@@ -301,15 +302,16 @@ def write_outputs(opts: SweepOptions, rows: list[dict]) -> dict:
         "",
         f"Placement `{opts.placement}`; decoding measured at {opts.context:,} tokens of context.",
         "",
-        "| run | layers | softmax share | held-out loss | recall (seeds) | tokens/s | "
-        "cache MB/seq | decode ms/token | parameters | MFLOP/token |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| run | layers | softmax share | held-out loss | recall (seeds) | MQAR loss | "
+        "tokens/s | cache MB/seq | decode ms/token | parameters | MFLOP/token |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         seeds = ", ".join(f"{x:.3f}" for x in r["recall_seeds"])
         lines.append(
             f"| {r['name']} | `{r['pattern']}` | {r['softmax_share']:.3f} | "
-            f"{r['eval_loss']:.4f} | {r['recall']:.3f} ({seeds}) | {r['tokens_per_s']:,.0f} | "
+            f"{r['eval_loss']:.4f} | {r['recall']:.3f} ({seeds}) | {r['recall_loss']:.3f} | "
+            f"{r['tokens_per_s']:,.0f} | "
             f"{r['cache_mb']:.3g} | {r['decode_ms']:.2f} | {r['parameters']:,} | "
             f"{r['flops_per_token'] / 1e6:.1f} |"
         )
