@@ -1,5 +1,5 @@
-"""The ``hylas`` command: ``train``, ``generate``, ``export``, ``import-hf``,
-``data tokenizer``, ``data prepare``, ``data merge``."""
+"""The ``hylas`` command: ``train``, ``generate``, ``export``, ``import-hf``, ``sweep``,
+``eval recall``, ``data tokenizer``, ``data prepare``, ``data merge``."""
 
 from __future__ import annotations
 
