@@ -15,7 +15,6 @@ all-softmax, ~2.9 all-linear): ranking ratios by recall needs a larger budget.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -25,7 +24,8 @@ import torch
 from hylas.data.mqar import IGNORE_INDEX, MQARConfig, mqar_batch
 from hylas.model.config import ModelConfig
 from hylas.model.decoder import HylasLM
-from hylas.train.optim import param_groups
+from hylas.train.config import TrainConfig
+from hylas.train.optim import lr_at, param_groups
 
 log = logging.getLogger("hylas")
 
@@ -59,15 +59,6 @@ def evaluate_recall(
             hits += int((guess[at] == labels[at]).sum())
             total += int(at.sum())
     return hits / total
-
-
-def recall_lr(step: int, steps: int, lr: float) -> float:
-    """Linear warmup over WARMUP_FRACTION of the steps, then a half cosine to MIN_LR_RATIO."""
-    warmup = max(1, round(WARMUP_FRACTION * steps))
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def recall_accuracy(
@@ -106,6 +97,13 @@ def recall_accuracy(
         train_gen = torch.Generator().manual_seed(2 * seed)
         eval_gen = torch.Generator().manual_seed(2 * seed + 1)
         opt = torch.optim.AdamW(param_groups(net, WEIGHT_DECAY), lr=lr, betas=(0.9, 0.95))
+        schedule = TrainConfig(
+            steps=steps,
+            lr=lr,
+            warmup_steps=max(1, round(WARMUP_FRACTION * steps)),
+            min_lr_ratio=MIN_LR_RATIO,
+            schedule="cosine",
+        )
         log.info(
             "recall: %s (%s), MQAR %d pairs in %d tokens (vocab %d), %d steps of %d, seed %d",
             cfg.pattern,
@@ -122,7 +120,7 @@ def recall_accuracy(
         for step in range(steps):
             input_ids, labels = mqar_batch(mqar, batch_size, train_gen)
             for group in opt.param_groups:
-                group["lr"] = recall_lr(step, steps, lr)
+                group["lr"] = lr_at(step, schedule)
             out = net(input_ids.to(device), labels=labels.to(device))
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
