@@ -27,10 +27,8 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--config", default="tiny", help="a YAML file or a shipped recipe name (default: tiny)"
-    )
+def add_set_arg(p: argparse.ArgumentParser, help: str) -> None:
+    """``--set KEY=VALUE ...``, repeatable, into ``args.overrides``."""
     p.add_argument(
         "--set",
         dest="overrides",
@@ -38,7 +36,17 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="override config keys, e.g. --set model.n_layers=8 train.lr=1e-3 (repeatable)",
+        help=help,
+    )
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", default="tiny", help="a YAML file or a shipped recipe name (default: tiny)"
+    )
+    add_set_arg(
+        p,
+        "override config keys, e.g. --set model.n_layers=8 train.lr=1e-3 (repeatable)",
     )
     p.add_argument(
         "--resume",
@@ -430,14 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", required=True, help="the checkpoint directory to write (must not exist)"
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="model.* changes, e.g. model.layer_pattern=LLLF model.linear_mixer=gated_deltanet "
+    add_set_arg(
+        p,
+        "model.* changes, e.g. model.layer_pattern=LLLF model.linear_mixer=gated_deltanet "
         "to turn attention layers linear (initialised from their attention weights)",
     )
     p.set_defaults(func=cmd_import_hf)
@@ -475,14 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recall-tolerance", type=float, default=0.05)
     p.add_argument("--loss-tolerance", type=float, default=0.02)
     p.add_argument("--out", required=True, help="the sweep directory (rerun to resume)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config overrides for every run, e.g. model.n_layers=8 data.path=DIR",
+    add_set_arg(
+        p,
+        "config overrides for every run, e.g. model.n_layers=8 data.path=DIR",
     )
     p.set_defaults(func=cmd_sweep)
 

@@ -105,23 +105,23 @@ def import_hf(hf_dir: str | Path, out: str | Path, overrides: list[str] = ()) ->
 # -- reading ----------------------------------------------------------------------------------
 
 
-def read_weights(hf_dir: Path, tensors: bool = True) -> dict[str, torch.Tensor]:
-    """Every tensor of the directory's safetensors weights (one file or sharded), in fp32
-    (with ``tensors`` False, only check that there are such files)."""
+def weight_files(hf_dir: Path) -> list[str]:
+    """The directory's safetensors weight files (one, or the shards of its index)."""
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (hf_dir / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(
-            f"{hf_dir} holds no safetensors weights (model.safetensors or its index); "
-            "Hylas reads no pickled weights"
-        )
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (hf_dir / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    raise FileNotFoundError(
+        f"{hf_dir} holds no safetensors weights (model.safetensors or its index); "
+        "Hylas reads no pickled weights"
+    )
+
+
+def read_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the directory's safetensors weights, in fp32."""
     out = {}
-    if not tensors:
-        return out
-    for name in files:
+    for name in weight_files(hf_dir):
         with safetensors.safe_open(str(hf_dir / name), "pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 out[key] = f.get_tensor(key).to(torch.float32)
@@ -134,7 +134,7 @@ def read_stock_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     one by one) to its own (stacked experts)."""
     from transformers import AutoModelForCausalLM
 
-    read_weights(hf_dir, tensors=False)  # refuse pickled weights before transformers reads them
+    weight_files(hf_dir)  # refuse pickled weights before transformers reads them
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     return {k: v.detach() for k, v in model.state_dict().items()}
 

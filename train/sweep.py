@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -138,7 +139,7 @@ def sweep(opts: SweepOptions) -> list[dict]:
 
     runs = plan(opts)
     opts.out.mkdir(parents=True, exist_ok=True)
-    rank0 = int(__import__("os").environ.get("RANK", "0")) == 0
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     spent: list[float] = []
     rows = []
     for i, run in enumerate(runs):
