@@ -25,10 +25,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -40,6 +40,7 @@ from hylas.train.config import load_config
 log = logging.getLogger("hylas")
 
 RESULT = "result.json"
+MEASURE_TIMEOUT = timedelta(hours=12)
 
 
 @dataclass
@@ -132,118 +133,178 @@ def run_overrides(opts: SweepOptions, run: dict) -> list[str]:
 
 
 def sweep(opts: SweepOptions) -> list[dict]:
-    """Run (or resume) every run of the sweep; return one row per run."""
+    """Run (or resume) every run of the sweep; return one row per run (on rank 0; the
+    other ranks of a torchrun job return an empty list).
+
+    Under torchrun one process group serves every run: each run is data-parallel through
+    the engine, and the recall seeds of its measures are shared out between the ranks.
+    Rank 0 decides what is complete (from its view of ``out``) and writes every output.
+    """
     import torch.distributed as dist
 
+    from hylas.parallel.mesh import device_for, init_groups, layout_from_env, shutdown
     from hylas.train.trainer import train
 
     runs = plan(opts)
-    opts.out.mkdir(parents=True, exist_ok=True)
-    rank0 = int(os.environ.get("RANK", "0")) == 0
+    base = load_config(opts.recipe, [*opts.overrides, "model.layer_pattern=F"])
+    layout = layout_from_env(base.parallel.sp)
+    device = device_for(layout)
+    rank0 = layout.rank == 0
+    if rank0:
+        opts.out.mkdir(parents=True, exist_ok=True)
+    group = None
+    if layout.world > 1:
+        init_groups(layout, device, base.parallel.timeout_s)
+        # Measuring a run takes minutes on some ranks and none on others: the exchange of
+        # its results waits on a group of its own, without the training collectives' timeout.
+        group = dist.new_group(backend="gloo", timeout=MEASURE_TIMEOUT)
     spent: list[float] = []
     rows = []
-    for i, run in enumerate(runs):
-        result_file = opts.out / run["name"] / RESULT
-        if result_file.is_file():
-            rows.append(json.loads(result_file.read_text()))
-            log.info("run %d/%d %s: complete, skipped", i + 1, len(runs), run["name"])
-            continue
-        left = len(runs) - i
-        eta = f", about {statistics.mean(spent) * left / 60:.0f} min left" if spent else ""
-        log.info(
-            "run %d/%d %s (layers %s)%s; %d to go",
-            i + 1,
-            len(runs),
-            run["name"],
-            run["pattern"],
-            eta,
-            left - 1,
-        )
-        t0 = time.perf_counter()
-        cfg = load_config(opts.recipe, run_overrides(opts, run))
-        run_dir = opts.out / run["name"]
-        resume = "auto" if (run_dir / "checkpoints").is_dir() else None
-        result = train(cfg, resume=resume)
-        if dist.is_initialized():
-            dist.barrier()
+    try:
+        for i, run in enumerate(runs):
+            run_dir = opts.out / run["name"]
+            result_file = run_dir / RESULT
+            complete, resume = _agree(
+                group, result_file.is_file(), "auto" if (run_dir / "checkpoints").is_dir() else None
+            )
+            if complete:
+                if rank0:
+                    rows.append(json.loads(result_file.read_text()))
+                log.info("run %d/%d %s: complete, skipped", i + 1, len(runs), run["name"])
+                continue
+            left = len(runs) - i
+            eta = f", about {statistics.mean(spent) * left / 60:.0f} min left" if spent else ""
+            log.info(
+                "run %d/%d %s (layers %s)%s; %d to go",
+                i + 1,
+                len(runs),
+                run["name"],
+                run["pattern"],
+                eta,
+                left - 1,
+            )
+            t0 = time.perf_counter()
+            cfg = load_config(opts.recipe, run_overrides(opts, run))
+            result = train(cfg, resume=resume)
+            if result.stopped_by:
+                log.info("sweep stopped by %s; run it again to resume", result.stopped_by)
+                return rows
+            row = measure(cfg, result, opts, layout.rank, layout.world, device, group)
+            if rank0:
+                row = {**run, **row, "seconds": round(time.perf_counter() - t0, 1)}
+                atomic_write_text(result_file, json.dumps(row, indent=2) + "\n")
+                rows.append(row)
+            spent.append(time.perf_counter() - t0)
         if rank0:
-            row = {**run, **measure(cfg, result, opts)}
-            row["seconds"] = round(time.perf_counter() - t0, 1)
-            atomic_write_text(result_file, json.dumps(row, indent=2) + "\n")
-            rows.append(row)
-        spent.append(time.perf_counter() - t0)
-    if rank0:
-        write_outputs(opts, rows)
+            write_outputs(opts, rows)
+    finally:
+        if group is not None:
+            shutdown()
     return rows
 
 
-def measure(cfg, result, opts: SweepOptions) -> dict:
-    """The measures of one finished run (see the module docstring)."""
+def _agree(group, *values):
+    """Rank 0's ``values`` on every rank (each rank's own in a single process)."""
+    if group is None:
+        return values
+    import torch.distributed as dist
+
+    box = [values]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def measure(cfg, result, opts: SweepOptions, rank=0, world=1, device="cpu", group=None) -> dict:
+    """The measures of one finished run (see the module docstring), complete on rank 0.
+
+    Rank r trains the recall seeds r, r + world, ...; rank 0 also times decoding and
+    reads the throughput the run logged."""
+    import torch.distributed as dist
+
     from hylas.data.mqar import MQARConfig
     from hylas.model.decoder import HylasLM
     from hylas.train.recall import recall_accuracy
 
-    model = HylasLM(cfg.model, kernel_backend=cfg.kernels.backend, seed=0)
-    records = [
-        json.loads(line)
-        for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
-        if line.strip()
-    ]
-    speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:] or [
-        r["tokens_per_s"] for r in records if "tokens_per_s" in r
-    ]
     task = MQARConfig()
     if opts.recall_pairs:
         task.pairs = opts.recall_pairs
     if opts.recall_seq_len:
         task.seq_len = opts.recall_seq_len
     budget = {"steps": opts.recall_steps} if opts.recall_steps else {}
-    probes = [recall_accuracy(cfg.model, task, seed=s, **budget) for s in opts.recall_seeds]
-    recalls = [p["recall"] for p in probes]
-    cache_mb, decode_ms = decode_cost(cfg.model, opts.context)
-    return {
-        "eval_loss": result.last_eval_loss,
-        "recall": statistics.mean(recalls),
-        "recall_seeds": recalls,
-        "recall_spread": max(recalls) - min(recalls),
-        "recall_loss": statistics.mean(p["loss"] for p in probes),
-        "tokens_per_s": statistics.mean(speeds) if speeds else None,
-        "cache_mb": cache_mb,
-        "decode_ms": decode_ms,
-        "context": opts.context,
-        "parameters": model.num_parameters(),
-        "flops_per_token": model.flops_per_token(cfg.train.seq_len),
+    mine = {
+        s: recall_accuracy(cfg.model, task, seed=s, device=device, **budget)
+        for s in opts.recall_seeds[rank::world]
     }
+    row = {}
+    if rank == 0:
+        model = HylasLM(cfg.model, kernel_backend=cfg.kernels.backend, seed=0)
+        records = [
+            json.loads(line)
+            for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
+        speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+        speeds = speeds[1:] or speeds  # the first log interval includes warm-up
+        cache_mb, decode_ms = decode_cost(cfg.model, opts.context, device=device)
+        row = {
+            "eval_loss": result.last_eval_loss,
+            "tokens_per_s": statistics.mean(speeds) if speeds else None,
+            "cache_mb": cache_mb,
+            "decode_ms": decode_ms,
+            "context": opts.context,
+            "parameters": model.num_parameters(),
+            "flops_per_token": model.flops_per_token(cfg.train.seq_len),
+        }
+    if group is not None:
+        parts = [None] * world
+        dist.all_gather_object(parts, mine, group=group)
+        mine = {s: p for part in parts for s, p in part.items()}
+    probes = [mine[s] for s in opts.recall_seeds]
+    recalls = [p["recall"] for p in probes]
+    row.update(
+        recall=statistics.mean(recalls),
+        recall_seeds=recalls,
+        recall_spread=max(recalls) - min(recalls),
+        recall_loss=statistics.mean(p["loss"] for p in probes),
+    )
+    return row
 
 
 @torch.no_grad()
-def decode_cost(cfg: ModelConfig, context: int, steps: int = 8) -> tuple[float, float]:
+def decode_cost(
+    cfg: ModelConfig, context: int, steps: int = 8, device: str | torch.device = "cpu"
+) -> tuple[float, float]:
     """(cache MB per sequence, ms per decoded token) with ``context`` tokens behind.
 
     The linear layers' cache is what a prefill leaves (constant in context) and is
     measured; each softmax layer holds keys and values of ``context`` tokens, counted at
     2 bytes (bf16) for the memory and filled with random values for the timing, which runs
-    ``steps`` decoding steps from that cache."""
+    ``steps`` decoding steps from that cache on ``device``."""
     from hylas.model.decoder import HybridCache, HylasLM
 
-    model = HylasLM(cfg, kernel_backend="auto", seed=0).eval()
-    out = model(torch.zeros(1, 4, dtype=torch.long), use_cache=True)
+    device = torch.device(device)
+    model = HylasLM(cfg, kernel_backend="auto", seed=0).to(device).eval()
+    out = model(torch.zeros(1, 4, dtype=torch.long, device=device), use_cache=True)
     heads, head_dim = cfg.kv_heads, cfg.d_model // cfg.n_heads
     states, linear_bytes = [], 0
     for kind, state in zip(cfg.pattern, out.cache.states, strict=True):
         if kind == "F":
-            kv = torch.randn(1, heads, context, head_dim)
+            kv = torch.randn(1, heads, context, head_dim, device=device)
             states.append((kv, kv.clone()))
         else:
             linear_bytes += sum(t.numel() * t.element_size() for t in _tensors(state))
             states.append(state)
     kv_bytes = cfg.pattern.count("F") * 2 * heads * head_dim * context * 2
     cache = HybridCache(states, context)
-    token = torch.zeros(1, 1, dtype=torch.long)
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
     model(token, cache=cache, use_cache=True)  # warm up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         model(token, cache=cache, use_cache=True)  # the cache stays at ``context``
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     ms = (time.perf_counter() - t0) / steps * 1e3
     return (linear_bytes + kv_bytes) / 2**20, ms
 

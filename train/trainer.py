@@ -664,8 +664,13 @@ class Trainer:
 
 
 def train(cfg: Config, resume: str | None = None) -> RunResult:
-    """Train ``cfg`` in this process, as one rank of whatever torchrun started."""
+    """Train ``cfg`` in this process, as one rank of whatever torchrun started.
+
+    torch.distributed is ended at the end of the run unless it was running before the
+    call: ``hylas sweep`` keeps one process group, and groups of its own, for all its runs."""
+    started_here = not dist.is_initialized()
     try:
         return Trainer(cfg, resume).run()
     finally:
-        shutdown()
+        if started_here:
+            shutdown()

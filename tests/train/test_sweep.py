@@ -4,12 +4,14 @@ runs when run again."""
 
 import json
 import logging
+import subprocess
 
 import pytest
 
 from hylas.model.config import ConfigError, ratio_pattern
 from hylas.train.cli import main
 from hylas.train.sweep import check_ratios, recommend
+from tests.train.launch import REPO, VENV_BIN, env, free_port
 
 
 @pytest.mark.parametrize(
@@ -67,34 +69,46 @@ def test_the_recommendation_is_the_most_linear_run_within_both_tolerances():
     assert recommend(rows, 0.01, 0.02)["ratio"] == "3:1"  # 7:1's recall no longer close
 
 
-def test_a_two_ratio_sweep_writes_every_output_and_a_rerun_skips_it(tmp_path, caplog):
-    out = tmp_path / "sweep"
-    args = [
-        "sweep",
-        "--ratios",
-        "1:0,1:1",
-        "--mixers",
-        "gla",
-        "--steps",
-        "3",
-        "--recall-steps",
-        "3",
-        "--context",
-        "512",
-        "--out",
-        str(out),
-        "--set",
-        "model.n_layers=2",
-        "model.d_model=64",
-        "model.n_heads=2",
-        "train.warmup_steps=1",
-        "train.batch_size=4",
-        "train.seq_len=64",
-        "train.eval_batches=1",
-        "train.dtype=float32",
-    ]
-    assert main(args) == 0
-    rows = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
+SWEEP = [
+    "sweep",
+    "--ratios",
+    "1:0,1:1",
+    "--mixers",
+    "gla",
+    "--steps",
+    "3",
+    "--recall-steps",
+    "3",
+    "--context",
+    "512",
+]
+SMALL = [
+    "--set",
+    "model.n_layers=2",
+    "model.d_model=64",
+    "model.n_heads=2",
+    "train.warmup_steps=1",
+    "train.batch_size=4",
+    "train.seq_len=64",
+    "train.eval_batches=1",
+    "train.dtype=float32",
+]
+
+
+def read_rows(out):
+    return [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_process_sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "one"
+    assert main([*SWEEP, "--out", str(out), *SMALL]) == 0
+    return out
+
+
+def test_a_two_ratio_sweep_writes_every_output_and_a_rerun_skips_it(one_process_sweep, caplog):
+    out = one_process_sweep
+    rows = read_rows(out)
     assert [(r["name"], r["pattern"]) for r in rows] == [("gla-1to0", "LL"), ("gla-1to1", "LF")]
     for r in rows:
         assert r["eval_loss"] > 0 and 0 <= r["recall"] <= 1 and len(r["recall_seeds"]) == 2
@@ -109,9 +123,44 @@ def test_a_two_ratio_sweep_writes_every_output_and_a_rerun_skips_it(tmp_path, ca
 
     before = {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")}
     with caplog.at_level(logging.INFO, logger="hylas"):
-        assert main(args) == 0
+        assert main([*SWEEP, "--out", str(out), *SMALL]) == 0
     assert sum("complete, skipped" in r.message for r in caplog.records) == 2
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")} == before
+
+
+def test_a_sweep_under_torchrun_is_data_parallel_and_measures_what_one_process_does(
+    one_process_sweep,
+):
+    """Two gloo ranks, one process group for both runs: each run trains dp = 2 through
+    the engine (the same held-out loss as one process, to summation order), the two recall
+    seeds are trained one per rank (the same numbers), rank 0 writes the outputs."""
+    out = one_process_sweep.parent / "two"
+    cmd = [
+        str(VENV_BIN / "torchrun"),
+        "--nproc-per-node=2",
+        "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}",
+        "-m",
+        "hylas.train.cli",
+        *SWEEP,
+        "--out",
+        str(out),
+        *SMALL,
+        "parallel.timeout_s=60",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert (proc.stdout + proc.stderr).count("layout: 2 processes (dp 2 x sp 1)") == 2
+    one, two = read_rows(one_process_sweep), read_rows(out)
+    assert [r["name"] for r in two] == [r["name"] for r in one]
+    for a, b in zip(one, two, strict=True):
+        # the ranks run one torch thread, the in-process reference several: sums in another
+        # order, so the losses to 1e-5 and the accuracies (1024 queries each) to 2 answers
+        assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5), a["name"]
+        assert b["recall_seeds"] == pytest.approx(a["recall_seeds"], abs=2 / 1024), a["name"]
+        assert b["recall_loss"] == pytest.approx(a["recall_loss"], rel=1e-5), a["name"]
+        assert b["cache_mb"] == a["cache_mb"] and b["parameters"] == a["parameters"]
+    assert (out / "sweep.md").is_file() and (out / "recommendation.json").is_file()
 
 
 def test_bad_sweep_arguments_get_their_sentence(tmp_path, capsys):
