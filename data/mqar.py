@@ -33,7 +33,7 @@ class MQARConfig:
     """One MQAR task. The defaults are the ones ``hylas sweep`` measures recall with, sized
     for about a minute a run on 2 CPU cores (``hylas.train.recall`` says what they show)."""
 
-    vocab_size: int = 64  # keys are [1, vocab/2), values [vocab/2, vocab)
+    vocab_size: int = 16  # keys are [1, vocab/2), values [vocab/2, vocab)
     seq_len: int = 64
     pairs: int = 4  # key-value pairs per sample
     # Queries per sample; None = one per pair, every key once (Zoology). More than pairs:

@@ -181,6 +181,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps must be positive, got {args.steps}")
     if args.context <= 0:
         raise ValueError(f"--context must be positive, got {args.context}")
+    if args.recall_width is not None and args.recall_width < 0:
+        raise ValueError(f"--recall-width must be positive (or 0), got {args.recall_width}")
     sweep(
         SweepOptions(
             recipe=args.config,
@@ -194,6 +196,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             recall_steps=args.recall_steps,
             recall_pairs=args.recall_pairs,
             recall_seq_len=args.recall_seq_len,
+            recall_width=args.recall_width,
             recall_tolerance=args.recall_tolerance,
             loss_tolerance=args.loss_tolerance,
         )
@@ -475,6 +478,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--recall-pairs", type=int, default=None, help="MQAR key-value pairs")
     p.add_argument("--recall-seq-len", type=int, default=None, help="MQAR sequence length")
+    p.add_argument(
+        "--recall-width",
+        type=int,
+        default=None,
+        help="d_model of the MQAR recall runs (default 64; 0 = each run's own)",
+    )
     p.add_argument("--recall-tolerance", type=float, default=0.05)
     p.add_argument("--loss-tolerance", type=float, default=0.02)
     p.add_argument("--out", required=True, help="the sweep directory (rerun to resume)")

@@ -4,12 +4,19 @@
 One process, plain torch, fp32; everything is drawn from ``seed`` (model init, training
 batches, held-out batches), so the same call gives the same number on every rank.
 
-The defaults below were tried on 2 shared CPU cores with an 8-layer, d_model 128 proxy
-(the tiny recipe's shape), gated_deltanet: all-linear takes ~85 s, all-softmax ~30 s (its
-step time). At about a minute a run no setting tried got past the plateau where the
-model answers with one of the context's values (accuracy ~ 1 / pairs: ~0.24 at both ends
-of the ratio range), though the query loss already differs (after 200 steps ~1.9 nats
-all-softmax, ~2.9 all-linear): ranking ratios by recall needs a larger budget.
+The probe trains the run's layer pattern, mixers and options at a width of its own
+(``WIDTH``, the run's head size; 0 = the run's width), as Zoology measures recall at
+widths of 64 to 256: what decides recall is the pattern, and a narrow probe keeps the
+measure affordable next to the run. The budget below was found by trying on 2 CPU cores,
+8 layers at width 64 (docs/benchmarks.md, "Ratio sweep", has the numbers): with 4 pairs
+in 64 tokens, a vocabulary of 16 and 300 steps of 32 samples, all-softmax stays on the
+plateau where it answers with one of the context's values (accuracy ~ 1 / pairs) while
+gated_deltanet layers, whose short convolutions give them the previous-token feature an
+induction circuit needs, learn the lookup outright (gla layers, at this budget, do not).
+A vocabulary of 64, 6 pairs, a query at every free slot (keys repeated, each repeat a
+distractor followed by filler) or a learning rate of 3e-3 kept all-softmax on the plateau
+too. An all-softmax model reaches the lookup after about 20,000 samples (300 steps of
+64 at width 128 gave 0.49): ``--recall-steps`` buys that where the compute is.
 """
 
 from __future__ import annotations
@@ -22,16 +29,17 @@ from dataclasses import replace
 import torch
 
 from hylas.data.mqar import IGNORE_INDEX, MQARConfig, mqar_batch
-from hylas.model.config import ModelConfig
+from hylas.model.config import ConfigError, ModelConfig
 from hylas.model.decoder import HylasLM
 from hylas.train.config import TrainConfig
 from hylas.train.optim import lr_at, param_groups
 
 log = logging.getLogger("hylas")
 
-STEPS = 200
-BATCH_SIZE = 16
-LR = 1e-3
+STEPS = 300
+BATCH_SIZE = 32
+LR = 2e-3
+WIDTH = 64
 WEIGHT_DECAY = 0.1
 WARMUP_FRACTION = 0.1  # of the steps; then a half cosine down to MIN_LR_RATIO x lr
 MIN_LR_RATIO = 0.1
@@ -61,6 +69,32 @@ def evaluate_recall(
     return hits / total
 
 
+def probe_config(model: ModelConfig, vocab_size: int, width: int = WIDTH) -> ModelConfig:
+    """``model`` with MQAR's vocabulary and, where ``width`` differs from its d_model, that
+    d_model: the same head size (at least one head, GQA kept where it divides), the
+    feed-forward and expert sizes scaled with the width; pattern, mixers and options kept."""
+    cfg = replace(model, vocab_size=max(vocab_size, MODEL_VOCAB_FLOOR))
+    if not width or width == model.d_model:
+        return cfg.validate()
+    if width < 1:
+        raise ConfigError(f"the recall probe's width must be positive (or 0), got {width}")
+    heads = max(1, width // (model.d_model // model.n_heads))
+    group = model.n_heads // model.kv_heads
+    kv = heads // group if heads % group == 0 and heads >= group else heads
+
+    def scaled(size: int | None) -> int | None:
+        return None if size is None else max(1, size * width // model.d_model)
+
+    return replace(
+        cfg,
+        d_model=width,
+        n_heads=heads,
+        n_kv_heads=None if model.n_kv_heads is None else kv,
+        d_ff=scaled(model.d_ff),
+        moe=replace(model.moe, d_expert=scaled(model.moe.d_expert)),
+    ).validate()
+
+
 def recall_accuracy(
     model: ModelConfig,
     mqar: MQARConfig,
@@ -71,9 +105,11 @@ def recall_accuracy(
     eval_batches: int = EVAL_BATCHES,
     threads: int | None = None,
     device: str | torch.device = "cpu",
+    width: int = WIDTH,
 ) -> dict:
     """Train ``model``'s architecture (vocabulary replaced by MQAR's) from scratch on fresh
     MQAR batches for ``steps`` AdamW steps, then measure recall on held-out batches.
+    ``width`` narrows the model to that d_model (``probe_config``); 0 keeps its own.
 
     Returns {"recall": accuracy at the query positions, "loss": the last step's training
     loss, "seconds": wall time of the whole call, "steps": steps}. ``threads`` sets torch's
@@ -90,7 +126,7 @@ def recall_accuracy(
     if threads:
         torch.set_num_threads(threads)
     try:
-        cfg = replace(model, vocab_size=max(mqar.vocab_size, MODEL_VOCAB_FLOOR))
+        cfg = probe_config(model, mqar.vocab_size, width)
         net = HylasLM(cfg, kernel_backend="auto", seed=seed).to(device)
         # Training and held-out streams from disjoint seeds, so no seed's held-out batches
         # are another seed's (or its own) training batches.

@@ -57,6 +57,7 @@ class SweepOptions:
     recall_steps: int | None = None  # None: the pinned budget of ``hylas.train.recall``
     recall_pairs: int | None = None  # None: MQARConfig's
     recall_seq_len: int | None = None  # None: MQARConfig's
+    recall_width: int | None = None  # None: the probe's own (hylas.train.recall.WIDTH)
     recall_tolerance: float = 0.05
     loss_tolerance: float = 0.02
 
@@ -231,6 +232,8 @@ def measure(cfg, result, opts: SweepOptions, rank=0, world=1, device="cpu", grou
     if opts.recall_seq_len:
         task.seq_len = opts.recall_seq_len
     budget = {"steps": opts.recall_steps} if opts.recall_steps else {}
+    if opts.recall_width is not None:
+        budget["width"] = opts.recall_width
     mine = {
         s: recall_accuracy(cfg.model, task, seed=s, device=device, **budget)
         for s in opts.recall_seeds[rank::world]

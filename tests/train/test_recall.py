@@ -6,7 +6,7 @@ import torch
 
 from hylas.data.mqar import IGNORE_INDEX, MQARConfig, mqar_batch
 from hylas.model.config import ConfigError, ModelConfig
-from hylas.train.recall import evaluate_recall, recall_accuracy
+from hylas.train.recall import evaluate_recall, probe_config, recall_accuracy
 
 
 def batch(cfg: MQARConfig, seed: int = 0, size: int = 64):
@@ -134,7 +134,7 @@ def test_recall_accuracy_end_to_end():
     model = ModelConfig(d_model=32, n_layers=2, n_heads=2, linear_mixer="gla", layer_pattern="LF")
     mqar = MQARConfig(vocab_size=16, seq_len=16, pairs=2)
     threads = torch.get_num_threads()
-    kwargs = dict(steps=3, batch_size=4, lr=1e-3, seed=0, eval_batches=2, threads=1)
+    kwargs = dict(steps=3, batch_size=4, lr=1e-3, seed=0, eval_batches=2, threads=1, width=0)
     first = recall_accuracy(model, mqar, **kwargs)
     assert set(first) == {"recall", "loss", "seconds", "steps"}
     assert 0.0 <= first["recall"] <= 1.0 and first["steps"] == 3 and first["seconds"] > 0
@@ -145,3 +145,28 @@ def test_recall_accuracy_end_to_end():
     other = recall_accuracy(model, mqar, **{**kwargs, "seed": 1})
     assert other["loss"] != first["loss"]
     assert model.vocab_size == 4096  # the caller's config is left as it was
+
+
+def test_the_probe_keeps_the_pattern_and_head_size_at_its_own_width():
+    model = ModelConfig(
+        d_model=512,
+        n_layers=8,
+        n_heads=8,
+        n_kv_heads=2,
+        d_ff=1536,
+        linear_mixer="gated_deltanet",
+        layer_pattern="LLLF",
+    )
+    probe = probe_config(model, vocab_size=16, width=128)
+    assert (probe.d_model, probe.n_heads, probe.kv_heads, probe.d_ff) == (128, 2, 2, 384)
+    assert (probe.pattern, probe.linear_mixer, probe.n_layers) == (
+        model.pattern,
+        "gated_deltanet",
+        8,
+    )
+    assert probe.vocab_size == 260  # the floor ModelConfig accepts; rows past 16 go unused
+    narrow = probe_config(model, vocab_size=16, width=64)  # one head, GQA group of 4 too wide
+    assert (narrow.d_model, narrow.n_heads, narrow.kv_heads) == (64, 1, 1)
+    assert probe_config(model, 16, width=0).d_model == 512  # 0: the run's own width
+    with pytest.raises(ConfigError, match="probe's width must be positive"):
+        probe_config(model, 16, width=-64)

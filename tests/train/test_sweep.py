@@ -155,7 +155,7 @@ def test_a_sweep_under_torchrun_is_data_parallel_and_measures_what_one_process_d
     assert [r["name"] for r in two] == [r["name"] for r in one]
     for a, b in zip(one, two, strict=True):
         # the ranks run one torch thread, the in-process reference several: sums in another
-        # order, so the losses to 1e-5 and the accuracies (1024 queries each) to 2 answers
+        # order, so the losses to 1e-5 and the accuracies to 2 answers in 1024
         assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5), a["name"]
         assert b["recall_seeds"] == pytest.approx(a["recall_seeds"], abs=2 / 1024), a["name"]
         assert b["recall_loss"] == pytest.approx(a["recall_loss"], rel=1e-5), a["name"]
