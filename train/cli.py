@@ -196,6 +196,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             recall_steps=args.recall_steps,
             recall_pairs=args.recall_pairs,
             recall_seq_len=args.recall_seq_len,
+            recall_vocab=args.recall_vocab,
             recall_width=args.recall_width,
             recall_tolerance=args.recall_tolerance,
             loss_tolerance=args.loss_tolerance,
@@ -478,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--recall-pairs", type=int, default=None, help="MQAR key-value pairs")
     p.add_argument("--recall-seq-len", type=int, default=None, help="MQAR sequence length")
+    p.add_argument(
+        "--recall-vocab", type=int, default=None, help="MQAR vocabulary (keys and values)"
+    )
     p.add_argument(
         "--recall-width",
         type=int,

@@ -57,6 +57,7 @@ class SweepOptions:
     recall_steps: int | None = None  # None: the pinned budget of ``hylas.train.recall``
     recall_pairs: int | None = None  # None: MQARConfig's
     recall_seq_len: int | None = None  # None: MQARConfig's
+    recall_vocab: int | None = None  # None: MQARConfig's
     recall_width: int | None = None  # None: the probe's own (hylas.train.recall.WIDTH)
     recall_tolerance: float = 0.05
     loss_tolerance: float = 0.02
@@ -94,12 +95,29 @@ def _fitting(n: int) -> list[tuple[int, int]]:
     return sorted(out, key=lambda ab: (-ab[0] / (ab[0] + ab[1]), ab[0] + ab[1]))
 
 
+def recall_task(opts: SweepOptions):
+    """The MQAR task of every run: MQARConfig's pinned defaults and the options' changes,
+    refused before anything runs when they do not fit together."""
+    from hylas.data.mqar import MQARConfig
+
+    task = MQARConfig()
+    for name in ("pairs", "seq_len", "vocab"):
+        value = getattr(opts, f"recall_{name}")
+        if value is not None:
+            setattr(task, "vocab_size" if name == "vocab" else name, value)
+    try:
+        return task.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{e} (--recall-pairs, --recall-seq-len, --recall-vocab)") from None
+
+
 def plan(opts: SweepOptions) -> list[dict]:
     """The runs: name, mixer, ratio, layer pattern and the config overrides of each."""
     # the recipe's depth; its own pattern need not fit it, each run sets one
     base = load_config(opts.recipe, [*opts.overrides, "model.layer_pattern=F"])
     n = base.model.n_layers
     check_ratios(opts.ratios, n)
+    recall_task(opts)
     runs, seen = [], set()
     for mixer in opts.mixers:
         for ratio in opts.ratios:
@@ -222,15 +240,10 @@ def measure(cfg, result, opts: SweepOptions, rank=0, world=1, device="cpu", grou
     reads the throughput the run logged."""
     import torch.distributed as dist
 
-    from hylas.data.mqar import MQARConfig
     from hylas.model.decoder import HylasLM
     from hylas.train.recall import recall_accuracy
 
-    task = MQARConfig()
-    if opts.recall_pairs:
-        task.pairs = opts.recall_pairs
-    if opts.recall_seq_len:
-        task.seq_len = opts.recall_seq_len
+    task = recall_task(opts)
     budget = {"steps": opts.recall_steps} if opts.recall_steps else {}
     if opts.recall_width is not None:
         budget["width"] = opts.recall_width

@@ -172,4 +172,8 @@ def test_bad_sweep_arguments_get_their_sentence(tmp_path, capsys):
         main(["sweep", "--placement", "middle", "--out", out])
     assert e.value.code == 2
     assert "invalid choice: 'middle'" in capsys.readouterr().err
+    assert main(["sweep", "--ratios", "1:0", "--recall-pairs", "8", "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "MQAR with 8 distinct keys needs vocab_size >= 18" in err
+    assert err.endswith("(--recall-pairs, --recall-seq-len, --recall-vocab)")
     assert not (tmp_path / "s").exists()
