@@ -55,7 +55,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hylas.data.corpus import corpus_fingerprint, load_corpus, split_corpus
-from hylas.data.sources import DataError, Source
+from hylas.data.sources import DataError, RawParagraphs, Source, split_paragraphs
 from hylas.data.tokenizer import Tokenizer, file_sha256, train_tokenizer
 
 log = logging.getLogger("hylas")
@@ -177,10 +177,16 @@ def _pack(ids: list[list[int]], dtype: np.dtype, eos: int) -> tuple[np.ndarray, 
     return np.fromiter(itertools.chain.from_iterable(ids), dtype, count=total), ends
 
 
-def _encode_job(job: tuple[list[str], list[bool] | None, float]):
-    """One task: tokenize a run of documents; returns (tokens, ends) per split and, when
-    the held-out flags are None, the documents' text hashes that decided them."""
+def _encode_job(job: tuple[list[str] | tuple, list[bool] | None, float]):
+    """One task: tokenize a run of documents, or the paragraphs of a raw block (a tuple of
+    :func:`split_paragraphs`'s arguments); returns (tokens, ends) per split, the documents'
+    text hashes when they decided the held-out flags (given as None), and for a raw block
+    (documents, characters, bad UTF-8 sequences replaced)."""
     texts, held_out, fraction = job
+    counts = None
+    if isinstance(texts, tuple):
+        texts, replaced = split_paragraphs(*texts)
+        counts = (len(texts), sum(map(len, texts)), replaced)
     hashes = None
     if held_out is None:  # held out by hash, here rather than in the feeding process
         hashes = [text_hash(t) for t in texts]
@@ -189,22 +195,31 @@ def _encode_job(job: tuple[list[str], list[bool] | None, float]):
     dtype, eos = _worker["dtype"], _worker["eos"]
     train = [d for d, h in zip(ids, held_out, strict=True) if not h]
     val = [d for d, h in zip(ids, held_out, strict=True) if h] if any(held_out) else []
-    return _pack(train, dtype, eos), _pack(val, dtype, eos), hashes
+    return _pack(train, dtype, eos), _pack(val, dtype, eos), hashes, counts
 
 
-def _jobs(documents: Iterable[tuple[str, bool | None]], fraction: float) -> Iterator:
-    """(job, characters) runs of about JOB_CHARACTERS; a job's flags are None when its
-    documents' are (held out by hash at ``fraction``, in the worker)."""
+def _jobs(
+    documents: Iterable[tuple[str | RawParagraphs, bool | None]], fraction: float
+) -> Iterator:
+    """(job, characters, raw block or None): runs of documents of about JOB_CHARACTERS, and
+    each raw block as a job of its own; a job's flags are None when its documents' are
+    (held out by hash at ``fraction``, in the worker)."""
     texts, flags, size = [], [], 0
     for text, held_out in documents:
+        if isinstance(text, RawParagraphs):
+            if texts:
+                yield (texts, None if flags[0] is None else flags, fraction), size, None
+                texts, flags, size = [], [], 0
+            yield (text.job(), None, fraction), len(text.data), text
+            continue
         texts.append(text)
         flags.append(held_out)
         size += len(text)
         if size >= JOB_CHARACTERS:
-            yield (texts, None if flags[0] is None else flags, fraction), size
+            yield (texts, None if flags[0] is None else flags, fraction), size, None
             texts, flags, size = [], [], 0
     if texts:
-        yield (texts, None if flags[0] is None else flags, fraction), size
+        yield (texts, None if flags[0] is None else flags, fraction), size, None
 
 
 class _Pool:
@@ -220,14 +235,14 @@ class _Pool:
     def map(self, jobs: Iterator) -> Iterator:
         pending: collections.deque = collections.deque()
         try:
-            for job, size in jobs:
-                pending.append((self.pool.submit(_encode_job, job), size))
+            for job, size, raw in jobs:
+                pending.append((self.pool.submit(_encode_job, job), size, raw))
                 if len(pending) >= self.limit:
-                    future, n = pending.popleft()
-                    yield future.result(), n
+                    future, n, raw = pending.popleft()
+                    yield future.result(), n, raw
             while pending:
-                future, n = pending.popleft()
-                yield future.result(), n
+                future, n, raw = pending.popleft()
+                yield future.result(), n, raw
         except BrokenProcessPool:
             raise DataError(
                 "a tokenizer worker process died (out of memory, or killed); try fewer --workers"
@@ -270,8 +285,10 @@ def _tokenize(
         n_tokens = 0
         with bar:
             fraction = hash_split.fraction if hash_split else 0.0
-            for result, size in pool.map(_jobs(documents, fraction)):
-                (train_tok, train_ends), (val_tok, val_ends), hashes = result
+            for result, size, raw in pool.map(_jobs(documents, fraction)):
+                (train_tok, train_ends), (val_tok, val_ends), hashes, counts = result
+                if raw is not None:
+                    raw.count(*counts)
                 if hashes is not None:
                     hash_split.hashes.extend(hashes)
                 writers["train"].add(train_tok, train_ends)
@@ -335,6 +352,7 @@ def write_prepared(
     second_pass: Callable[[], tuple[Iterable[tuple[str, bool]], dict] | None] | None = None,
     part: dict | None = None,
     hash_split: HashSplit | None = None,
+    after_first_pass: Callable[[], None] | None = None,
 ) -> dict:
     """Tokenize ``(text, held_out)`` pairs into the prepared directory ``out``; returns the
     manifest. ``input_bytes`` is (total, a function giving the bytes read so far), for the
@@ -343,7 +361,8 @@ def write_prepared(
     manifest. ``held_out`` says in the manifest how the split was made; when a split comes out
     empty, ``second_pass`` may give other documents to write instead, with their ``held_out``.
     ``part`` is recorded in the manifest as is (see :func:`prepare`). A document's flag may
-    be None, deciding by ``hash_split`` (:class:`HashSplit`)."""
+    be None, deciding by ``hash_split`` (:class:`HashSplit`). ``after_first_pass`` runs once
+    the first pass is tokenized (the sources' checks of what raw blocks held)."""
     out = Path(out)
     if out.exists():
         raise DataError(f"{out} already exists; remove it or choose another --out")
@@ -358,6 +377,8 @@ def write_prepared(
         splits = _tokenize(
             documents, tokenizer, tmp, **run, progress=progress, hash_split=hash_split
         )
+        if after_first_pass:
+            after_first_pass()
         redo = None
         if second_pass and not all(splits[s]["documents"] for s in SPLITS):
             redo = second_pass()
@@ -445,10 +466,16 @@ def prepare(
     only: list[str] = []  # the text while there is one document
     blank = [copy.deepcopy(s.stats) for s in sources]
 
-    def first_pass() -> Iterator[tuple[str, None]]:
-        for n, text in enumerate(itertools.chain.from_iterable(sources)):
-            only[:] = [text] if n == 0 else []
-            yield text, None
+    def first_pass() -> Iterator[tuple[str | RawParagraphs, None]]:
+        # Paragraph-mode text comes as raw blocks that the workers split (no work per
+        # document here); ``only`` keeps a first document that is a text, until a second.
+        for n, item in enumerate(itertools.chain.from_iterable(s.raw() for s in sources)):
+            only[:] = [item] if n == 0 and isinstance(item, str) else []
+            yield item, None
+
+    def check_sources() -> None:
+        for s in sources:
+            s.check_documents()
 
     def again() -> Iterator[str]:
         for s, b in zip(sources, blank, strict=True):  # counts as before the first pass
@@ -471,7 +498,10 @@ def prepare(
             chosen = set(sorted(range(len(hashes)), key=hashes.__getitem__)[:k])
             documents = ((t, n in chosen) for n, t in enumerate(again()))
             return documents, {"rule": "hash-smallest", **record, "cut": False}
-        text = only[0]
+        if not only:  # the one document came in a raw block: read it again
+            [text] = again()
+        else:
+            text = only[0]
         cut = tail_cut(text, val_fraction)
         if not cut:
             return None
@@ -495,6 +525,7 @@ def prepare(
         second_pass=None if part else second_pass,
         part=part,
         hash_split=split,
+        after_first_pass=check_sources,
     )
 
 

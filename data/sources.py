@@ -75,6 +75,10 @@ _CORRUPT = (EOFError, OSError, lzma.LZMAError, zstandard.ZstdError)
 # bytes.strip() removes), from its first line's start to its last line's end.
 _PARAGRAPH = re.compile(rb"[^\n]*\S[^\n]*(?:\n[^\n]*\S[^\n]*)*")
 _PARAGRAPH_BLOCK = 4 << 20  # bytes read at a time in paragraph mode
+# A line end followed by a blank (whitespace-only) line: paragraphs can be cut apart after
+# its first byte. Raw blocks of about _RAW_BLOCK bytes go to the tokenizer workers.
+_BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")
+_RAW_BLOCK = 1 << 20
 
 
 class DataError(ValueError):
@@ -100,6 +104,54 @@ class SourceStats:
         if len(self.files) > 20:
             out["files"] = [*self.files[:20], f"... {len(self.files) - 20} more"]
         return out
+
+
+@dataclass
+class RawParagraphs:
+    """Whole paragraphs of a text file, as its bytes cut at a blank line: split, decoded and
+    counted (:func:`split_paragraphs`) by whoever tokenizes them, so that the process
+    reading a large file does nothing per document (``hylas data prepare``'s workers)."""
+
+    data: bytes
+    where: str  # the file, for error messages
+    offset: int  # of data[0] in the file (decompressed)
+    bad_utf8: str
+    stats: SourceStats  # the source's; ``count`` adds what splitting found
+
+    def job(self) -> tuple[bytes, str, int, str]:
+        """What a worker needs: :func:`split_paragraphs`'s arguments."""
+        return self.data, self.where, self.offset, self.bad_utf8
+
+    def count(self, documents: int, characters: int, bad_utf8_replaced: int) -> None:
+        self.stats.documents += documents
+        self.stats.characters += characters
+        self.stats.bad_utf8_replaced += bad_utf8_replaced
+
+
+def split_paragraphs(data: bytes, where: str, offset: int, bad_utf8: str) -> tuple[list[str], int]:
+    """The paragraphs of ``data`` (bytes of ``where`` from ``offset`` on), each decoded once
+    without its final line end, and the number of bad UTF-8 sequences replaced."""
+    texts, replaced = [], 0
+    for m in _PARAGRAPH.finditer(data):
+        text, bad = _decode(m.group(), where, bad_utf8, offset + m.start())
+        replaced += bad
+        texts.append(text.rstrip("\r\n"))
+    return texts, replaced
+
+
+def _last_blank_line(buf: bytes, start: int = 0) -> int:
+    """Just past the last line end of ``buf`` that a blank line follows (paragraphs end
+    before it), looking no earlier than ``start``; 0 when there is none. Searched from the
+    end in growing windows."""
+    window = 1 << 16
+    while True:
+        lo = max(start, len(buf) - window)
+        starts = [m.start() for m in _BLANK_LINE.finditer(buf, lo)]
+        if starts:
+            return starts[-1] + 1
+        if lo == start:
+            return 0
+        window *= 4
 
 
 class _Replacements:
@@ -238,6 +290,7 @@ class Source:
             big = self.kind == "file" and texts and texts[0].stat().st_size > AUTO_PARAGRAPH_BYTES
             split_documents = "paragraph" if big else "none"
         self.split_documents = split_documents
+        self._raw = False  # paragraphs as RawParagraphs blocks (see raw())
         self.stats = SourceStats(
             spec,
             self.kind,
@@ -281,6 +334,17 @@ class Source:
         return None
 
     def __iter__(self) -> Iterator[str]:
+        yield from self._items(raw=False)
+        self.check_documents()
+
+    def raw(self) -> Iterator[str | RawParagraphs]:
+        """The documents as iterating gives them, except that a text file in paragraph mode
+        comes as :class:`RawParagraphs` blocks of about ``_RAW_BLOCK`` bytes, counted once
+        they are split; call :meth:`check_documents` when they all are."""
+        return self._items(raw=True)
+
+    def _items(self, raw: bool) -> Iterator[str | RawParagraphs]:
+        self._raw = raw
         if self.kind == "datasets":
             yield from self._keep(self._datasets_stream())
         elif self.kind == "saved dataset":
@@ -288,6 +352,9 @@ class Source:
         else:
             for f in self.files:
                 yield from self._file(f)
+
+    def check_documents(self) -> None:
+        """Refuse an input that held no documents, in one sentence."""
         if self.stats.documents == 0:
             what = f"{self.stats.empty_skipped} empty documents" if self.stats.empty_skipped else ""
             raise DataError(
@@ -329,7 +396,10 @@ class Source:
                 yield text
                 return
             if self.split_documents == "paragraph":
-                yield from self._paragraphs(stream, f)
+                if self._raw:
+                    yield from self._raw_paragraphs(stream, f)
+                else:
+                    yield from self._paragraphs(stream, f)
                 return
             # A document's lines are gathered as bytes and decoded once, from its first byte.
             offset, start, lines = 0, 0, []
@@ -366,6 +436,25 @@ class Source:
             if not block:
                 return
             cut = end if last is None else last
+            carry, base = buf[cut:], base + cut
+
+    def _raw_paragraphs(self, stream: io.BufferedIOBase, f: Path) -> Iterator[RawParagraphs]:
+        """The file in blocks of whole paragraphs, each cut after a line end that a blank
+        line follows; a block with no such place waits for more of the file."""
+        carry, base = b"", 0  # bytes not handed out yet, and the file offset of their start
+        while True:
+            block = stream.read(_RAW_BLOCK)
+            buf = carry + block
+            if not block:
+                if buf:
+                    yield RawParagraphs(buf, str(f), base, self.bad_utf8, self.stats)
+                return
+            # The carried bytes were searched already: look again only near their end (a
+            # blank line the new bytes complete), so a paragraph longer than a block costs
+            # one pass over it, not one per block.
+            cut = _last_blank_line(buf, max(0, len(carry) - 4096))
+            if cut:
+                yield RawParagraphs(buf[:cut], str(f), base, self.bad_utf8, self.stats)
             carry, base = buf[cut:], base + cut
 
     def _jsonl(self, f: Path, compression: str | None) -> Iterator[str]:
@@ -455,9 +544,12 @@ class Source:
                     )
                 yield text or ""
 
-    def _keep(self, texts) -> Iterator[str]:
+    def _keep(self, texts) -> Iterator[str | RawParagraphs]:
         stats = self.stats
         for text in texts:
+            if isinstance(text, RawParagraphs):  # counted where it is split
+                yield text
+                continue
             if not text:
                 stats.empty_skipped += 1
                 continue

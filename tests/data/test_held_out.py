@@ -84,15 +84,22 @@ def test_too_few_documents_for_the_hash_hold_out_the_smallest_hash(tmp_path, tok
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-@pytest.mark.parametrize("hashed_into", ["train", "val"])
-def test_one_document_has_its_tail_held_out(tmp_path, tokenizer, hashed_into):
+@pytest.mark.parametrize(
+    "hashed_into, mode", [("train", "none"), ("val", "none"), ("train", "paragraph")]
+)
+def test_one_document_has_its_tail_held_out(tmp_path, tokenizer, hashed_into, mode):
+    """A whole file as one document, or a file of one paragraph read by paragraph (which
+    comes to the workers as one raw block, and is read again for its tail)."""
     text = load_corpus()[5].text[:30_000]
+    if mode == "paragraph":
+        text = "\n".join(line for line in text.splitlines() if line.strip())
     below = lambda t: text_hash(t) / 2**64 < 0.005  # noqa: E731
     suffixes = (f"\n{i}" for i in itertools.count())
     text = next(t for t in (text + s for s in suffixes) if below(t) == (hashed_into == "val"))
     (tmp_path / "book.txt").write_text(text)
     out = tmp_path / "out"
-    m = prepare(open_sources([str(tmp_path / "book.txt")]), tokenizer, out, progress=False)
+    sources = open_sources([str(tmp_path / "book.txt")], split_documents=mode)
+    m = prepare(sources, tokenizer, out, progress=False)
     cut = tail_cut(text, 0.005)
     assert 2_000 <= len(text) - cut <= len(text) // 2 and text[cut - 1] in "\n "
     data = PreparedData(out)

@@ -155,7 +155,9 @@ def test_bad_compressed_input_is_one_sentence(tmp_path, name, content, message):
 def test_paragraphs_read_in_blocks_equal_the_line_by_line_rule(tmp_path, monkeypatch):
     """The block-wise paragraph splitter against the rule it implements, written here line
     by line (a paragraph: consecutive lines holding a non-whitespace byte, without its final
-    line end), on random bytes with blocks of 1 to 8 bytes so paragraphs cross blocks."""
+    line end), on random bytes with blocks of 1 to 8 bytes so paragraphs cross blocks; and
+    the raw blocks ``hylas data prepare`` hands its workers, split there, against the same
+    rule, with blocks of 1 to 8 bytes read at a time."""
     import random
 
     from hylas.data import sources
@@ -167,6 +169,7 @@ def test_paragraphs_read_in_blocks_equal_the_line_by_line_rule(tmp_path, monkeyp
         data = b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 60)))
         path.write_bytes(data)
         monkeypatch.setattr(sources, "_PARAGRAPH_BLOCK", rng.randint(1, 8))
+        monkeypatch.setattr(sources, "_RAW_BLOCK", rng.randint(1, 8))
         expected, lines = [], []
         parts = data.split(b"\n")
         for raw in [p + b"\n" for p in parts[:-1]] + [parts[-1], b""]:
@@ -175,6 +178,18 @@ def test_paragraphs_read_in_blocks_equal_the_line_by_line_rule(tmp_path, monkeyp
             elif lines:
                 expected.append(b"".join(lines).decode("utf-8", "replace").rstrip("\r\n"))
                 lines = []
+        [source] = open_sources([str(path)], split_documents="paragraph", bad_utf8="replace")
+        split = []
+        for block in source.raw():
+            assert data[block.offset : block.offset + len(block.data)] == block.data
+            texts, replaced = sources.split_paragraphs(*block.job())
+            block.count(len(texts), sum(map(len, texts)), replaced)
+            split += texts
+        assert split == expected, data
+        assert source.stats.documents == len(expected)
+        if not expected:
+            with pytest.raises(DataError, match="holds no documents"):
+                source.check_documents()
         [source] = open_sources([str(path)], split_documents="paragraph", bad_utf8="replace")
         if not expected:
             with pytest.raises(DataError, match="holds no documents"):

@@ -288,3 +288,61 @@ def test_a_dead_worker_stops_the_run_instead_of_hanging(tmp_path, tokenizer, tex
     with pytest.raises(DataError, match="a tokenizer worker process died"):
         write_prepared(((t, False) for t in texts), tokenizer, tmp_path / "out", progress=False)
     assert_nothing_written(tmp_path)
+
+
+def test_one_text_file_by_paragraph_goes_to_the_workers_in_raw_blocks(
+    tmp_path, tokenizer, texts, monkeypatch
+):
+    """Paragraph mode hands the workers raw blocks cut at blank lines (4 KiB here, so
+    there are many); they split, count and hash. Against the paragraphs read one by one:
+    the same documents, tokens, held-out split and counts, with 1 and 2 workers."""
+    from hylas.data import sources
+
+    body = "\n\n \n".join(t.strip() for t in texts if t.strip())
+    (tmp_path / "book.txt").write_bytes((body + "\n").encode() + b"caf\xe9\n")
+    [reader] = open_sources([str(tmp_path / "book.txt")], split_documents="paragraph")
+    paragraphs = list(reader)
+    assert len(paragraphs) > 60
+    monkeypatch.setattr(sources, "_RAW_BLOCK", 4096)
+    [again] = open_sources([str(tmp_path / "book.txt")], split_documents="paragraph")
+    raw = list(again.raw())
+    assert len(raw) > 20 and all(isinstance(b, sources.RawParagraphs) for b in raw)
+    train, val = expected(tokenizer, paragraphs, 0.1)
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        m = prepare(
+            open_sources([str(tmp_path / "book.txt")], split_documents="paragraph"),
+            tokenizer,
+            out,
+            workers=workers,
+            val_fraction=0.1,
+            progress=False,
+        )
+        data = PreparedData(out)
+        assert [d.tolist() for d in documents(data, "train")] == train
+        assert [d.tolist() for d in documents(data, "val")] == val
+        counts = {k: m["sources"][0][k] for k in ("documents", "characters", "bad_utf8_replaced")}
+        assert counts == {
+            "documents": len(paragraphs),
+            "characters": sum(map(len, paragraphs)),
+            "bad_utf8_replaced": 1,
+        }
+
+
+def test_bad_utf8_in_a_raw_block_names_the_file_and_offset(tmp_path, tokenizer, monkeypatch):
+    from hylas.data import sources
+
+    monkeypatch.setattr(sources, "_RAW_BLOCK", 64)
+    data = b"".join(b"paragraph %d\nof text\n\n" % i for i in range(40))
+    (tmp_path / "book.txt").write_bytes(data + b"caf\xe9\n")
+    with pytest.raises(
+        DataError, match=rf"book\.txt is not valid UTF-8 \(byte offset {len(data) + 3}:"
+    ):
+        run_prepare(
+            tmp_path,
+            tokenizer,
+            [tmp_path / "book.txt"],
+            split_documents="paragraph",
+            bad_utf8="error",
+        )
+    assert_nothing_written(tmp_path)
