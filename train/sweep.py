@@ -253,7 +253,8 @@ def measure(cfg, result, opts: SweepOptions, rank=0, world=1, device="cpu", grou
     }
     row = {}
     if rank == 0:
-        model = HylasLM(cfg.model, kernel_backend=cfg.kernels.backend, seed=0)
+        with torch.device("meta"):  # sizes only: no memory, whatever the recipe
+            model = HylasLM(cfg.model, kernel_backend=cfg.kernels.backend)
         records = [
             json.loads(line)
             for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
