@@ -76,9 +76,10 @@ _CORRUPT = (EOFError, OSError, lzma.LZMAError, zstandard.ZstdError)
 _PARAGRAPH = re.compile(rb"[^\n]*\S[^\n]*(?:\n[^\n]*\S[^\n]*)*")
 _PARAGRAPH_BLOCK = 4 << 20  # bytes read at a time in paragraph mode
 # A line end followed by a blank (whitespace-only) line: paragraphs can be cut apart after
-# its first byte. Raw blocks of about _RAW_BLOCK bytes go to the tokenizer workers.
+# its first byte. Raw blocks of about _RAW_BLOCK bytes go to the tokenizer workers
+# (256 KiB: 1 MiB blocks left a worker idle at the end of a 20 MB file, 1.85x against 1.94x).
 _BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")
-_RAW_BLOCK = 1 << 20
+_RAW_BLOCK = 1 << 18
 
 
 class DataError(ValueError):
