@@ -205,10 +205,14 @@ def _jobs(
     each raw block as a job of its own; a job's flags are None when its documents' are
     (held out by hash at ``fraction``, in the worker)."""
     texts, flags, size = [], [], 0
+
+    def run_of_documents():
+        return (texts, None if flags[0] is None else flags, fraction), size, None
+
     for text, held_out in documents:
         if isinstance(text, RawParagraphs):
             if texts:
-                yield (texts, None if flags[0] is None else flags, fraction), size, None
+                yield run_of_documents()
                 texts, flags, size = [], [], 0
             yield (text.job(), None, fraction), len(text.data), text
             continue
@@ -216,10 +220,10 @@ def _jobs(
         flags.append(held_out)
         size += len(text)
         if size >= JOB_CHARACTERS:
-            yield (texts, None if flags[0] is None else flags, fraction), size, None
+            yield run_of_documents()
             texts, flags, size = [], [], 0
     if texts:
-        yield (texts, None if flags[0] is None else flags, fraction), size, None
+        yield run_of_documents()
 
 
 class _Pool:

@@ -111,11 +111,15 @@ def recall_task(opts: SweepOptions):
         raise ConfigError(f"{e} (--recall-pairs, --recall-seq-len, --recall-vocab)") from None
 
 
+def base_config(opts: SweepOptions):
+    """The recipe with the sweep's overrides: the depth and settings every run shares (its
+    own layer pattern need not fit that depth; each run sets one)."""
+    return load_config(opts.recipe, [*opts.overrides, "model.layer_pattern=F"])
+
+
 def plan(opts: SweepOptions) -> list[dict]:
     """The runs: name, mixer, ratio, layer pattern and the config overrides of each."""
-    # the recipe's depth; its own pattern need not fit it, each run sets one
-    base = load_config(opts.recipe, [*opts.overrides, "model.layer_pattern=F"])
-    n = base.model.n_layers
+    n = base_config(opts).model.n_layers
     check_ratios(opts.ratios, n)
     recall_task(opts)
     runs, seen = [], set()
@@ -165,7 +169,7 @@ def sweep(opts: SweepOptions) -> list[dict]:
     from hylas.train.trainer import train
 
     runs = plan(opts)
-    base = load_config(opts.recipe, [*opts.overrides, "model.layer_pattern=F"])
+    base = base_config(opts)
     layout = layout_from_env(base.parallel.sp)
     device = device_for(layout)
     rank0 = layout.rank == 0
