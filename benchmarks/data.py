@@ -34,7 +34,7 @@ from hylas.data.loader import PackedLoader
 from hylas.data.prepare import prepare, prepare_embedded_corpus
 from hylas.data.sources import open_sources
 from hylas.data.tokenizer import Tokenizer
-from hylas.model import HylasLM
+from hylas.model.decoder import HylasLM
 from hylas.train.config import load_config
 from hylas.train.optim import param_groups
 from hylas.train.trainer import keep_freed_memory, model_inputs

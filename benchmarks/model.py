@@ -22,7 +22,8 @@ import time
 import torch
 from machine import describe
 
-from hylas.model import HylasLM, ModelConfig
+from hylas.model.config import ModelConfig
+from hylas.model.decoder import HylasLM
 
 
 def hylas_model(pattern: str, mixer: str) -> HylasLM:

@@ -75,7 +75,7 @@ def _rank_main(rank, world, port, out, fn, args):
 
 
 def model_config(mixer: str = "gla", **kw):
-    from hylas.model import ModelConfig
+    from hylas.model.config import ModelConfig
 
     base = dict(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, linear_mixer=mixer)
     return ModelConfig(**{**base, **kw}).validate()
@@ -207,7 +207,7 @@ def resident_bytes(field: str = "VmRSS") -> int:
 def memory_rank(rank: int, world: int, T: int) -> dict:
     import ctypes
 
-    from hylas.model import HylasLM
+    from hylas.model.decoder import HylasLM
     from hylas.parallel import sp
 
     # Every allocation of 128 KiB or more is mapped and unmapped on its own (glibc's

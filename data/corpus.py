@@ -6,7 +6,7 @@ import hashlib
 import json
 import lzma
 from dataclasses import dataclass
-from importlib import resources
+from pathlib import Path
 
 CORPUS_FILE = "shakespeare.jsonl.xz"
 # Held out for evaluation (about 5% of the text): works the model never trains on.
@@ -20,7 +20,7 @@ class Document:
 
 
 def _corpus_bytes() -> bytes:
-    return resources.files("hylas.data").joinpath("corpus", CORPUS_FILE).read_bytes()
+    return (Path(__file__).with_name("corpus") / CORPUS_FILE).read_bytes()
 
 
 def corpus_fingerprint() -> str:

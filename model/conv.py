@@ -26,11 +26,13 @@ class ShortConv(nn.Module):
     def __init__(self, channels: int, width: int):
         super().__init__()
         self.width = width
-        self.weight = nn.Parameter(torch.empty(channels, width))
+        bound = width**-0.5
+        # from torch's global generator, as nn.Conv1d does, so a conv built alone is usable
+        self.weight = nn.Parameter(torch.empty(channels, width).uniform_(-bound, bound))
 
     def init_weights(self, gen: torch.Generator) -> None:
         """nn.Conv1d's default for a depthwise conv: kaiming-uniform with a = sqrt(5) and
-        fan_in = W, i.e. Uniform(-1/sqrt(W), 1/sqrt(W))."""
+        fan_in = W, i.e. Uniform(-1/sqrt(W), 1/sqrt(W)), drawn from ``gen``."""
         bound = self.width**-0.5
         init_uniform(self.weight, -bound, bound, gen)
 

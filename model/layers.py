@@ -56,20 +56,23 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float, scaling=None):
         super().__init__()
         self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
-        self.register_buffer(
-            "inv_freq", torch.empty(head_dim // 2, dtype=torch.float32), persistent=False
-        )
+        # Computed at construction, on the default device (nothing on meta): usable at once.
+        self.register_buffer("inv_freq", self.frequencies(device=None), persistent=False)
+
+    def frequencies(self, device: torch.device | str | None) -> torch.Tensor:
+        dims = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
+        inv_freq = 1.0 / self.theta ** (dims / self.head_dim)
+        if self.scaling is not None and self.scaling.kind == "llama3":
+            inv_freq = llama3_frequencies(inv_freq, self.scaling)
+        return inv_freq
 
     def init_weights(self) -> None:
         self.init_buffers()
 
     def init_buffers(self) -> None:
-        """The frequencies, from the config (a buffer that no checkpoint holds)."""
-        dims = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device="cpu")
-        inv_freq = 1.0 / self.theta ** (dims / self.head_dim)
-        if self.scaling is not None and self.scaling.kind == "llama3":
-            inv_freq = llama3_frequencies(inv_freq, self.scaling)
-        init_value(self.inv_freq, inv_freq)
+        """The frequencies, from the config (a buffer that no checkpoint holds), computed on
+        the CPU whatever the buffer's device, so every device gets the same values."""
+        init_value(self.inv_freq, self.frequencies(device="cpu"))
 
     def forward(self, x_BTHD: torch.Tensor, position_ids_BT: torch.Tensor) -> torch.Tensor:
         angles = position_ids_BT.float().unsqueeze(-1) * self.inv_freq  # [B, T, D/2]

@@ -243,8 +243,8 @@ class LinearAttention(LinearMixer):
         self.feature_map = cfg.feature_map
 
 
-def _fixed_decay(name: str, n_heads: int) -> torch.Tensor:
-    h = torch.arange(n_heads, dtype=torch.float64, device="cpu")
+def _fixed_decay(name: str, n_heads: int, device: torch.device | str | None) -> torch.Tensor:
+    h = torch.arange(n_heads, dtype=torch.float64, device=device)
     if name == "retnet":  # gamma_h = 1 - 2^(-5 - h)
         return torch.log1p(-(2.0 ** (-5.0 - h))).float()
     # lightning: the ALiBi slopes s_h = 2^(-8 (h + 1) / H), decay exp(-s_h)
@@ -255,7 +255,7 @@ class _FixedDecay(LinearMixer):
     family = simple_gla
 
     def build_gates(self, cfg):
-        log_decay = torch.empty(self.n_v_heads, dtype=torch.float32)
+        log_decay = _fixed_decay(self.name, self.n_v_heads, device=None)  # usable at once
         self.register_buffer("log_decay", log_decay, persistent=False)
 
     def init_gates(self, gen, std):
@@ -263,7 +263,7 @@ class _FixedDecay(LinearMixer):
 
     def init_buffers(self):
         """The fixed decays, from the config (a buffer that no checkpoint holds)."""
-        init_value(self.log_decay, _fixed_decay(self.name, self.n_v_heads))
+        init_value(self.log_decay, _fixed_decay(self.name, self.n_v_heads, device="cpu"))
 
     def gates(self, x_BTD, q, k, v):
         B, T = x_BTD.shape[:2]
@@ -333,10 +333,14 @@ class HGRN2(LinearMixer):
 
 
 def _dt_bias(
-    n: int, gen: torch.Generator, dt_min: float = 1e-3, dt_max: float = 0.1
+    n: int,
+    gen: torch.Generator | None,
+    dt_min: float = 1e-3,
+    dt_max: float = 0.1,
+    device: torch.device | str | None = "cpu",
 ) -> torch.Tensor:
     """Mamba's dt bias: softplus(bias) log-uniform in [dt_min, dt_max]."""
-    u = torch.rand(n, generator=gen, device="cpu")
+    u = torch.rand(n, generator=gen, device=device)
     dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
     return dt + torch.log(-torch.expm1(-dt))  # the inverse of softplus
 
@@ -346,8 +350,10 @@ class _SSMDecay(LinearMixer):
 
     def build_gates(self, cfg):
         self.a_proj = nn.Linear(cfg.d_model, self.n_v_heads, bias=False)
-        self.A_log = nn.Parameter(torch.empty(self.n_v_heads))
-        self.dt_bias = nn.Parameter(torch.empty(self.n_v_heads))
+        # drawn from torch's global generator, as nn.Linear's weights are, so a mixer built
+        # alone is usable; HylasLM.init_weights sets them from its seed
+        self.A_log = nn.Parameter(torch.empty(self.n_v_heads).uniform_(1, 16).log())
+        self.dt_bias = nn.Parameter(_dt_bias(self.n_v_heads, None, device=None))
 
     def init_gates(self, gen, std):
         """A ~ Uniform(1, 16), stored as its log; dt_bias as Mamba's."""
@@ -375,7 +381,7 @@ class Mamba2(_SSMDecay):
 
     def build_gates(self, cfg):
         super().build_gates(cfg)
-        self.D = nn.Parameter(torch.empty(self.n_v_heads))
+        self.D = nn.Parameter(torch.ones(self.n_v_heads))
 
     def init_gates(self, gen, std):
         super().init_gates(gen, std)

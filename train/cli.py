@@ -102,7 +102,8 @@ def with_model_of_checkpoint(cfg, overrides: list[str]):
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from hylas.model import HylasLM, generate
+    from hylas.model.decoder import HylasLM
+    from hylas.model.generation import generate
     from hylas.train.checkpoint import load_model_weights, open_checkpoint
 
     if args.max_new_tokens <= 0:

@@ -13,13 +13,17 @@ import difflib
 import types
 import typing
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from hylas.model.config import ConfigError, ModelConfig
+
+# The shipped recipes: hylas.configs sits beside hylas.train, in the checkout and in an
+# installed wheel alike (pyproject's package-dir). A path, not importlib.resources: the
+# code folders are namespace packages (docs/architecture.md, "Packaging").
+RECIPES = Path(__file__).resolve().parents[1] / "configs"
 
 __all__ = ["Config", "ConfigError", "load_config", "recipe_names"]
 
@@ -281,9 +285,7 @@ def _parse_list(key: str, items: list, item_type: type) -> list:
 
 def recipe_names() -> list[str]:
     return sorted(
-        p.name.removesuffix(".yaml")
-        for p in resources.files("hylas.configs").iterdir()
-        if p.name.endswith(".yaml")
+        p.name.removesuffix(".yaml") for p in RECIPES.iterdir() if p.name.endswith(".yaml")
     )
 
 
@@ -294,7 +296,7 @@ def _read_yaml(config: str) -> tuple[dict[str, Any], str]:
             raise ConfigError(f"config file {config} does not exist")
         text, source = path.read_text(), str(path)
     elif config in recipe_names():
-        text = resources.files("hylas.configs").joinpath(f"{config}.yaml").read_text()
+        text = (RECIPES / f"{config}.yaml").read_text()
         source = f"recipe {config}"
     else:
         raise ConfigError(

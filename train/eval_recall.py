@@ -179,7 +179,7 @@ def probe_accuracy(
 
 def model_answer_fn(model: torch.nn.Module) -> AnswerFn:
     """Greedy decoding with the hybrid cache: one prefill, then a token a step."""
-    from hylas.model import generate
+    from hylas.model.generation import generate
 
     def answer(prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         return list(itertools.islice(generate(model, prompt_ids, max_new_tokens), max_new_tokens))
@@ -265,7 +265,7 @@ def recall_probe(
 ) -> dict:
     """Run the probe on a checkpoint (or a run directory's newest) at every context and
     return (and with ``out``, write atomically as JSON) the results."""
-    from hylas.model import HylasLM
+    from hylas.model.decoder import HylasLM
 
     if samples <= 0:
         raise ValueError(f"--samples must be positive, got {samples}")

@@ -23,8 +23,8 @@ from hylas.data.dataset import PreparedData
 from hylas.data.loader import PackedLoader, eval_batches, select_rows
 from hylas.data.prepare import cache_root, prepare_embedded_corpus
 from hylas.data.tokenizer import Tokenizer
-from hylas.kernels import resolve_backend
-from hylas.model import HylasLM
+from hylas.kernels.common import resolve_backend
+from hylas.model.decoder import HylasLM
 from hylas.model.moe import RouterStats
 from hylas.parallel import sp
 from hylas.parallel.mesh import Layout, device_for, init_groups, layout_from_env, shutdown

@@ -214,7 +214,8 @@ def test_a_checkpoint_carries_the_tokenizer_and_generate_decodes_with_it(
 ):
     import torch
 
-    from hylas.model import HylasLM, generate
+    from hylas.model.decoder import HylasLM
+    from hylas.model.generation import generate
     from hylas.train.checkpoint import load_model_weights, open_checkpoint
 
     run = tmp_path / "run"

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hylas.model import ModelConfig, attention
+from hylas.model import attention
 from hylas.model.attention import BLOCK, SoftmaxAttention, attend
-from hylas.model.config import AttentionConfig
+from hylas.model.config import AttentionConfig, ModelConfig
 from hylas.model.decoder import Packing
 from tests.helpers import assert_close
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from hylas.model import HylasLM, ModelConfig
-from hylas.model.config import MoEConfig
+from hylas.model.config import ModelConfig, MoEConfig
+from hylas.model.decoder import HylasLM
 from hylas.model.linear_mixers import _fixed_decay
 from hylas.model.registry import LINEAR_MIXERS, check_linear_mixer
 
@@ -109,4 +109,45 @@ def test_init_statistics_follow_the_scheme(name):
     if hasattr(mixer, "D"):
         assert (mixer.D == 1).all()
     if hasattr(mixer, "log_decay"):
-        assert torch.equal(mixer.log_decay, _fixed_decay(name, mixer.n_v_heads))
+        assert torch.equal(mixer.log_decay, _fixed_decay(name, mixer.n_v_heads, "cpu"))
+
+
+@pytest.fixture
+def poisoned_empty():
+    """torch.empty filled with NaN (deterministic mode's fill_uninitialized_memory), so a
+    module that leaves a tensor uninitialised shows it on every machine, every run."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    assert torch.utils.deterministic.fill_uninitialized_memory
+    assert torch.empty(4).isnan().all()
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def built_alone(name: str) -> torch.nn.Module:
+    """The mixer, attention or MoE layer of ``config(name)``, constructed by itself."""
+    from hylas.model.attention import SoftmaxAttention
+    from hylas.model.moe import MoE
+    from hylas.model.registry import mixer_class
+
+    cfg = config("gla" if name == "attention" else name)
+    if name == "moe":
+        return MoE(cfg.d_model, 32, 4, 2, 1, "softmax", 0.0)
+    if name == "attention":
+        return SoftmaxAttention(cfg, "torch")
+    return mixer_class("L", name)(cfg, "torch")
+
+
+@pytest.mark.parametrize("name", [*sorted(CONFIGS), "attention"])
+def test_a_module_built_alone_is_usable(name, poisoned_empty):
+    """Every parameter and buffer is set at construction (buffers to their config values,
+    parameters drawn as torch's own layers draw them), without HylasLM.init_weights."""
+    module = built_alone(name)
+    for key, t in {**dict(module.named_parameters()), **dict(module.named_buffers())}.items():
+        assert torch.isfinite(t).all(), f"{name}: {key} is not set at construction"
+    for sub in module.modules():  # buffers equal what init_buffers computes on the CPU
+        if hasattr(sub, "init_buffers"):
+            before = {k: b.clone() for k, b in sub.named_buffers(recurse=False)}
+            sub.init_buffers()
+            for k, b in sub.named_buffers(recurse=False):
+                assert torch.equal(b, before[k]), f"{name}: buffer {k}"

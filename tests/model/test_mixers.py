@@ -7,9 +7,9 @@ import itertools
 import pytest
 import torch
 
-from hylas.model import ConfigError, HylasLM, ModelConfig
 from hylas.model.attention import SoftmaxAttention
-from hylas.model.config import AttentionConfig
+from hylas.model.config import AttentionConfig, ConfigError, ModelConfig
+from hylas.model.decoder import HylasLM
 from hylas.model.linear_mixers import LinearMixer
 from hylas.model.registry import LINEAR_MIXERS, check_linear_mixer, mixer_registry
 from tests.helpers import assert_close

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from hylas.model import ConfigError, HylasLM, ModelConfig, generate
 from hylas.model.attention import SoftmaxAttention
+from hylas.model.config import ConfigError, ModelConfig
+from hylas.model.decoder import HylasLM
+from hylas.model.generation import generate
 from hylas.model.linear_mixers import GLA
 from tests.helpers import assert_close
 

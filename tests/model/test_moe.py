@@ -124,8 +124,7 @@ def test_active_parameters_count_k_experts():
 
 
 def moe_config(**moe):
-    from hylas.model import ModelConfig
-    from hylas.model.config import MoEConfig
+    from hylas.model.config import ModelConfig, MoEConfig
 
     base = dict(vocab_size=300, d_model=32, n_layers=4, n_heads=2, linear_to_full="3:1")
     return ModelConfig(**base, moe=MoEConfig(**moe)).validate()
@@ -142,7 +141,7 @@ def moe_config(**moe):
     ],
 )
 def test_ffn_pattern_places_moe_layers(moe, pattern):
-    from hylas.model import HylasLM
+    from hylas.model.decoder import HylasLM
 
     cfg = moe_config(**moe)
     assert cfg.ffn_pattern == pattern
@@ -151,7 +150,7 @@ def test_ffn_pattern_places_moe_layers(moe, pattern):
 
 
 def test_bad_moe_settings_are_refused():
-    from hylas.model import ConfigError
+    from hylas.model.config import ConfigError
 
     with pytest.raises(ConfigError, match="top_k must be in"):
         moe_config(num_experts=4, top_k=5)
@@ -164,7 +163,7 @@ def test_bad_moe_settings_are_refused():
 
 
 def test_model_loss_adds_the_weighted_aux_losses_and_counts_active_parameters():
-    from hylas.model import HylasLM
+    from hylas.model.decoder import HylasLM
 
     cfg = moe_config(num_experts=4, top_k=1, pattern="DM", aux_loss_coef=0.1, z_loss_coef=0.01)
     torch.manual_seed(0)

@@ -5,8 +5,8 @@ and are never attended to); and the linear layers' head sizes as config keys."""
 import pytest
 import torch
 
-from hylas.model import ConfigError, HylasLM
-from hylas.model.config import MoEConfig
+from hylas.model.config import ConfigError, MoEConfig
+from hylas.model.decoder import HylasLM
 from tests.helpers import assert_close
 from tests.model.test_mixers import MIXERS, VOCAB, build, config
 

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from hylas.model import HylasLM
+from hylas.model.decoder import HylasLM
 from hylas.train.config import load_config, recipe_names
 
 

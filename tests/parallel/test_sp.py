@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from hylas.data.loader import _segment
-from hylas.model import HylasLM, ModelConfig
-from hylas.model.config import AttentionConfig, MoEConfig
+from hylas.model.config import AttentionConfig, ModelConfig, MoEConfig
+from hylas.model.decoder import HylasLM
 from hylas.model.registry import LINEAR_MIXERS, check_linear_mixer
 from hylas.parallel import sp
 from hylas.parallel.trace import trace_collectives
@@ -29,6 +29,7 @@ from tests.helpers import rel_rms_error, spawn_ranks
 check_linear_mixer("gla")  # fills the registry
 MIXERS = sorted(LINEAR_MIXERS)
 TOL = 1e-5
+NOISE_MARGIN = 10  # over the measured fp32 noise of a gradient; see _worker
 VOCAB = 300
 T = 320  # segments of 160 (2 ranks) or 80 (4 ranks): several kernel chunks each
 # Document starts per sample: sample 0 has a start on the 4-rank edge 80, a document
@@ -133,11 +134,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.all_reduce(loss)
         errs = {"logits": rel_rms_error(logits, ref_logits[:, rank * L : (rank + 1) * L])}
         errs["loss"] = abs(loss.item() - ref_loss.item()) / abs(ref_loss.item())
-        # TOL, or twice fp32's own noise where that is larger: Mamba2's A_log and dt_bias
-        # (two numbers each, sums over every token that largely cancel) move by up to
-        # 2.2e-5 between the two single-process layouts. A wrong fold is off by 1e-3 or more.
+        # TOL, or NOISE_MARGIN times fp32's own noise where that is larger: Mamba2's A_log
+        # and dt_bias (two numbers each, sums over every token that largely cancel) move by
+        # up to 2.2e-5 between the two single-process layouts. That noise is one draw of a
+        # summation order; the sp order is another, seen at 2.8x it on a CPU without AMX.
+        # A wrong fold is off by 1e-3 or more, still 5x above the tolerance.
         noise = max(rel_rms_error(flat_grads[n], g) for n, g in ref_grads.items())
-        tol = max(TOL, 2 * noise)
+        tol = max(TOL, NOISE_MARGIN * noise)
         worst, worst_name = 0.0, ""
         for n, g in ref_grads.items():
             dist.all_reduce(grads[n])

@@ -22,7 +22,7 @@ from hylas.data.corpus import load_corpus, split_corpus
 from hylas.data.prepare import prepare, prepare_embedded_corpus
 from hylas.data.sources import open_sources
 from hylas.data.tokenizer import Tokenizer
-from hylas.model import HylasLM
+from hylas.model.decoder import HylasLM
 from hylas.model.generation import generate
 from hylas.model.registry import mixer_registry
 from hylas.train.checkpoint import CheckpointError, load_model_weights, open_checkpoint

@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hylas.data.prepare import prepare_embedded_corpus
 from hylas.data.tokenizer import Tokenizer
-from hylas.model import HylasLM
+from hylas.model.decoder import HylasLM
 from hylas.train.checkpoint import load_model_weights, open_checkpoint
 from hylas.train.cli import main
 from hylas.train.config import load_config

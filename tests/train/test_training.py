@@ -7,7 +7,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from hylas.model import HylasLM
+from hylas.model.decoder import HylasLM
 from hylas.train.checkpoint import CheckpointError, load_model_weights, open_checkpoint
 from hylas.train.cli import main
 from hylas.train.config import load_config

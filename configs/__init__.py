@@ -1,1 +1,0 @@
-"""Shipped YAML recipes (package data); ``--config NAME`` loads ``NAME.yaml`` from here."""

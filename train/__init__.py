@@ -1,1 +1,0 @@
-"""Training: configs, the loop, checkpoints, metrics and the ``hylas`` command line."""
