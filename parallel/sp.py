@@ -16,8 +16,12 @@ present:
   segment, against a halo of the window's reach from the previous rank;
 * ``ShortConv.forward``: the previous rank's last W - 1 inputs as a point-to-point halo.
 
-A new mixer on an existing family gets all of this for free; a new family gets it by
-providing the protocol and ``SPLIT_OUTPUT``.
+A new mixer on an existing family gets all of this for free. A new family needs the
+protocol and ``SPLIT_OUTPUT``, and today one more assumption: with ``SPLIT_OUTPUT`` (the
+gated families), ``kernel_transition`` and ``_entering_read`` read ``gates[0]`` as the
+per-token log decay ([B, L, H] or [B, L, H, K]); a family whose first gate is something
+else needs those two places taught its closed form (the op-family work makes this a
+property of the family).
 
 Legend: B samples, L tokens of this segment, T = L * sp, H heads, K / V head sizes, R the
 sp group's size, r this rank in it.

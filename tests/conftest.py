@@ -9,7 +9,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 import pytest
 import torch
 
-# Two cores: keep torch from oversubscribing them when pytest runs in parallel workers.
+# CI machines have two cores: keep torch's intra-op threads at two at most.
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

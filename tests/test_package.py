@@ -85,3 +85,52 @@ def test_non_editable_install_loads_recipe_and_corpus(wheel, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["LLLF", "42"]
+
+
+def lock_pins() -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"requirements.lock: {line!r} is not an exact name==version pin"
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def test_the_lock_pins_every_requirement_within_its_range_and_names_no_index():
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    text = (ROOT / "requirements.lock").read_text()
+    urls = [line for line in text.splitlines() if line.startswith("-") or "://" in line]
+    assert not urls, "the lock holds options or URLs; it names versions only"
+    pins = lock_pins()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    needed = [*project["dependencies"], *project["optional-dependencies"]["dev"]]
+    for spec in map(Requirement, needed):
+        name = canonicalize_name(spec.name)
+        assert name in pins, f"requirements.lock has no pin for {spec.name}"
+        assert spec.specifier.contains(pins[name], prereleases=True), (
+            f"requirements.lock pins {spec.name}=={pins[name]}, outside pyproject's {spec}"
+        )
+    assert "hylas" not in pins and "pip" not in pins
+
+
+def test_the_set_up_installs_what_the_lock_says():
+    """The running environment is the lock's (CI's set-up); a mismatch means the lock or
+    the set-up drifted. Skipped in an environment made with HYLAS_DEPS=latest."""
+    from importlib import metadata
+
+    from packaging.utils import canonicalize_name
+
+    made_by = Path(sys.prefix) / ".hylas-deps"
+    if not made_by.exists() or made_by.read_text().strip() != "lock":
+        pytest.skip("not an environment made by scripts/setup.sh from the lock")
+    installed = {
+        canonicalize_name(d.metadata["Name"]): d.version.split("+")[0]
+        for d in metadata.distributions()
+    }
+    wrong = {n: (v, installed.get(n)) for n, v in lock_pins().items() if installed.get(n) != v}
+    assert not wrong, f"locked and installed versions differ: {wrong}"
