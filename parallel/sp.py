@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hylas.kernels.common import default_scale, resolve_backend
+from hylas.parallel import comm
 
 
 class Segment:
@@ -264,7 +265,7 @@ class _LinearLayer:
         """Start the all-gather of this rank's [B, n] fp32 payload; (work, [R, B, n])."""
         seg = self.segment
         out = payload.new_empty(seg.size * payload.shape[0], *payload.shape[1:])
-        work = _all_gather(out, payload.contiguous(), seg.group, async_op=True)
+        work = comm.all_gather_single(out, payload.contiguous(), seg.group, async_op=True)
         return work, out.view(seg.size, *payload.shape)
 
 
@@ -408,14 +409,9 @@ class _Halo(torch.autograd.Function):
 def _exchange(seg: Segment, send: torch.Tensor, to: int, recv: torch.Tensor) -> None:
     """Send ``send`` to the rank ``to`` places along (if there is one) and fill ``recv``
     from the rank as far the other way (if there is one)."""
-    ops = []
-    if 0 <= seg.rank + to < seg.size:
-        ops.append(dist.P2POp(dist.isend, send, seg.peer(to), seg.group))
-    if 0 <= seg.rank - to < seg.size:
-        ops.append(dist.P2POp(dist.irecv, recv, seg.peer(-to), seg.group))
-    if ops:
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
+    sends = [(send, seg.peer(to))] if 0 <= seg.rank + to < seg.size else []
+    recvs = [(recv, seg.peer(-to))] if 0 <= seg.rank - to < seg.size else []
+    comm.exchange(sends, recvs, seg.group)
 
 
 def _conv_forward(local):
@@ -447,7 +443,7 @@ class _GatherSequence(torch.autograd.Function):
     def forward(ctx, x, seg: Segment):
         ctx.seg = seg
         out = x.new_empty(seg.size * x.shape[0], *x.shape[1:])
-        _all_gather(out, x.contiguous(), seg.group)
+        comm.all_gather_single(out, x.contiguous(), seg.group)
         out = out.view(seg.size, *x.shape).permute(1, 2, 0, 3, 4)
         return out.reshape(x.shape[0], x.shape[1], seg.total, x.shape[3])
 
@@ -457,7 +453,7 @@ class _GatherSequence(torch.autograd.Function):
         B, C, _, D = grad.shape
         parts = grad.reshape(B, C, seg.size, seg.length, D).permute(2, 0, 1, 3, 4).contiguous()
         out = grad.new_empty(B, C, seg.length, D)
-        _reduce_scatter(out, parts.view(-1, C, seg.length, D), group=seg.group)
+        comm.reduce_scatter_single(out, parts.view(-1, C, seg.length, D), group=seg.group)
         return out, None
 
 
@@ -499,13 +495,3 @@ def _attention_core(local):
         )
 
     return core
-
-
-def _all_gather(*args, **kwargs):
-    """torch 2.13 renamed ``all_gather_into_tensor``; looked up at each call (tracers)."""
-    return getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(*args, **kwargs)
-
-
-def _reduce_scatter(*args, **kwargs):
-    """torch 2.13 renamed ``reduce_scatter_tensor``; looked up at each call (tracers)."""
-    return getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)(*args, **kwargs)

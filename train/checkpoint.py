@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from hylas.data.tokenizer import Tokenizer, file_sha256
+from hylas.parallel import comm
 from hylas.train.config import Config, config_from_dict
 
 FORMAT_VERSION = 2
@@ -154,7 +155,7 @@ def save_checkpoint(
             status += 1
         else:
             tmp.mkdir()
-    dist.broadcast(status, 0)
+    comm.broadcast(status, 0)
     if status.item():
         raise CheckpointError(f"checkpoint {final} already exists; refusing to overwrite it")
 
@@ -178,8 +179,7 @@ def save_checkpoint(
         (tmp / TRAINER_FILE).write_text(trainer)
         mine += [MODEL_FILE, TRAINER_FILE, *(f"{TOKENIZER_DIR}/{name}" for name in tokenizer)]
     digests = {name: file_sha256(tmp / name) for name in mine}
-    gathered: list[dict[str, str] | None] = [None] * world
-    dist.all_gather_object(gathered, digests)  # also: every rank has finished writing
+    gathered = comm.all_gather_object(digests)  # also: every rank has finished writing
     if rank == 0:
         files = {k: v for d in gathered for k, v in sorted(d.items())}
         manifest = {
@@ -196,7 +196,7 @@ def save_checkpoint(
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         os.rename(tmp, final)
         prune(parent, keep)
-    dist.barrier()
+    comm.barrier()
     return final
 
 
@@ -312,7 +312,7 @@ def open_checkpoint(path: str | os.PathLike, verify: bool = True) -> Checkpoint:
                 break
         if distributed:
             bad = torch.tensor([float(problem is not None)])
-            dist.all_reduce(bad)
+            comm.all_reduce(bad)
             if bad.item() and problem is None:
                 problem = f"{ckpt} failed its checksum check on another rank (see its error)"
         if problem:

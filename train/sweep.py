@@ -230,11 +230,9 @@ def _agree(group, *values):
     """Rank 0's ``values`` on every rank (each rank's own in a single process)."""
     if group is None:
         return values
-    import torch.distributed as dist
+    from hylas.parallel import comm
 
-    box = [values]
-    dist.broadcast_object_list(box, src=0, group=group)
-    return box[0]
+    return comm.broadcast_object(values, src=0, group=group)
 
 
 def measure(cfg, result, opts: SweepOptions, rank=0, world=1, device="cpu", group=None) -> dict:
@@ -242,7 +240,6 @@ def measure(cfg, result, opts: SweepOptions, rank=0, world=1, device="cpu", grou
 
     Rank r trains the recall seeds r, r + world, ...; rank 0 also times decoding and
     reads the throughput the run logged."""
-    import torch.distributed as dist
 
     from hylas.model.decoder import HylasLM
     from hylas.train.recall import recall_accuracy
@@ -277,8 +274,9 @@ def measure(cfg, result, opts: SweepOptions, rank=0, world=1, device="cpu", grou
             "flops_per_token": model.flops_per_token(cfg.train.seq_len),
         }
     if group is not None:
-        parts = [None] * world
-        dist.all_gather_object(parts, mine, group=group)
+        from hylas.parallel import comm
+
+        parts = comm.all_gather_object(mine, group=group)
         mine = {s: p for part in parts for s, p in part.items()}
     probes = [mine[s] for s in opts.recall_seeds]
     recalls = [p["recall"] for p in probes]

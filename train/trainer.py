@@ -26,7 +26,7 @@ from hylas.data.tokenizer import Tokenizer
 from hylas.kernels.common import resolve_backend
 from hylas.model.decoder import HylasLM
 from hylas.model.moe import RouterStats
-from hylas.parallel import sp
+from hylas.parallel import comm, sp
 from hylas.parallel.mesh import Layout, device_for, init_groups, layout_from_env, shutdown
 from hylas.train.checkpoint import (
     Checkpoint,
@@ -384,7 +384,7 @@ class Trainer:
         world, accumulation = self.layout.world, len(micro_batches)
         # The step's target count over every rank, before the first backward.
         targets = torch.tensor([sum(int((b["labels"] != -100).sum()) for b in micro_batches)])
-        dist.all_reduce(targets)
+        comm.all_reduce(targets)
         n_targets = int(targets.item())
         lm_sum, aux_sum, bad = 0.0, 0.0, False
         pooled: list[RouterStats] = []
@@ -404,7 +404,7 @@ class Trainer:
             lm_sum += value
             self.engine.backward(loss, last=m == accumulation - 1)
         flags = torch.tensor([float(bad), float(stop.received is not None), lm_sum])
-        dist.all_reduce(flags)
+        comm.all_reduce(flags)
         bad, stopping = flags[0].item() > 0, flags[1].item() > 0
         lm_loss = flags[2].item() / n_targets
         lr = lr_at(self.step, self.cfg.train)
@@ -421,9 +421,11 @@ class Trainer:
         """
         counts = torch.stack([s.counts.float() for s in stats])
         sums = torch.stack([s.prob_sum.detach() for s in stats])
-        extra = torch.tensor([[s.tokens, s.dropped, s.z_sum.item()] for s in stats])
+        extra = torch.tensor(
+            [[s.tokens, s.dropped, s.z_sum.item()] for s in stats], device=counts.device
+        )
         pooled = torch.cat([counts, sums, extra], dim=1)
-        dist.all_reduce(pooled)
+        comm.all_reduce(pooled)
         E = counts.shape[1]
         result, total = [], 0.0
         for i, s in enumerate(stats):
@@ -474,7 +476,7 @@ class Trainer:
                     sums[source, 0] += out.lm_loss_sum.item()
                     sums[source, 1] += targets
         self.engine.ds.train()
-        dist.all_reduce(sums)
+        comm.all_reduce(sums)
         result = {"eval_loss": (sums[:, 0].sum() / sums[:, 1].sum()).item()}
         if len(names) > 1:
             result.update(
@@ -659,7 +661,7 @@ class Trainer:
             mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
         every = torch.zeros(self.layout.world)
         every[self.layout.rank] = mine
-        dist.all_reduce(every)
+        comm.all_reduce(every)
         return [round(v, 3) for v in every.tolist()]
 
 

@@ -1,0 +1,111 @@
+"""Every collective Hylas issues goes through this module (docs/architecture.md, "Where a
+collective's tensors live").
+
+NCCL takes CUDA tensors only; gloo takes host tensors (and CUDA ones for some calls). The
+trainer, checkpoints and the sweep reduce small control values that live on the host
+(target counts, loss sums, flags, digests), while sequence parallelism moves activations
+that live on the device. So each function here puts its tensors on the device the
+group's backend takes (``group_device``), runs the collective there and writes the result
+back where the caller's tensor lives: a host tensor reduced over NCCL travels to the GPU
+and back, and an activation already on the GPU does not move.
+
+Code outside this module never calls a ``torch.distributed`` collective itself
+(``tests/parallel/test_comm.py`` scans the sources for it), so a host tensor cannot reach
+NCCL by a new call site. The object collectives pickle through a tensor on the group's
+device, so they need the current CUDA device set, which ``parallel.mesh.device_for`` does
+before the groups are made.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+ReduceOp = dist.ReduceOp
+
+
+def group_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """The device a collective on ``group`` (None: the default group) takes tensors on:
+    the current CUDA device for an NCCL group, the CPU otherwise."""
+    if dist.get_backend(group) == dist.Backend.NCCL:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t if t.device == device else t.to(device)
+
+
+def all_reduce(
+    t: torch.Tensor, op=ReduceOp.SUM, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """``t`` reduced over ``group``, in place (``t`` is also returned)."""
+    work = _on(t, group_device(group))
+    dist.all_reduce(work, op=op, group=group)
+    if work is not t:
+        t.copy_(work)
+    return t
+
+
+def broadcast(t: torch.Tensor, src: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """``t`` from global rank ``src`` on every rank of ``group``, in place."""
+    work = _on(t, group_device(group))
+    dist.broadcast(work, src, group=group)
+    if work is not t:
+        t.copy_(work)
+    return t
+
+
+def all_gather_object(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
+    """Every rank's ``obj``, in rank order of ``group``."""
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def broadcast_object(obj: Any, src: int, group: dist.ProcessGroup | None = None) -> Any:
+    """Global rank ``src``'s ``obj`` on every rank of ``group``."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def barrier(group: dist.ProcessGroup | None = None) -> None:
+    """Wait for every rank of ``group``; on NCCL, on the current device's stream."""
+    if dist.get_backend(group) == dist.Backend.NCCL:
+        dist.barrier(group=group, device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier(group=group)
+
+
+def all_gather_single(
+    out: torch.Tensor, t: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False
+):
+    """Every rank's ``t`` concatenated along dim 0 into ``out`` (device tensors: sequence
+    parallelism's activations; the torch 2.13 name where it exists)."""
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(out, t, group=group, async_op=async_op)
+
+
+def reduce_scatter_single(
+    out: torch.Tensor, t: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False
+):
+    """``t`` summed over the ranks, this rank's dim-0 share into ``out`` (device tensors)."""
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(out, t, group=group, async_op=async_op)
+
+
+def exchange(
+    sends: list[tuple[torch.Tensor, int]],
+    recvs: list[tuple[torch.Tensor, int]],
+    group: dist.ProcessGroup,
+) -> None:
+    """Point-to-point: each (tensor, global peer) of ``sends`` sent and of ``recvs``
+    received, batched, waiting for all of them."""
+    ops = [dist.P2POp(dist.isend, t, peer, group) for t, peer in sends]
+    ops += [dist.P2POp(dist.irecv, t, peer, group) for t, peer in recvs]
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
