@@ -36,7 +36,8 @@ def generate(
             if top_k:
                 kth = logits.topk(min(top_k, logits.numel())).values[-1]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
-            token = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+            # drawn on the CPU from ``generator``: the same tokens whatever the model's device
+            token = int(torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator))
         yield token
         if token in stop_ids:
             return

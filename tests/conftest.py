@@ -2,15 +2,23 @@
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 import pytest
 import torch
 
-# CI machines have two cores: keep torch's intra-op threads at two at most.
-torch.set_num_threads(min(2, torch.get_num_threads()))
+
+def pytest_configure(config):
+    """Every tier but ``-m gpu`` runs Triton in its interpreter on CPU tensors, on two
+    threads (CI machines have two cores). The gpu tier runs the kernels compiled, and its
+    subprocesses must not inherit the interpreter. Nothing has defined a Triton kernel yet
+    here: test modules are imported after this hook."""
+    if config.getoption("markexpr", "").strip() == "gpu":
+        os.environ.pop("TRITON_INTERPRET", None)
+        return
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session", autouse=True)

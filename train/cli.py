@@ -110,9 +110,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     ckpt = open_checkpoint(args.checkpoint)
     tokenizer = ckpt.tokenizer()
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA GPU")
     model = HylasLM(ckpt.config.model, ckpt.config.kernels.backend)
     load_model_weights(ckpt, model)
-    model.eval()
+    model.to(args.device).eval()
     prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
     prompt_ids = tokenizer.encode(prompt)
     generator = torch.Generator().manual_seed(args.seed)
@@ -405,6 +409,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where the model runs (auto: the GPU if there is one; fp32 weights either way)",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) = greedy")
     p.add_argument(
         "--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)"
