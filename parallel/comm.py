@@ -80,21 +80,48 @@ def barrier(group: dist.ProcessGroup | None = None) -> None:
         dist.barrier(group=group)
 
 
+class _Done:
+    """The handle of a collective that has already finished (a staged one)."""
+
+    def wait(self) -> bool:
+        return True
+
+
+def _into(out: torch.Tensor, device: torch.device, run) -> _Done | None:
+    """Run ``run(out_on_device)`` and copy the result into ``out`` if it had to move."""
+    if out.device == device:
+        return run(out)
+    staged = torch.empty(out.shape, dtype=out.dtype, device=device)
+    run(staged)
+    out.copy_(staged)
+    return None
+
+
 def all_gather_single(
     out: torch.Tensor, t: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False
 ):
-    """Every rank's ``t`` concatenated along dim 0 into ``out`` (device tensors: sequence
-    parallelism's activations; the torch 2.13 name where it exists)."""
+    """Every rank's ``t`` concatenated along dim 0 into ``out``. Sequence parallelism's
+    activations are already on the group's device and start asynchronously; tensors
+    elsewhere (CUDA activations over a gloo group) are staged and finished at once."""
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return fn(out, t, group=group, async_op=async_op)
+    device = group_device(group)
+    if t.device == device and out.device == device:
+        return fn(out, t, group=group, async_op=async_op)
+    _into(out, device, lambda o: fn(o, _on(t, device), group=group))
+    return _Done() if async_op else None
 
 
 def reduce_scatter_single(
     out: torch.Tensor, t: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False
 ):
-    """``t`` summed over the ranks, this rank's dim-0 share into ``out`` (device tensors)."""
+    """``t`` summed over the ranks, this rank's dim-0 share into ``out`` (staged as
+    ``all_gather_single`` is)."""
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    return fn(out, t, group=group, async_op=async_op)
+    device = group_device(group)
+    if t.device == device and out.device == device:
+        return fn(out, t, group=group, async_op=async_op)
+    _into(out, device, lambda o: fn(o, _on(t, device), group=group))
+    return _Done() if async_op else None
 
 
 def exchange(
@@ -103,9 +130,14 @@ def exchange(
     group: dist.ProcessGroup,
 ) -> None:
     """Point-to-point: each (tensor, global peer) of ``sends`` sent and of ``recvs``
-    received, batched, waiting for all of them."""
-    ops = [dist.P2POp(dist.isend, t, peer, group) for t, peer in sends]
-    ops += [dist.P2POp(dist.irecv, t, peer, group) for t, peer in recvs]
+    received, batched, waiting for all of them (staged through the group's device)."""
+    device = group_device(group)
+    staged = [(t, _on(t, device), peer) for t, peer in recvs]
+    ops = [dist.P2POp(dist.isend, _on(t, device), peer, group) for t, peer in sends]
+    ops += [dist.P2POp(dist.irecv, s, peer, group) for _, s, peer in staged]
     if ops:
         for work in dist.batch_isend_irecv(ops):
             work.wait()
+    for t, s, _ in staged:
+        if s is not t:
+            t.copy_(s)

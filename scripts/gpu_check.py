@@ -199,7 +199,7 @@ def main() -> int:
             sys.executable,
             str(ROOT / "benchmarks" / "kernels.py"),
             "--dtypes",
-            "bfloat16",
+            "bf16",
             "--lengths",
             "2048",
             "8192",

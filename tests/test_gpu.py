@@ -238,3 +238,160 @@ def test_generate_on_cuda_gives_the_torch_paths_tokens(straight):
     on_cpu = hylas(*args, "--max-new-tokens", "24", "--device", "cpu")
     assert on_cpu.returncode == 0, on_cpu.stderr[-3000:]
     assert on_gpu.stdout == on_cpu.stdout
+
+
+# -- Hugging Face export and import on CUDA ------------------------------------------------
+
+
+def transformers_in_range() -> str | None:
+    """None if the installed transformers is within Hylas's requirement, else why not."""
+    from importlib import metadata
+
+    import transformers
+    from packaging.requirements import Requirement
+
+    spec = next(
+        Requirement(r) for r in metadata.requires("hylas") or [] if r.startswith("transformers")
+    )
+    if spec.specifier.contains(transformers.__version__, prereleases=True):
+        return None
+    return f"transformers {transformers.__version__} is outside Hylas's {spec.specifier}"
+
+
+def test_an_export_on_cuda_greedy_generates_what_hylas_generates(straight, tmp_path):
+    why = transformers_in_range()
+    if why:
+        pytest.skip(why)
+    from transformers import AutoModelForCausalLM
+
+    from hylas.model.decoder import HylasLM
+    from hylas.model.generation import generate
+    from hylas.train.checkpoint import load_model_weights, open_checkpoint
+
+    hf = tmp_path / "hf"
+    done = hylas("export", "--checkpoint", str(straight), "--out", str(hf))
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpt = open_checkpoint(straight)
+    tok = ckpt.tokenizer()
+    ids = tok.encode("ROMEO.\nBut soft, what light")
+    model = HylasLM(ckpt.config.model, "auto")
+    load_model_weights(ckpt, model)
+    model.cuda().eval()
+    ours = list(generate(model, ids, 24))
+    theirs = AutoModelForCausalLM.from_pretrained(hf, trust_remote_code=True).cuda().eval()
+    with torch.no_grad():
+        out = theirs.generate(
+            torch.tensor([ids], device="cuda"), max_new_tokens=24, do_sample=False
+        )
+    assert out[0, len(ids) :].tolist() == ours[: out.shape[1] - len(ids)]
+
+
+def test_import_hf_then_training_on_cuda(tmp_path):
+    why = transformers_in_range()
+    if why:
+        pytest.skip(why)
+    from hylas.data.prepare import prepare_embedded_corpus
+    from hylas.data.tokenizer import Tokenizer
+    from tests.train.test_hf_import import CORPUS, make_llama
+
+    folder = tmp_path / "llama"
+    make_llama(folder, Tokenizer.load(prepare_embedded_corpus(4096)[0]))
+    ckpt, data, run = tmp_path / "ckpt", tmp_path / "data", tmp_path / "run"
+    steps = [
+        [
+            "import-hf",
+            str(folder),
+            "--out",
+            str(ckpt),
+            "--set",
+            "model.layer_pattern=LLLF",
+            "model.linear_mixer=gated_deltanet",
+        ],
+        [
+            "data",
+            "prepare",
+            "--input",
+            str(CORPUS),
+            "--tokenizer",
+            str(folder),
+            "--out",
+            str(data),
+            "--workers",
+            "1",
+        ],
+        [
+            "train",
+            "--set",
+            f"train.init_from={ckpt}",
+            f"data.path={data}",
+            "train.steps=8",
+            "train.warmup_steps=2",
+            "train.batch_size=8",
+            "train.seq_len=128",
+            "train.eval_batches=2",
+            "train.dtype=float32",
+            f"train.out_dir={run}",
+        ],
+    ]
+    for args in steps:
+        done = hylas(*args)
+        assert done.returncode == 0, f"{args[0]}: {done.stderr[-3000:]}"
+    first, last = evals(run)[0], evals(run)[-1]
+    assert last < first - 0.3, f"held-out loss {first:.3f} -> {last:.3f} after import"
+
+
+# -- LASP-2 on CUDA tensors: two ranks on one GPU over gloo ------------------------------
+
+LASP_MIXERS = ["gla", "retnet", "gated_deltanet"]  # per-channel, scalar and delta-rule
+LASP_TOL = 1e-4  # fp32 Triton kernels, relative RMS: logits and every gradient
+
+
+def _lasp_worker(rank: int, port: int, out_dir: str) -> None:
+    """One of two ranks sharing cuda:0. gloo stands in for NCCL (which refuses two ranks on
+    one device); hylas.parallel.comm stages the CUDA activations through the host."""
+    import torch.distributed as dist
+
+    from hylas.data.loader import _segment
+    from hylas.model.decoder import HylasLM
+    from hylas.parallel import comm, sp
+    from hylas.train.trainer import model_inputs
+    from tests.parallel.test_sp import config, samples
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.cuda.set_device(0)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    device = torch.device("cuda", 0)
+    ids, labels, is_start = samples()
+    whole, mine = _segment(ids, labels, is_start, 0, 1), _segment(ids, labels, is_start, rank, 2)
+
+    def run(model, batch, group):
+        model.zero_grad()
+        out = model(**model_inputs(batch, device, group))
+        out.lm_loss_sum.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out.logits.detach(), grads
+
+    errors = {}
+    for mixer in LASP_MIXERS:
+        cfg = config(mixer)
+        ref_logits, ref_grads = run(HylasLM(cfg, "triton", seed=0).to(device), whole, None)
+        model = sp.apply(HylasLM(cfg, "triton", seed=0).to(device), states_from_kernel=True)
+        logits, grads = run(model, mine, dist.group.WORLD)
+        L = ref_logits.shape[1] // 2
+        worst = rel_rms(logits, ref_logits[:, rank * L : (rank + 1) * L])
+        for n, g in ref_grads.items():
+            worst = max(worst, rel_rms(comm.all_reduce(grads[n]), g))
+        errors[mixer] = worst
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(errors, f)
+    dist.destroy_process_group()
+
+
+def test_lasp2_states_from_the_triton_kernels_on_cuda(tmp_path):
+    from tests.helpers import spawn_ranks
+
+    spawn_ranks(_lasp_worker, 2, tmp_path, timeout_s=240)
+    for rank in range(2):
+        errors = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for mixer, err in errors.items():
+            assert err < LASP_TOL, f"{mixer}, rank {rank}: off by {err:.2e} (relative RMS)"
