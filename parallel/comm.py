@@ -87,41 +87,33 @@ class _Done:
         return True
 
 
-def _into(out: torch.Tensor, device: torch.device, run) -> _Done | None:
-    """Run ``run(out_on_device)`` and copy the result into ``out`` if it had to move."""
-    if out.device == device:
-        return run(out)
+def _out_of_place(fn, out: torch.Tensor, t: torch.Tensor, group, async_op: bool):
+    """``fn(out, t)`` on the group's device. Tensors already there (sequence parallelism's
+    activations on NCCL) run as asked, asynchronously if asked; tensors elsewhere (CUDA
+    activations over a gloo group) are staged there and back, finished at once."""
+    device = group_device(group)
+    if t.device == device and out.device == device:
+        return fn(out, t, group=group, async_op=async_op)
     staged = torch.empty(out.shape, dtype=out.dtype, device=device)
-    run(staged)
+    fn(staged, _on(t, device), group=group)
     out.copy_(staged)
-    return None
+    return _Done() if async_op else None
 
 
 def all_gather_single(
     out: torch.Tensor, t: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False
 ):
-    """Every rank's ``t`` concatenated along dim 0 into ``out``. Sequence parallelism's
-    activations are already on the group's device and start asynchronously; tensors
-    elsewhere (CUDA activations over a gloo group) are staged and finished at once."""
+    """Every rank's ``t`` concatenated along dim 0 into ``out``."""
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    device = group_device(group)
-    if t.device == device and out.device == device:
-        return fn(out, t, group=group, async_op=async_op)
-    _into(out, device, lambda o: fn(o, _on(t, device), group=group))
-    return _Done() if async_op else None
+    return _out_of_place(fn, out, t, group, async_op)
 
 
 def reduce_scatter_single(
     out: torch.Tensor, t: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False
 ):
-    """``t`` summed over the ranks, this rank's dim-0 share into ``out`` (staged as
-    ``all_gather_single`` is)."""
+    """``t`` summed over the ranks, this rank's dim-0 share into ``out``."""
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    device = group_device(group)
-    if t.device == device and out.device == device:
-        return fn(out, t, group=group, async_op=async_op)
-    _into(out, device, lambda o: fn(o, _on(t, device), group=group))
-    return _Done() if async_op else None
+    return _out_of_place(fn, out, t, group, async_op)
 
 
 def exchange(
