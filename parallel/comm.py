@@ -38,24 +38,25 @@ def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t if t.device == device else t.to(device)
 
 
+def _in_place(fn, t: torch.Tensor, group, *args, **kwargs) -> torch.Tensor:
+    """``fn(t, ...)`` on the group's device, the result written back into ``t``."""
+    work = _on(t, group_device(group))
+    fn(work, *args, group=group, **kwargs)
+    if work is not t:
+        t.copy_(work)
+    return t
+
+
 def all_reduce(
     t: torch.Tensor, op=ReduceOp.SUM, group: dist.ProcessGroup | None = None
 ) -> torch.Tensor:
     """``t`` reduced over ``group``, in place (``t`` is also returned)."""
-    work = _on(t, group_device(group))
-    dist.all_reduce(work, op=op, group=group)
-    if work is not t:
-        t.copy_(work)
-    return t
+    return _in_place(dist.all_reduce, t, group, op=op)
 
 
 def broadcast(t: torch.Tensor, src: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """``t`` from global rank ``src`` on every rank of ``group``, in place."""
-    work = _on(t, group_device(group))
-    dist.broadcast(work, src, group=group)
-    if work is not t:
-        t.copy_(work)
-    return t
+    return _in_place(dist.broadcast, t, group, src)
 
 
 def all_gather_object(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any]:

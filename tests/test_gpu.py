@@ -300,7 +300,7 @@ def test_import_hf_then_training_on_cuda(tmp_path):
         pytest.skip(why)
     from hylas.data.prepare import prepare_embedded_corpus
     from hylas.data.tokenizer import Tokenizer
-    from tests.train.test_hf_import import CORPUS, make_llama
+    from tests.train.test_hf_import import CORPUS, continued_pretraining, make_llama
 
     folder = tmp_path / "llama"
     make_llama(folder, Tokenizer.load(prepare_embedded_corpus(4096)[0]))
@@ -327,19 +327,7 @@ def test_import_hf_then_training_on_cuda(tmp_path):
             "--workers",
             "1",
         ],
-        [
-            "train",
-            "--set",
-            f"train.init_from={ckpt}",
-            f"data.path={data}",
-            "train.steps=8",
-            "train.warmup_steps=2",
-            "train.batch_size=8",
-            "train.seq_len=128",
-            "train.eval_batches=2",
-            "train.dtype=float32",
-            f"train.out_dir={run}",
-        ],
+        ["train", "--set", *continued_pretraining(ckpt, data, run)],
     ]
     for args in steps:
         done = hylas(*args)

@@ -64,6 +64,21 @@ def make_llama(out: Path, tokenizer: Tokenizer, **overrides) -> LlamaForCausalLM
     return model.eval()
 
 
+def continued_pretraining(ckpt: Path, data: Path, run: Path) -> list[str]:
+    """The overrides of a short run started from an imported checkpoint on prepared data."""
+    return [
+        f"train.init_from={ckpt}",
+        f"data.path={data}",
+        "train.steps=8",
+        "train.warmup_steps=2",
+        "train.batch_size=8",
+        "train.seq_len=128",
+        "train.eval_batches=2",
+        "train.dtype=float32",
+        f"train.out_dir={run}",
+    ]
+
+
 @pytest.fixture(scope="module")
 def sp_tokenizer() -> Tokenizer:
     return Tokenizer.load(prepare_embedded_corpus(4096)[0])
@@ -141,17 +156,7 @@ def test_a_llama_imported_as_a_hybrid_keeps_its_weights_and_trains(tmp_path, lla
     data = tmp_path / "data"
     prepare = ["data", "prepare", "--input", str(CORPUS), "--tokenizer", str(folder)]
     assert main([*prepare, "--out", str(data), "--workers", "1"]) == 0
-    overrides = [
-        f"train.init_from={out}",
-        f"data.path={data}",
-        "train.steps=8",
-        "train.warmup_steps=2",
-        "train.batch_size=8",
-        "train.seq_len=128",
-        "train.eval_batches=2",
-        "train.dtype=float32",
-        f"train.out_dir={tmp_path / 'run'}",
-    ]
+    overrides = continued_pretraining(out, data, tmp_path / "run")
     cfg = load_config("tiny", overrides)
     from hylas.train.cli import with_model_of_checkpoint
 
