@@ -50,6 +50,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from tqdm import tqdm
@@ -96,17 +97,20 @@ class ShardWriter:
         self.directory, self.split = directory, split
         self.dtype, self.shard_tokens = dtype, shard_tokens
         self.shards: list[dict] = []
-        self.file = None
+        self.file: BinaryIO | None = None
 
-    def _open(self) -> None:
+    def _open(self) -> BinaryIO:
         name = f"{self.split}_{len(self.shards):05d}"
         self.name = name
-        self.file = open(self.directory / f"{name}.bin", "wb")  # noqa: SIM115  (closed in _close)
+        file = open(self.directory / f"{name}.bin", "wb")  # noqa: SIM115  (closed in _close)
+        self.file = file
         self.hash = hashlib.sha256()
         self.tokens = 0
         self.ends: list[np.ndarray] = []
+        return file
 
     def _close(self) -> None:
+        assert self.file is not None  # only a shard that is open is closed
         self.file.close()
         self.file = None
         ends = np.concatenate(self.ends) if self.ends else np.zeros(0, np.int64)
@@ -128,8 +132,7 @@ class ShardWriter:
         cumulative end offsets within ``tokens``."""
         start = 0
         while start < len(ends):
-            if self.file is None:
-                self._open()
+            file = self.file if self.file is not None else self._open()
             room = self.shard_tokens - self.tokens
             base = ends[start - 1] if start else 0
             # every document that fits; at least one, so an over-long document gets a shard
@@ -139,8 +142,8 @@ class ShardWriter:
                 self._close()
                 continue
             chunk = tokens[base : ends[stop - 1]]
-            self.file.write(memoryview(chunk))
-            self.hash.update(memoryview(chunk))
+            file.write(chunk.data)  # the array's bytes, as a memoryview
+            self.hash.update(chunk.data)
             self.ends.append(ends[start:stop] - base + self.tokens)
             self.tokens += len(chunk)
             start = stop
@@ -204,7 +207,9 @@ def _jobs(
     """(job, characters, raw block or None): runs of documents of about JOB_CHARACTERS, and
     each raw block as a job of its own; a job's flags are None when its documents' are
     (held out by hash at ``fraction``, in the worker)."""
-    texts, flags, size = [], [], 0
+    texts: list[str] = []
+    flags: list[bool | None] = []
+    size = 0
 
     def run_of_documents():
         return (texts, None if flags[0] is None else flags, fraction), size, None
@@ -260,7 +265,7 @@ class _Pool:
 
 
 def _tokenize(
-    documents: Iterable[tuple[str, bool | None]],
+    documents: Iterable[tuple[str | RawParagraphs, bool | None]],
     tokenizer: Tokenizer,
     directory: Path,
     *,
@@ -293,7 +298,7 @@ def _tokenize(
                 (train_tok, train_ends), (val_tok, val_ends), hashes, counts = result
                 if raw is not None:
                     raw.count(*counts)
-                if hashes is not None:
+                if hashes is not None and hash_split is not None:
                     hash_split.hashes.extend(hashes)
                 writers["train"].add(train_tok, train_ends)
                 if len(val_ends):
@@ -342,7 +347,7 @@ def _staging(out: Path) -> Iterator[Path]:
 
 
 def write_prepared(
-    documents: Iterable[tuple[str, bool | None]],
+    documents: Iterable[tuple[str | RawParagraphs, bool | None]],
     tokenizer: Tokenizer,
     out: str | os.PathLike,
     *,
@@ -377,9 +382,15 @@ def write_prepared(
     with _staging(out) as tmp:
         t0 = time.perf_counter()
         tokenizer.copy_to(tmp / TOKENIZER_DIR)
-        run = dict(workers=workers, shard_tokens=shard_tokens, input_bytes=input_bytes)
         splits = _tokenize(
-            documents, tokenizer, tmp, **run, progress=progress, hash_split=hash_split
+            documents,
+            tokenizer,
+            tmp,
+            workers=workers,
+            shard_tokens=shard_tokens,
+            input_bytes=input_bytes,
+            progress=progress,
+            hash_split=hash_split,
         )
         if after_first_pass:
             after_first_pass()
@@ -391,7 +402,16 @@ def write_prepared(
             for split in SPLITS:  # the first pass's shards and indexes
                 for f in tmp.glob(f"{split}_*"):
                     f.unlink()
-            splits = _tokenize(documents, tokenizer, tmp, **run, progress=progress, hash_split=None)
+            splits = _tokenize(
+                documents,
+                tokenizer,
+                tmp,
+                workers=workers,
+                shard_tokens=shard_tokens,
+                input_bytes=input_bytes,
+                progress=progress,
+                hash_split=None,
+            )
         if splits["train"]["documents"] == 0:
             raise DataError("no training documents: the inputs hold nothing to train on")
         manifest = {
@@ -512,7 +532,7 @@ def prepare(
         tail = {"cut": True, "characters": len(text) - cut}
         return [(text[:cut], False), (text[cut:], True)], {"rule": "tail", **record, **tail}
 
-    sizes = [s.total_bytes for s in sources]
+    sizes = [n for s in sources if (n := s.total_bytes) is not None]  # those known ahead
     return write_prepared(
         first_pass(),
         tokenizer,
@@ -522,7 +542,7 @@ def prepare(
         sources=[s.stats for s in sources],
         settings={"val_fraction": val_fraction},
         input_bytes=None
-        if None in sizes
+        if len(sizes) < len(sources)
         else (sum(sizes), lambda: sum(s.stats.bytes_read for s in sources)),
         progress=progress,
         held_out={"rule": "hash", "fraction": val_fraction, "cut": False},
@@ -584,7 +604,7 @@ def merge_prepared(parts: list[str | os.PathLike], out: str | os.PathLike) -> di
         shutil.copytree(data[0].tokenizer_dir, tmp / TOKENIZER_DIR)
         splits = {}
         for split in SPLITS:
-            shards = []
+            shards: list[dict] = []
             for d in data:
                 for shard in d.manifest["splits"][split]["shards"]:
                     name = f"{split}_{len(shards):05d}"

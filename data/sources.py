@@ -47,9 +47,10 @@ import logging
 import lzma
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, Literal, overload
 
 import zstandard
 
@@ -63,7 +64,7 @@ SPLIT_DOCUMENTS = ("auto", "none", "paragraph", "line")
 AUTO_PARAGRAPH_BYTES = 1_000_000  # auto: a single text file larger than this is split
 READABLE = f"{', '.join(FILE_SUFFIXES)} (text and JSON lines also as {', '.join(COMPRESSIONS)})"
 # binary stream -> decompressed binary stream; zstd allows ``zstd --long`` windows (2 GiB)
-_DECOMPRESS = {
+_DECOMPRESS: dict[str, Callable[[BinaryIO], io.BufferedIOBase]] = {
     "gzip": lambda f: gzip.GzipFile(fileobj=f),
     "zstd": lambda f: io.BufferedReader(_ZstdFrames(f), 1 << 20),
     "xz": lzma.LZMAFile,
@@ -161,7 +162,9 @@ class _Replacements:
     count = 0
 
     @classmethod
-    def handler(cls, err: UnicodeDecodeError):
+    def handler(cls, err: UnicodeError) -> tuple[str, int]:
+        if not isinstance(err, UnicodeDecodeError):  # registered for decoding only
+            raise err
         cls.count += 1
         return "\ufffd", err.end
 
@@ -344,7 +347,14 @@ class Source:
         they are split; call :meth:`check_documents` when they all are."""
         return self._items(raw=True)
 
+    @overload
+    def _items(self, raw: Literal[False]) -> Iterator[str]: ...
+
+    @overload
+    def _items(self, raw: Literal[True]) -> Iterator[str | RawParagraphs]: ...
+
     def _items(self, raw: bool) -> Iterator[str | RawParagraphs]:
+        """The documents; with ``raw``, paragraph-mode text as RawParagraphs blocks."""
         self._raw = raw
         if self.kind == "datasets":
             yield from self._keep(self._datasets_stream())
@@ -364,7 +374,7 @@ class Source:
 
     # -- formats ------------------------------------------------------------------------
 
-    def _file(self, f: Path) -> Iterator[str]:
+    def _file(self, f: Path) -> Iterator[str | RawParagraphs]:
         kind, compression = _format(f)
         if kind == "text":
             yield from self._keep(self._text(f, compression))
@@ -379,9 +389,8 @@ class Source:
         """``f`` as a binary stream, decompressed on the fly; a decompression failure becomes
         one DataError naming the file. Bytes read from disk are counted for progress."""
         with open(f, "rb", buffering=0) as fh:
-            stream = io.BufferedReader(_Counted(fh, self.stats), 1 << 20)
-            if compression:
-                stream = _DECOMPRESS[compression](stream)
+            raw = io.BufferedReader(_Counted(fh, self.stats), 1 << 20)
+            stream = _DECOMPRESS[compression](raw) if compression else raw
             try:
                 yield stream
             except _CORRUPT as e:
@@ -389,7 +398,7 @@ class Source:
                     raise
                 raise DataError(f"{f} is truncated or corrupt ({compression}): {e}") from None
 
-    def _text(self, f: Path, compression: str | None) -> Iterator[str]:
+    def _text(self, f: Path, compression: str | None) -> Iterator[str | RawParagraphs]:
         with self._open(f, compression) as stream:
             if self.split_documents == "none":
                 text, bad = _decode(stream.read(), str(f), self.bad_utf8)
@@ -403,7 +412,8 @@ class Source:
                     yield from self._paragraphs(stream, f)
                 return
             # A document's lines are gathered as bytes and decoded once, from its first byte.
-            offset, start, lines = 0, 0, []
+            offset, start = 0, 0
+            lines: list[bytes] = []
             for raw in itertools.chain(stream, [b""]):  # b"": a blank line ends the last one
                 blank = not raw.strip()
                 if not blank:

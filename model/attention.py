@@ -73,6 +73,7 @@ def attend(
         if window > 0:
             full &= k_index[lo.clamp(max=Tk - 1)] > last - window
     else:
+        assert k_doc is not None, "q_doc and k_doc are given together"
         pad = len(starts) * block - Tq  # repeat the last id: block min and max unchanged
         q_docs = torch.cat((q_doc, q_doc[:, -1:].expand(B, pad)), 1).view(B, -1, block)
         k_docs = k_doc.contiguous()
@@ -100,7 +101,7 @@ def attend(
         mask = cols <= rows
         if window > 0:
             mask = mask & (cols > rows - window)
-        if q_doc is not None:
+        if q_doc is not None and k_doc is not None:  # both, as asserted above
             mask = mask & (q_doc[:, q0:q1, None] == k_doc[:, None, k0:k1])  # [B, rows, span]
         mask = mask.view(-1, 1, q1 - q0, k1 - k0)  # [B or 1, 1, rows, span]
         # A row that sees no key attends to the whole span (finite) and is then zeroed.

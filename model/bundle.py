@@ -28,7 +28,9 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib
+import importlib.util
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 # Where the closure starts: the Hugging Face wrapper and its configuration.
@@ -58,7 +60,10 @@ def file_name(module: str) -> str:
 
 
 def _source(module: str) -> tuple[str, Path]:
-    path = Path(importlib.import_module(module).__file__)
+    file = importlib.import_module(module).__file__
+    if file is None:  # a namespace package: no source of its own
+        raise BundleError(f"{module} has no source file to bundle")
+    path = Path(file)
     return path.read_text(), path
 
 
@@ -70,10 +75,10 @@ def _is_module(name: str) -> bool:
     return spec is not None
 
 
-def _imports(tree: ast.Module):
+def _imports(tree: ast.Module) -> Iterator[tuple[ast.Import | ast.ImportFrom, bool]]:
     """Every import statement and whether it sits inside a ``try`` block."""
 
-    def walk(node, in_try):
+    def walk(node: ast.AST, in_try: bool) -> Iterator[tuple[ast.Import | ast.ImportFrom, bool]]:
         for child in ast.iter_child_nodes(node):
             inside = in_try or isinstance(child, ast.Try)
             if isinstance(child, (ast.Import, ast.ImportFrom)):
@@ -84,16 +89,17 @@ def _imports(tree: ast.Module):
     yield from walk(tree, False)
 
 
-def _hylas_targets(node: ast.AST) -> list[str]:
+def _hylas_targets(node: ast.Import | ast.ImportFrom) -> list[str]:
     """The Hylas modules an import statement loads."""
     if isinstance(node, ast.Import):
         return [a.name for a in node.names if a.name.startswith("hylas.")]
-    if node.level or not (node.module or "").startswith("hylas"):
+    module = node.module or ""
+    if node.level or not module.startswith("hylas"):
         return []
     out = []
     for alias in node.names:
-        sub = f"{node.module}.{alias.name}"
-        out.append(sub if _is_module(sub) else node.module)
+        sub = f"{module}.{alias.name}"
+        out.append(sub if _is_module(sub) else module)
     return out
 
 
@@ -112,7 +118,9 @@ def closure(roots: tuple[str, ...] = ROOTS) -> list[str]:
     return sorted(seen)
 
 
-def _rewrite_import(node: ast.AST, bundled: set[str], where: str, top_level: bool) -> str | None:
+def _rewrite_import(
+    node: ast.Import | ast.ImportFrom, bundled: set[str], where: str, top_level: bool
+) -> str | None:
     """The replacement text of one import statement, or None to keep it."""
     if isinstance(node, ast.ImportFrom) and node.level:
         return None
@@ -159,6 +167,7 @@ def rewrite(module: str, bundled: set[str]) -> str:
         if new is not None:
             edits.append((node, new))
     for node, new in sorted(edits, key=lambda e: -e[0].lineno):
+        assert node.end_lineno is not None  # ast.parse gives every statement its end
         first, last = node.lineno - 1, node.end_lineno - 1
         indent = lines[first][: node.col_offset]
         tail = lines[last][node.end_col_offset :]  # a trailing comment, and the newline

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hylas.model.linear_mixers import LinearMixer
 
 
 class ConfigError(ValueError):
@@ -262,7 +266,7 @@ class ModelConfig:
                 f"(pattern {m.pattern!r}, first_dense {m.first_dense}, {self.n_layers} layers)"
             )
 
-    def _validate_linear(self, mixer: type) -> None:
+    def _validate_linear(self, mixer: type[LinearMixer]) -> None:
         from hylas.model.linear_mixers import FEATURE_MAPS
 
         if self.linear_v_heads is not None and (

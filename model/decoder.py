@@ -122,6 +122,7 @@ class Block(nn.Module):
         self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mixer = mixer_class(kind, cfg.linear_mixer)(cfg, kernel_backend)
         self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ffn: MoE | SwiGLU
         if ffn_kind == "M":
             m = cfg.moe
             self.ffn = MoE(
@@ -172,7 +173,7 @@ class HylasLM(nn.Module):
         if not self.embed.weight.is_meta:
             self.init_weights(seed)
 
-    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> HylasLM:
+    def to_empty(self, *, device: torch.device | str | int | None, recurse: bool = True) -> HylasLM:
         """nn.Module's, keeping the LM head tied to the embedding."""
         super().to_empty(device=device, recurse=recurse)
         if self.cfg.tie_embeddings:  # from meta, to_empty gives each module a new Parameter
@@ -189,6 +190,7 @@ class HylasLM(nn.Module):
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         init_normal(self.embed.weight, std, gen)
         for block in self.blocks:
+            assert isinstance(block, Block)  # nn.ModuleList hands its items out as nn.Module
             block.init_weights(gen, std, out_std)
         self.norm.init_weights()
         if self.lm_head.weight is not self.embed.weight:
@@ -198,8 +200,9 @@ class HylasLM(nn.Module):
         """Recompute the buffers no checkpoint holds (RoPE frequencies, fixed decays), leaving
         the parameters as they are: for a model whose weights were loaded onto ``to_empty``."""
         for module in self.modules():
-            if module is not self and hasattr(module, "init_buffers"):
-                module.init_buffers()
+            init_buffers = getattr(module, "init_buffers", None)
+            if module is not self and init_buffers is not None:
+                init_buffers()
 
     def forward(
         self,
@@ -273,7 +276,7 @@ class HylasLM(nn.Module):
         if logits:  # the LM head runs once for the logits and the loss
             out.logits = self.lm_head(x)[..., : self.cfg.vocab_size]
         if labels is not None:
-            if logits:
+            if out.logits is not None:  # set just above when ``logits``
                 out.lm_loss_sum = self.loss(out.logits, labels, reduction="sum")
             else:
                 out.lm_loss_sum = self.chunked_loss_sum(x, labels)
@@ -281,13 +284,17 @@ class HylasLM(nn.Module):
             out.loss = out.lm_loss = out.lm_loss_sum / out.targets
         moe = [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
         if moe:
-            out.moe_stats = [m.last_stats for m in moe]
+            for m in moe:
+                assert m.last_stats is not None  # set by the forward just run
+                out.moe_stats.append(m.last_stats)
             c = self.cfg.moe
-            out.aux_loss = sum(
+            aux_loss = sum(
                 c.aux_loss_coef * s.aux_loss() + c.z_loss_coef * s.z_loss() for s in out.moe_stats
             )
+            assert isinstance(aux_loss, torch.Tensor)  # a sum of at least one tensor
+            out.aux_loss = aux_loss
             if out.loss is not None:
-                out.loss = out.loss + out.aux_loss
+                out.loss = out.loss + aux_loss
         if not logits:
             out.logits = None
         return out
@@ -350,5 +357,9 @@ class HylasLM(nn.Module):
         for m in self.modules():  # a MoE layer's router and the k experts a token uses
             if isinstance(m, MoE):
                 matmul += m.router.weight.numel() + m.top_k * 3 * m.experts.w_gate[0].numel()
-        forward = 2.0 * matmul + sum(b.mixer_flops(seq_len) for b in self.blocks)
+        mixers = 0.0
+        for block in self.blocks:
+            assert isinstance(block, Block)  # nn.ModuleList hands its items out as nn.Module
+            mixers += block.mixer_flops(seq_len)
+        forward = 2.0 * matmul + mixers
         return 3.0 * forward

@@ -64,8 +64,9 @@ class HylasForCausalLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module: torch.nn.Module) -> None:
         """Only the buffers no checkpoint holds: the parameters are Hylas's own init (eager)
         or the loaded weights."""
-        if hasattr(module, "init_buffers") and module is not self.model:
-            module.init_buffers()
+        init_buffers = getattr(module, "init_buffers", None)
+        if init_buffers is not None and module is not self.model:
+            init_buffers()
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.model.embed

@@ -53,6 +53,8 @@ class RotaryEmbedding(nn.Module):
     low_freq_factor are divided by ``factor``, those shorter than original_max_position /
     high_freq_factor kept, and those between interpolated smoothly."""
 
+    inv_freq: torch.Tensor  # a buffer (register_buffer in __init__)
+
     def __init__(self, head_dim: int, theta: float, scaling=None):
         super().__init__()
         self.head_dim, self.theta, self.scaling = head_dim, theta, scaling

@@ -21,6 +21,7 @@ Legend: B batch, T tokens, D d_model, H q/k heads, Hv value heads, K / V head si
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -45,14 +46,15 @@ FEATURE_MAPS = {
 
 
 class LinearMixer(nn.Module):
-    family = None  # the kernel module (hylas.kernels.<family>)
+    name: str  # the registry name, set by _register
+    family: ModuleType | None = None  # the kernel module (hylas.kernels.<family>)
     expand_k = 0.5  # default key size of the layer = expand_k * d_model (model.linear_head_k)
     expand_v = 1.0  # default value size = expand_v * d_model (model.linear_head_v)
     use_short_conv = False
     feature_map = "identity"  # applied to q and k after the (optional) convolution
     l2_norm_qk = False  # delta-rule mixers: unit-norm q and k
     norm_before_gate = True  # o_norm(o) * silu(g); False: o_norm(o * silu(g)) (Mamba2)
-    scale = None  # None: K ** -0.5
+    scale: float | None = None  # None: K ** -0.5
 
     def __init__(self, cfg: ModelConfig, kernel_backend: str = "auto"):
         super().__init__()
@@ -198,19 +200,21 @@ class LinearMixer(nn.Module):
 
     def _kernel(self, q, k, v, gates, state, use_cache, seq):
         B, T = q.shape[:2]
+        family = self.family
+        assert family is not None, f"{type(self).__name__} names no kernel family"
         if state is not None and T <= RECURRENT_MAX_TOKENS:
-            return self.family.recurrent(
+            return family.recurrent(
                 q, k, v, *gates, scale=self.scale, initial_state=state, backend=self.kernel_backend
             )
         if seq is not None and seq.cu_seqlens is not None:  # packed: one row, states restart
             if use_cache:
                 raise ValueError("decoding caches are for unpacked batches; drop cu_seqlens")
             flat = [x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v, *gates)]
-            o, _ = self.family.chunk(
+            o, _ = family.chunk(
                 *flat, scale=self.scale, cu_seqlens=seq.cu_seqlens, backend=self.kernel_backend
             )
             return o.view(B, T, *o.shape[2:]), None
-        return self.family.chunk(
+        return family.chunk(
             q,
             k,
             v,
@@ -253,6 +257,7 @@ def _fixed_decay(name: str, n_heads: int, device: torch.device | str | None) -> 
 
 class _FixedDecay(LinearMixer):
     family = simple_gla
+    log_decay: torch.Tensor  # a buffer (register_buffer in build_gates)
 
     def build_gates(self, cfg):
         log_decay = _fixed_decay(self.name, self.n_v_heads, device=None)  # usable at once
@@ -305,6 +310,7 @@ class GLA(LinearMixer):
 
     def init_gates(self, gen, std):
         down, up = self.gk_proj
+        assert isinstance(down, nn.Linear) and isinstance(up, nn.Linear)  # as build_gates made
         init_normal(down.weight, std, gen)
         init_normal(up.weight, std, gen)
         init_value(up.bias, 0.0)

@@ -101,13 +101,22 @@ def init_groups(layout: Layout, device: torch.device, timeout_s: float) -> Group
             store = dist.HashStore()  # no rendezvous needed for one process
             dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
         else:
-            kwargs = {"device_id": device} if device.type == "cuda" else {}
+            device_id = device if device.type == "cuda" else None  # None: init's default
             if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-                kwargs["store"] = attempt_store(layout, timeout)
-                kwargs.update(rank=layout.rank, world_size=layout.world)
-            dist.init_process_group(backend, timeout=timeout, **kwargs)
+                dist.init_process_group(
+                    backend,
+                    timeout=timeout,
+                    device_id=device_id,
+                    store=attempt_store(layout, timeout),
+                    rank=layout.rank,
+                    world_size=layout.world,
+                )
+            else:
+                dist.init_process_group(backend, timeout=timeout, device_id=device_id)
     mesh = init_device_mesh(device.type, (layout.dp, layout.sp), mesh_dim_names=("dp", "sp"))
-    return Groups(mesh, mesh.get_group("dp"), mesh.get_group("sp"), dist.group.WORLD)
+    world = dist.group.WORLD
+    assert world is not None  # set once the process group is initialised, as it is here
+    return Groups(mesh, mesh.get_group("dp"), mesh.get_group("sp"), world)
 
 
 def attempt_store(layout: Layout, timeout: timedelta) -> dist.Store:

@@ -104,14 +104,18 @@ def apply(model: nn.Module, states_from_kernel: bool | None = None) -> nn.Module
     from hylas.model.conv import ShortConv
     from hylas.model.linear_mixers import LinearMixer
 
+    # (class, method, wrapper of the bound method): the wrapped method is set on the
+    # instance, where it shadows the class's own.
+    wrappers = (
+        (LinearMixer, "_kernel", lambda local: _linear_kernel(local, states_from_kernel)),
+        (SoftmaxAttention, "core", _attention_core),
+        (ShortConv, "forward", _conv_forward),
+    )
     for module in model.modules():
-        if isinstance(module, LinearMixer):
-            wrapped = _linear_kernel(module._kernel, states_from_kernel)
-            module._kernel = types.MethodType(wrapped, module)
-        elif isinstance(module, SoftmaxAttention):
-            module.core = types.MethodType(_attention_core(module.core), module)
-        elif isinstance(module, ShortConv):
-            module.forward = types.MethodType(_conv_forward(module.forward), module)
+        for cls, method, wrap in wrappers:
+            if isinstance(module, cls):
+                setattr(module, method, types.MethodType(wrap(getattr(module, method)), module))
+                break
     return model
 
 
@@ -182,8 +186,10 @@ class _LinearLayer:
             for b in range(q.shape[0]):
                 starts = [0, *seg.local_starts[b, 1:].nonzero().flatten().add(1).tolist()]
                 cu = torch.tensor([*starts, q.shape[1]], dtype=torch.int32, device=q.device)
-                cu = cu if len(starts) > 1 else None
-                parts.append(fn(*(x[b : b + 1] for x in args), scale=self.scale, cu_seqlens=cu))
+                cu_seqlens = cu if len(starts) > 1 else None
+                parts.append(
+                    fn(*(x[b : b + 1] for x in args), scale=self.scale, cu_seqlens=cu_seqlens)
+                )
             out = (
                 [torch.cat(p) for p in zip(*parts, strict=True)]
                 if isinstance(parts[0], tuple)
@@ -229,7 +235,8 @@ class _LinearLayer:
         with torch.enable_grad():
             leaves = [x.detach().requires_grad_(n) for x, n in zip(inputs, needs, strict=True)]
             entering = entering.detach().requires_grad_(self.states_from_kernel)
-            o, finals = self.chunk(*leaves[:3], leaves[3:], entering=entering, final=True)
+            q, k, v, *gates = leaves
+            o, finals = self.chunk(q, k, v, gates, entering=entering, final=True)
         return leaves, o, finals, entering
 
     def local_grads(self, local, needs: tuple, do: torch.Tensor, dS_out: torch.Tensor):
@@ -247,9 +254,9 @@ class _LinearLayer:
         leaves, o, _, entering = local
         wanted = [x for x, n in zip(leaves, needs, strict=True) if n]
         *grads, G = torch.autograd.grad(o, [*wanted, entering], do, retain_graph=True)
-        grads = iter(grads)
+        left = iter(grads)
         keep = self.segment.continues.view(-1, 1, 1, 1).to(G.dtype)
-        return G * keep, [next(grads) if n else None for n in needs]
+        return G * keep, [next(left) if n else None for n in needs]
 
     def kernel_leaving_grads(self, local, needs: tuple, dS_out: torch.Tensor, grads: list):
         """Add the inputs' gradients from the leaving states' ``dS_out`` to ``grads``."""
@@ -335,6 +342,7 @@ class _Lasp2(torch.autograd.Function):
             S_in = _times_state(A_all[j], S_in) + B_all[j]
         S_in = S_in * seg.continues.view(-1, 1, 1, 1).to(S_in.dtype)
         if family.SPLIT_OUTPUT:
+            assert o is not None  # the local output from zero, computed above
             o = o + _entering_read(layer, q, gates, S_in).to(o.dtype)
         else:
             o = layer.chunk(q, k, v, gates, entering=S_in)[0]

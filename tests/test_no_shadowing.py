@@ -54,6 +54,7 @@ def test_no_code_folder_is_a_regular_package():
     )
 
 
+@pytest.mark.integration
 def test_an_installed_package_wins_over_every_root_folder(tmp_path):
     """A dependency that ships a top-level ``model``, ``data``, ``kernels``... gets its own
     package, even with the checkout root first on sys.path (as ``python -c`` and pytest
@@ -71,10 +72,12 @@ def test_an_installed_package_wins_over_every_root_folder(tmp_path):
     assert done.stdout.strip() == str([f"installed {n}" for n in CODE_FOLDERS])
 
 
+@pytest.mark.integration
 def test_transformers_imports_from_the_checkout_root():
     run_in_root(["-c", "from transformers import LlamaForCausalLM, MixtralForCausalLM"])
 
 
+@pytest.mark.integration
 def test_export_from_the_checkout_root_loads_in_transformers(tmp_path, monkeypatch):
     """``python -m hylas.train.cli export`` run from the root, then the export loaded by
     transformers in a process started in the root, giving Hylas's own logits."""
@@ -125,6 +128,7 @@ def test_export_from_the_checkout_root_loads_in_transformers(tmp_path, monkeypat
     assert err < LOGIT_TOL, f"export logits off by {err:.2e} (relative RMS)"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("entry", ["hylas.train", "hylas.train.cli"])
 def test_module_entry_points_run_from_the_checkout_root(entry):
     done = run_in_root(["-m", entry, "--help"])

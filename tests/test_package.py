@@ -43,6 +43,7 @@ def wheel(tmp_path_factory):
     return path
 
 
+@pytest.mark.integration
 def test_wheel_holds_one_namespace_with_recipes_and_corpus(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names}
@@ -52,6 +53,7 @@ def test_wheel_holds_one_namespace_with_recipes_and_corpus(wheel):
     assert "hylas/kernels/gla/__init__.py" in names
 
 
+@pytest.mark.integration
 def test_non_editable_install_loads_recipe_and_corpus(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run(

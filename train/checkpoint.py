@@ -80,7 +80,9 @@ def save_rng(path: Path) -> None:
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["cuda"] = torch.cuda.get_rng_state()
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = np.random.get_state(legacy=True)
+    assert isinstance(state, tuple)  # the legacy form of the global MT19937 generator
+    kind, keys, pos, has_gauss, gauss = state
     version, internal, py_gauss = random.getstate()
     meta = {
         "numpy": json.dumps([kind, keys.tolist(), pos, has_gauss, gauss]),
@@ -164,10 +166,14 @@ def save_checkpoint(
     for i, (name, p) in enumerate(params):
         state = full_state(name, p)  # every rank, every parameter: a collective under ZeRO
         if rank == 0:
-            weights[name] = state["param"].detach().to("cpu", torch.float32, copy=True)
+            param = state["param"]
+            assert param is not None  # every trained parameter has its fp32 value
+            weights[name] = param.detach().to("cpu", torch.float32, copy=True)
         if owner[i] == rank and state["exp_avg"] is not None:
             for key in ("exp_avg", "exp_avg_sq"):
-                moments[f"{name}.{key}"] = state[key].detach().to("cpu", copy=True)
+                moment = state[key]
+                assert moment is not None  # Adam keeps both moments or neither
+                moments[f"{name}.{key}"] = moment.detach().to("cpu", copy=True)
     mine = [optimizer_file(rank), rng_file(rank)]
     safetensors.torch.save_file(moments, str(tmp / optimizer_file(rank)))
     save_rng(tmp / rng_file(rank))

@@ -73,7 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         return 0
     lines = [f"finished at step {result.steps} in {result.run_dir}"]
-    if result.first_eval_loss is not None:
+    if result.first_eval_loss is not None and result.last_eval_loss is not None:
         drop = 100 * (1 - result.last_eval_loss / result.first_eval_loss)
         lines.append(
             f"held-out loss {result.first_eval_loss:.4f} -> {result.last_eval_loss:.4f} ({drop:.0f}% lower)"
@@ -284,9 +284,9 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     sources = open_sources(
         args.input, args.text_key, args.split, args.bad_utf8, args.split_documents
     )
+    files: list[str] = []  # this part's input files
     if part:
         sources, files = part_sources(sources, *part)
-        part = {"index": part[0], "count": part[1], "files": files}
     tokenizer = Tokenizer.load(args.tokenizer)
     logging.getLogger("hylas").info(
         "tokenizing %s with %d worker%s into %s",
@@ -303,7 +303,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         shard_tokens=args.shard_tokens,
         progress=sys.stderr.isatty(),
-        part=part,
+        part={"index": part[0], "count": part[1], "files": files} if part else None,
     )
     train, val = m["splits"]["train"], m["splits"]["val"]
     print(
@@ -324,9 +324,10 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         if notes:
             print(f"{s['input']}: {'; '.join(notes)}")
     if part:
+        index, count = part
         print(
-            f"part {part['index']}/{part['count']}: {len(part['files'])} input file(s); join the "
-            f"{part['count']} parts with: hylas data merge PART_DIR ... --out DIR"
+            f"part {index}/{count}: {len(files)} input file(s); join the "
+            f"{count} parts with: hylas data merge PART_DIR ... --out DIR"
         )
         return 0
     held = m["held_out"]

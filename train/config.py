@@ -256,8 +256,8 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str) -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"{key} is a section; give it keys, not {value!r}")
             _apply(current, value, key + ".")
-        elif isinstance(value, list) and _list_item_type(hints[name]) is not None:
-            setattr(obj, name, _parse_list(key, value, _list_item_type(hints[name])))
+        elif isinstance(value, list) and (item_type := _list_item_type(hints[name])) is not None:
+            setattr(obj, name, _parse_list(key, value, item_type))
         else:
             if isinstance(value, (dict, list)):
                 raise ConfigError(f"{key} takes a single value, not {value!r}")

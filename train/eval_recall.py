@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -46,6 +47,9 @@ from hylas.data.dataset import PreparedData
 from hylas.data.prepare import cache_root, prepare_embedded_corpus
 from hylas.data.tokenizer import Tokenizer
 from hylas.train.checkpoint import atomic_write_text, load_model_weights, open_checkpoint
+
+if TYPE_CHECKING:
+    from hylas.model.decoder import HylasLM
 
 log = logging.getLogger("hylas")
 
@@ -177,7 +181,7 @@ def probe_accuracy(
     return hits / len(samples)
 
 
-def model_answer_fn(model: torch.nn.Module) -> AnswerFn:
+def model_answer_fn(model: HylasLM) -> AnswerFn:
     """Greedy decoding with the hybrid cache: one prefill, then a token a step."""
     from hylas.model.generation import generate
 
@@ -229,9 +233,8 @@ def held_out_filler(cfg, tokenizer: Tokenizer, data: str | Path | None = None) -
         )
         theirs = None if same else Tokenizer.load(prepared.tokenizer_dir)
         for d in range(split.num_documents):
-            ids = split.document(d)[:-1]  # its EOS: filler reads as one document
-            if theirs is not None:
-                ids = tokenizer.encode(theirs.decode(ids.tolist()))
+            doc = split.document(d)[:-1]  # its EOS: filler reads as one document
+            ids = doc if theirs is None else tokenizer.encode(theirs.decode(doc.tolist()))
             parts.append(np.asarray(ids, dtype=np.int64))
             total += len(ids)
             if total >= FILLER_TOKENS:

@@ -30,6 +30,7 @@ import shutil
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import safetensors
@@ -57,7 +58,7 @@ class ImportRefused(ConfigError):
     """A Hugging Face model Hylas cannot take; the message names what and where."""
 
 
-def import_hf(hf_dir: str | Path, out: str | Path, overrides: list[str] = ()) -> dict:
+def import_hf(hf_dir: str | Path, out: str | Path, overrides: Sequence[str] = ()) -> dict:
     """Write the Hylas checkpoint ``out`` from the Hugging Face directory ``hf_dir``."""
     hf_dir, out = Path(hf_dir), Path(out)
     if out.exists():
@@ -215,7 +216,7 @@ def model_config_of(hf: dict, kind: str, where: str) -> ModelConfig:
         raise ImportRefused(f"{where} has no {e.args[0]}") from None
 
 
-def target_config(source: ModelConfig, overrides: list[str]) -> Config:
+def target_config(source: ModelConfig, overrides: Sequence[str]) -> Config:
     """The imported model's full config: the source's, with ``--set model.*`` applied.
     Linear layers made from attention take its head size unless the overrides say."""
     others = [o for o in overrides if not o.strip().startswith("model.")]

@@ -12,7 +12,7 @@ import secrets
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm import tqdm
@@ -197,9 +197,13 @@ class WandbLogger:
         self.run = None
         if not cfg.enabled:
             return
-        mode = cfg.mode
-        if mode == "auto":
+        mode: Literal["online", "offline"]
+        if cfg.mode == "auto":
             mode = "online" if _has_api_key() else "offline"
+        elif cfg.mode == "online":
+            mode = "online"
+        else:  # offline: WandbConfig.validate refuses any other mode
+            mode = "offline"
         # One wandb run per run directory: a requeued or resumed job continues the same run.
         id_file = run_dir / "wandb_id"
         if id_file.exists():
@@ -255,9 +259,9 @@ class WandbLogger:
         self.run = None
 
 
-def _scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
+def _scalars(record: dict[str, Any], prefix: str = "") -> dict[str, numbers.Real]:
     """The numbers in ``record``, nested dicts flattened to ``outer/inner``; lists are left out."""
-    out = {}
+    out: dict[str, numbers.Real] = {}
     for key, value in record.items():
         if isinstance(value, dict):
             out.update(_scalars(value, f"{prefix}{key}/"))

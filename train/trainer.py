@@ -81,8 +81,11 @@ def model_inputs(
     """The loader's batch as model keyword arguments (document boundaries when present);
     an sp rank's segment also gets its place in the whole samples (``parallel.sp``)."""
     keys = ("input_ids", "labels", "position_ids", "cu_seqlens")
-    inputs = {k: batch[k].to(device) for k in keys if k in batch}
+    inputs: dict[str, torch.Tensor | sp.Segment] = {
+        k: batch[k].to(device) for k in keys if k in batch
+    }
     if "global_cu_seqlens" in batch:
+        assert sp_group is not None, "a sequence-parallel batch needs its sp group"
         B, L = batch["input_ids"].shape
         start = int(batch["segment_start"])
         inputs["segment"] = sp.Segment(sp_group, batch["global_cu_seqlens"], start, B, L, device)
@@ -122,7 +125,7 @@ def open_data(cfg: Config, layout: Layout, batches: BatchLayout) -> Data:
         with FileLock(cache_root() / ".prepare.lock"):
             tok_dir, data_dir = prepare_embedded_corpus(cfg.model.vocab_size)
         paths, weights, names = [data_dir], [1.0], ["shakespeare"]
-        tokenizer_dir = Path(dc.tokenizer) if dc.tokenizer else tok_dir
+        tokenizer_dir: Path | None = Path(dc.tokenizer) if dc.tokenizer else tok_dir
     else:
         paths = [Path(s.path) for s in dc.sources]
         weights = [s.weight for s in dc.sources]
@@ -380,7 +383,7 @@ class Trainer:
 
     def train_step(
         self, micro_batches: list[dict], stop: StopSignal
-    ) -> tuple[StepStats, bool, float]:
+    ) -> tuple[StepStats, float, float]:
         world, accumulation = self.layout.world, len(micro_batches)
         # The step's target count over every rank, before the first backward.
         targets = torch.tensor([sum(int((b["labels"] != -100).sum()) for b in micro_batches)])
@@ -409,8 +412,8 @@ class Trainer:
         lm_loss = flags[2].item() / n_targets
         lr = lr_at(self.step, self.cfg.train)
         applied, grad_norm = self.engine.step(lr, skip=bad)
-        stats = StepStats(lm_loss + aux_sum, lm_loss, n_targets, not applied, stopping, pooled)
-        return stats, lr, grad_norm
+        step_stats = StepStats(lm_loss + aux_sum, lm_loss, n_targets, not applied, stopping, pooled)
+        return step_stats, lr, grad_norm
 
     def moe_aux_loss(self, stats: list[RouterStats]) -> tuple[torch.Tensor, list[RouterStats]]:
         """This rank's share of the MoE auxiliary losses of the micro-batch pooled over ranks.
@@ -427,7 +430,8 @@ class Trainer:
         pooled = torch.cat([counts, sums, extra], dim=1)
         comm.all_reduce(pooled)
         E = counts.shape[1]
-        result, total = [], 0.0
+        result = []
+        total: torch.Tensor | float = 0.0
         for i, s in enumerate(stats):
             tokens = pooled[i, 2 * E].item()
             g = RouterStats(
@@ -443,6 +447,7 @@ class Trainer:
             total = total + c.aux_loss_coef * E * (f * s.prob_sum).sum() / tokens
             total = total + c.z_loss_coef * s.z_sum / tokens
             result.append(g)
+        assert isinstance(total, torch.Tensor)  # stats is never empty
         return total, result
 
     def moe_weighted(self, s: RouterStats) -> torch.Tensor:
@@ -520,7 +525,7 @@ class Trainer:
     def run(self) -> RunResult:
         cfg, tc, main = self.cfg, self.cfg.train, self.layout.is_main
         start = self.step
-        metrics = wandb = None
+        metrics = wandb = None  # the main rank's; None on the others
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(
@@ -539,7 +544,7 @@ class Trainer:
             )
 
         def record(r: dict) -> None:
-            if main:
+            if metrics is not None and wandb is not None:
                 metrics.write(r)
                 wandb.log(r, r["step"])
 
@@ -552,7 +557,7 @@ class Trainer:
             if main:
                 log.info("step 0: held-out loss %.4f", first_eval)
 
-        progress = Progress(tc.steps, start) if main else None
+        progress = Progress(tc.steps, start) if main else None  # the main rank's, as above
         tokens_per_step = tc.batch_size * tc.seq_len
         window_steps, window_t0 = 0, time.perf_counter()
         stopped_by = None
@@ -565,7 +570,7 @@ class Trainer:
                 if stats.bad:
                     self.skipped += 1
                     self.bad_streak += 1
-                    if main:
+                    if progress is not None:
                         progress.write(
                             f"step {self.step}: non-finite loss or gradient norm; the update "
                             f"was skipped ({self.bad_streak} in a row, {self.skipped} in all)"
@@ -573,7 +578,7 @@ class Trainer:
                 else:
                     self.bad_streak = 0
 
-                entry = None
+                entry: dict[str, object] | None = None
                 if self.step % tc.log_every == 0 or self.step == tc.steps:
                     elapsed = time.perf_counter() - window_t0
                     tokens_per_s = window_steps * tokens_per_step / elapsed
@@ -595,7 +600,7 @@ class Trainer:
                         entry["moe_expert_counts"] = [s.counts.long().tolist() for s in stats.moe]
                     record(entry)
                     window_steps, window_t0 = 0, time.perf_counter()
-                if main:
+                if progress is not None:
                     progress.update(self.step, tc.steps, entry)
 
                 if self.bad_streak >= tc.max_bad_steps:
@@ -615,7 +620,7 @@ class Trainer:
                     result = self.evaluate()
                     last_eval = result["eval_loss"]
                     record({"step": self.step, **result})
-                    if main:
+                    if progress is not None:
                         progress.write(f"step {self.step}: held-out loss {last_eval:.4f}")
                 if stats.stop:
                     stopped_by = stop.received or "a signal on another rank"
@@ -627,28 +632,30 @@ class Trainer:
                     or stopped_by
                 ):
                     self.checkpoint = self.save({"eval_loss": last_eval} if last_eval else {})
-                    if main:
+                    if progress is not None:
                         progress.write(f"step {self.step}: saved checkpoint {self.checkpoint}")
                 if stopped_by and self.step < tc.steps:
-                    if main:
+                    if progress is not None:
                         progress.write(
                             f"step {self.step}: stopping on {stopped_by}; the checkpoint is "
                             f"complete, continue with --resume auto"
                         )
                     break
                 if at_exit and self.step < tc.steps:
-                    if main:
+                    if progress is not None:
                         progress.write(
                             f"step {self.step}: stopping as asked (train.exit_at_step); "
                             "resume with --resume auto"
                         )
                     break
-        if main:
+        if progress is not None and metrics is not None and wandb is not None:
             progress.close()
             metrics.close()
             wandb.finish()
         if last_eval is None and evaluating:
             last_eval = self.evaluate()["eval_loss"]
+        # set by the save at the last step or at a stop, or by resuming a run already at its end
+        assert self.checkpoint is not None
         return RunResult(
             self.run_dir, self.checkpoint, self.step, first_eval, last_eval, stopped_by
         )

@@ -97,9 +97,21 @@ def test_long_sequence_is_accurate(family):
     assert_close(ht, ht_ref, 1e-4, "ht")
 
 
+@pytest.mark.slow
 @FAMILIES
 def test_65536_tokens_stay_finite_and_accurate(family):
-    inputs = make_inputs(family, 65536, b=1, beta_max=2.0, strong=True, seed=5)
+    check_long_strong(family, 65536)
+
+
+@FAMILIES
+def test_8192_tokens_stay_finite_and_accurate(family):
+    """The fast twin of the 65,536-token case: four of the torch path's 2048-token chunk
+    groups, the same strong gates."""
+    check_long_strong(family, 8192)
+
+
+def check_long_strong(family, T):
+    inputs = make_inputs(family, T, b=1, beta_max=2.0, strong=True, seed=5)
     inputs = [x.detach()[:, :, :1].contiguous().requires_grad_() for x in inputs]  # one head
     o, ht = family.chunk(*inputs, output_final_state=True)
     (o.sum() + ht.sum()).backward()

@@ -200,10 +200,21 @@ def test_bad_arguments_are_refused(monkeypatch):
         simple_gla.chunk(q, k, v, gk)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", [simple_gla, gla], ids=["simple_gla", "gla"])
 def test_65536_tokens_with_strong_decay_stay_finite_and_accurate(family):
+    check_long_strong_decay(family, 65536)
+
+
+@pytest.mark.parametrize("family", [simple_gla, gla], ids=["simple_gla", "gla"])
+def test_8192_tokens_with_strong_decay_stay_finite_and_accurate(family):
+    """The fast twin of the 65,536-token case: four of the torch path's 2048-token chunk
+    groups, the same strong decays."""
+    check_long_strong_decay(family, 8192)
+
+
+def check_long_strong_decay(family, T):
     gen = torch.Generator().manual_seed(5)
-    T = 65536
     q, k, v = (torch.randn(1, T, 1, d, generator=gen) for d in (16, 16, 16))
     shape = (1, T, 1) if family is simple_gla else (1, T, 1, 16)
     g = -20 * torch.rand(shape, generator=gen) * (torch.rand(shape, generator=gen) < 0.5)

@@ -18,6 +18,8 @@ import pytest
 
 from tests.gpu_compile_gate import FAMILIES, HEAD_SIZES, TARGETS
 
+pytestmark = pytest.mark.integration  # compiler subprocesses
+
 ROOT = Path(__file__).resolve().parents[2]
 KERNEL_FILES = ["chunk_triton.py", "chunk_delta_triton.py", "recurrent_triton.py"]
 

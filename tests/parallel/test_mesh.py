@@ -51,6 +51,7 @@ def ranks(tmp_path_factory) -> list[dict]:
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
+@pytest.mark.integration
 def test_a_2x2_mesh_has_adjacent_sp_groups_and_strided_dp_groups(ranks):
     expected = {  # rank = dp_rank * sp + sp_rank
         0: (0, 0, [0, 2], [0, 1]),

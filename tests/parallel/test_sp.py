@@ -26,6 +26,8 @@ from hylas.parallel.trace import trace_collectives
 from hylas.train.trainer import model_inputs
 from tests.helpers import rel_rms_error, spawn_ranks
 
+pytestmark = pytest.mark.integration  # spawned ranks
+
 check_linear_mixer("gla")  # fills the registry
 MIXERS = sorted(LINEAR_MIXERS)
 TOL = 1e-5

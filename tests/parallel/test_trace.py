@@ -146,6 +146,7 @@ def ranks(tmp_path_factory) -> list[dict]:
     return results
 
 
+@pytest.mark.integration
 def test_known_collectives_recorded_exactly(ranks):
     for rank, result in enumerate(ranks):
         known = result["known"]
@@ -175,6 +176,7 @@ def test_known_collectives_recorded_exactly(ranks):
         torch.testing.assert_close(known["received"], torch.full((4,), float(1 - rank)))
 
 
+@pytest.mark.integration
 def test_summary_and_table(ranks):
     known = ranks[0]["known"]
     by_kind = {row.kind: row for row in known["summary"]}
@@ -189,6 +191,7 @@ def test_summary_and_table(ranks):
     assert table[-1].split() == ["total", "4", "0.004"]
 
 
+@pytest.mark.integration
 def test_deepspeed_zero2_step(ranks):
     for result in ranks:
         zero2 = result["zero2"]
@@ -221,6 +224,7 @@ def test_deepspeed_zero2_step(ranks):
             torch.testing.assert_close(p, ref)
 
 
+@pytest.mark.integration
 def test_originals_restored(ranks):
     for result in ranks:
         assert result["known"]["restored"]

@@ -32,6 +32,8 @@ from tests.train.launch import (
     start,
 )
 
+pytestmark = pytest.mark.integration  # torchrun launches
+
 RTOL = 1e-5  # dp=2 against dp=1: the same sums in another order
 # sp against one process: the same sums, and the recurrences' states folded across ranks
 SP_RTOL = 1e-4

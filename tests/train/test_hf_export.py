@@ -292,6 +292,7 @@ def test_each_export_uses_the_class_its_math_allows(exports):
         assert generation["eos_token_id"] == e.eos, name
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", list(EXPORTS))
 def test_export_reloads_without_hylas_and_gives_hylas_numbers(reloaded, exports, name):
     seen, _, tensors_dir = reloaded
@@ -340,6 +341,7 @@ def test_export_reloads_without_hylas_and_gives_hylas_numbers(reloaded, exports,
         assert rel_rms_error(got["batched_steps"][i, :n], e.steps[i]) < LOGIT_TOL, f"row {i}"
 
 
+@pytest.mark.integration
 def test_the_fresh_process_ran_without_hylas_or_triton(reloaded):
     _, process, _ = reloaded
     assert process["hylas_modules"] == []

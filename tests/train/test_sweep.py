@@ -106,6 +106,7 @@ def one_process_sweep(tmp_path_factory):
     return out
 
 
+@pytest.mark.integration
 def test_a_two_ratio_sweep_writes_every_output_and_a_rerun_skips_it(one_process_sweep, caplog):
     out = one_process_sweep
     rows = read_rows(out)
@@ -128,6 +129,7 @@ def test_a_two_ratio_sweep_writes_every_output_and_a_rerun_skips_it(one_process_
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")} == before
 
 
+@pytest.mark.integration
 def test_a_sweep_under_torchrun_is_data_parallel_and_measures_what_one_process_does(
     one_process_sweep,
 ):
