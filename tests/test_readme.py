@@ -75,6 +75,7 @@ def test_each_hylas_command_answers_help_with_the_readmes_options(command, capsy
 # Python entry points the README shows, run as it runs them (module or file), in process.
 ENTRY_POINTS = {
     "python -m hylas.train": ("module", "hylas.train"),
+    "python -m hylas.train.cli": ("module", "hylas.train.cli"),
     "python -m tests.gpu_compile_gate": ("module", "tests.gpu_compile_gate"),
     "python -m benchmarks.engine": ("module", "benchmarks.engine"),
     "python -m benchmarks.sp": ("module", "benchmarks.sp"),
