@@ -89,6 +89,8 @@ def test_the_readmes_python_entry_points_are_the_ones_checked_here():
     assert shown - {"python -m pytest"} == set(ENTRY_POINTS)
 
 
+# runpy's notice that the module it runs is already imported, as it is in this process
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules after import:RuntimeWarning")
 @pytest.mark.parametrize("shown", sorted(ENTRY_POINTS))
 def test_each_python_entry_point_answers_help(shown, capsys, monkeypatch):
     kind, target = ENTRY_POINTS[shown]
