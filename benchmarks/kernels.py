@@ -18,41 +18,18 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 from machine import describe
 
-from hylas.kernels import delta_rule, gated_delta_rule, gla, linear_attn, simple_gla
+from hylas.kernels.registry import families
 
-FAMILIES = {
-    "linear_attn": linear_attn,
-    "simple_gla": simple_gla,
-    "gla": gla,
-    "delta_rule": delta_rule,
-    "gated_delta_rule": gated_delta_rule,
-}
+FAMILIES = families()
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 H, K, V = 4, 128, 128
 
 
 def make_inputs(family, T: int, dtype, device):
-    gen = torch.Generator().manual_seed(0)
-    q = torch.randn(1, T, H, K, generator=gen) * K**-0.5
-    k = F.normalize(torch.randn(1, T, H, K, generator=gen), dim=-1)
-    v = torch.randn(1, T, H, V, generator=gen)
-    gates = []
-    if family is simple_gla:
-        gates = [F.logsigmoid(torch.randn(1, T, H, generator=gen) + 4)]
-    elif family is gla:
-        gates = [F.logsigmoid(torch.randn(1, T, H, K, generator=gen)) / 16]
-    elif family is delta_rule:
-        gates = [torch.sigmoid(torch.randn(1, T, H, generator=gen))]
-    elif family is gated_delta_rule:
-        gates = [
-            F.logsigmoid(torch.randn(1, T, H, generator=gen) + 4),
-            torch.sigmoid(torch.randn(1, T, H, generator=gen)),
-        ]
-    xs = [x.to(dtype) for x in (q, k, v)] + gates  # gates stay fp32
-    return [x.to(device).requires_grad_() for x in xs]
+    """The family's own inputs (``SPEC.inputs``): q, k, v in ``dtype``, gates in fp32."""
+    return family.SPEC.inputs(1, T, H, K, V, dtype=dtype, device=device)
 
 
 def fwd_bwd(fn, inputs):

@@ -118,3 +118,16 @@ def entering_state_grad(q, k, v, g, beta, do, scale=None, cu_seqlens=None, start
             step = through_h[:, i]
             grad = step if grad is None else step + A_chunk[:, i].transpose(-1, -2) @ grad
     return torch.zeros_like(grad) if starts_document else grad
+
+
+# -- LASP-2 on the local kernel (parallel/sp.py) ------------------------------------------
+
+
+def local_transition(q, k, v, g, beta, scale=None, backend="auto") -> torch.Tensor:
+    """A [B, H, K, K] of S_out = A S_in + B for each row: the final state of a run from the
+    identity with zero values (S_out = A I + 0), by the family's own chunk kernel."""
+    B, _, H, K = q.shape
+    eye = torch.eye(K, device=q.device).expand(B, H, K, K).contiguous()
+    zeros = v.new_zeros(*v.shape[:-1], K)
+    _, A = chunk(q, k, zeros, g, beta, scale, eye, True, None, backend)
+    return A

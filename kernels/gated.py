@@ -95,3 +95,24 @@ def entering_state_grad(q, k, v, g, do, scale=None, cu_seqlens=None, starts_docu
         _, grad = chunk_torch.scan_backward(q_dec_do, decay, grp.start, grad, zeros, lay, dh0)
     G = dh0[-1] if lay.packed else dh0[0]  # the first document's, reached last
     return torch.zeros_like(G) if starts_document else G
+
+
+# -- LASP-2 on the local kernel (parallel/sp.py) ------------------------------------------
+
+
+def local_transition(q, k, v, g, scale=None, backend="auto") -> torch.Tensor:
+    """A of S_out = A * S_in + B for each row, in closed form: the product of every decay,
+    exp(sum_t g_t) ([B, H] for a scalar or no decay, [B, H, K] per channel), fp32."""
+    if g is None:
+        return q.new_ones(q.shape[0], q.shape[2], dtype=torch.float32)
+    return g.float().sum(1).exp()
+
+
+def entering_read(q, g, state, scale) -> torch.Tensor:
+    """What an entering state S [B, H, K, V] adds to each token's output: scale (q_t *
+    exp(sum of g up to t)) S, [B, L, H, V] fp32 (the split-output form)."""
+    read = q.float() * scale
+    if g is not None:
+        decay = g.float().cumsum(1).exp()  # <= 1: log decays are <= 0
+        read = read * (decay if decay.dim() == 4 else decay.unsqueeze(-1))
+    return torch.einsum("blhk,bhkv->blhv", read, state)

@@ -35,12 +35,6 @@ from pathlib import Path
 
 # Where the closure starts: the Hugging Face wrapper and its configuration.
 ROOTS = ("hylas.model.hf_model", "hylas.model.hf_config")
-# Hylas modules never bundled (GPU-only kernels); their imports become an ImportError.
-EXCLUDED = (
-    "hylas.kernels.chunk_triton",
-    "hylas.kernels.chunk_delta_triton",
-    "hylas.kernels.recurrent_triton",
-)
 # What a bundled file may import at module level besides the standard library.
 ALLOWED_TOP_LEVEL = {"torch", "transformers", "safetensors", "__future__"}
 # The wrapper and its configuration keep the names transformers users expect.
@@ -103,15 +97,33 @@ def _hylas_targets(node: ast.Import | ast.ImportFrom) -> list[str]:
     return out
 
 
+def _runs_on_triton(tree: ast.Module) -> bool:
+    """Whether a module imports Triton at module level: a GPU kernel module, never bundled
+    (the imports of it become an ImportError; the bundle runs the torch path)."""
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""]
+        else:
+            continue
+        if any(n.split(".")[0] == "triton" for n in names):
+            return True
+    return False
+
+
 def closure(roots: tuple[str, ...] = ROOTS) -> list[str]:
-    """The Hylas modules the roots import, transitively, sorted; excluded ones left out."""
-    seen, todo = set(), list(roots)
+    """The Hylas modules the roots import, transitively, sorted, but for the Triton ones."""
+    seen, triton, todo = set(), set(), list(roots)
     while todo:
         module = todo.pop()
-        if module in seen or module in EXCLUDED:
+        if module in seen or module in triton:
+            continue
+        tree = ast.parse(_source(module)[0])
+        if _runs_on_triton(tree):
+            triton.add(module)
             continue
         seen.add(module)
-        tree = ast.parse(_source(module)[0])
         for node, in_try in _imports(tree):
             if not in_try:
                 todo.extend(_hylas_targets(node))

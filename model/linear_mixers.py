@@ -184,18 +184,14 @@ class LinearMixer(nn.Module):
         return k, gates
 
     def sequence_flops(self, seq_len: int) -> float:
-        """The chunkwise kernel's forward work per token (chunk C = 64), per value head:
-        intra-chunk scores and their product with v over the C x C block (2 C (K + V)), the
-        inter-chunk read q h and the state update (4 K V); the delta rule adds k k^T, the
-        solves for u and w and delta = u - w h (2 C (K + V) + 2 K V + C^2). Short convs add
-        2 W per channel."""
-        C, K, V = min(64, seq_len), self.head_k, self.head_v
-        per_head = 2 * C * (K + V) + 4 * K * V
-        if self.family in (delta_rule, gated_delta_rule):
-            per_head += 2 * C * (K + V) + 2 * K * V + C * C
+        """The chunkwise kernel's forward work per token, per value head as its family
+        counts it (``FamilySpec.flops_per_token``); short convs add 2 W per channel."""
+        assert self.family is not None  # every registered mixer names its family
+        per_head = self.family.SPEC.flops_per_token(self.head_k, self.head_v, seq_len)
         conv = 0
         if self.convs:
-            conv = 2 * self.q_conv.width * (2 * self.n_heads * K + self.n_v_heads * V)
+            width = 2 * self.n_heads * self.head_k + self.n_v_heads * self.head_v
+            conv = 2 * self.q_conv.width * width
         return float(self.n_v_heads * per_head + conv)
 
     def _kernel(self, q, k, v, gates, state, use_cache, seq):

@@ -16,12 +16,10 @@ present:
   segment, against a halo of the window's reach from the previous rank;
 * ``ShortConv.forward``: the previous rank's last W - 1 inputs as a point-to-point halo.
 
-A new mixer on an existing family gets all of this for free. A new family needs the
-protocol and ``SPLIT_OUTPUT``, and today one more assumption: with ``SPLIT_OUTPUT`` (the
-gated families), ``kernel_transition`` and ``_entering_read`` read ``gates[0]`` as the
-per-token log decay ([B, L, H] or [B, L, H, K]); a family whose first gate is something
-else needs those two places taught its closed form (the op-family work makes this a
-property of the family).
+A new mixer on an existing family gets all of this for free, and a new family through its
+module: ``transition`` and ``entering_state_grad``, ``local_transition`` (A from the local
+kernel), ``entering_read`` (the split-output form) and ``SPEC.split_output``. Nothing here
+knows which gate is a decay.
 
 Legend: B samples, L tokens of this segment, T = L * sp, H heads, K / V head sizes, R the
 sp group's size, r this rank in it.
@@ -203,28 +201,11 @@ class _LinearLayer:
 
     def kernel_transition(self, q, k, v, gates, finals: torch.Tensor):
         """(A, B) from the local kernel: B the final states of its zero-start run
-        (``finals``), A the product of the transitions, in closed form for the gated
-        families and, for the delta rule, the final state of a run from the identity with
-        zero values (S_out = A I + 0); zero where the protocol has it zero."""
+        (``finals``), A the family's ``local_transition`` (closed form for the gated
+        families; for the delta rule, a run from the identity with zero values); zero where
+        the protocol has it zero."""
         B_state = finals.index_select(0, self.last_doc.long()).float()
-        if self.family.SPLIT_OUTPUT:
-            if gates:
-                A = gates[0].float().sum(1).exp()  # [B, H] or [B, H, K]
-            else:
-                A = q.new_ones(q.shape[0], q.shape[2], dtype=torch.float32)
-        else:
-            B, _, H, K = q.shape
-            eye = torch.eye(K, device=q.device).expand(B, H, K, K).contiguous()
-            _, A = self.family.chunk(
-                q,
-                k,
-                v.new_zeros(*v.shape[:3], K),
-                *gates,
-                scale=self.scale,
-                initial_state=eye,
-                output_final_state=True,
-                backend=self.backend,
-            )
+        A = self.family.local_transition(q, k, v, *gates, scale=self.scale, backend=self.backend)
         seg = self.segment
         keep = (seg.continues & ~seg.restarts).to(torch.float32)
         return A.float() * keep.view(-1, *[1] * (A.dim() - 1)), B_state
@@ -296,7 +277,7 @@ class _Lasp2(torch.autograd.Function):
 
     Forward: (A, B) of each sample's segment (``transition``), ONE all-gather of [A | B]
     (fp32), the prefix fold S_in(r) = A_{r-1} S_in(r-1) + B_{r-1}, and the local output
-    from S_in. Families with ``SPLIT_OUTPUT`` run their whole local kernel from a zero
+    from S_in. Split-output families (``SPEC.split_output``) run their whole local kernel from a zero
     state while the gather is in flight and add scale (q * exp(cumsum g)) S_in to the
     first document's tokens after it; the delta-rule families run the kernel from S_in.
 
@@ -331,7 +312,7 @@ class _Lasp2(torch.autograd.Function):
             work, gathered = layer.gather(payload)
         else:  # an activation-checkpointing recompute: the states are already here
             work, (A, B_state, gathered) = None, saved
-        if family.SPLIT_OUTPUT and o is None:
+        if family.SPEC.split_output and o is None:
             o = layer.chunk(q, k, v, gates)[0]  # from zero, while the states travel
         if work is not None:
             work.wait()
@@ -341,7 +322,7 @@ class _Lasp2(torch.autograd.Function):
         for j in range(seg.rank):
             S_in = _times_state(A_all[j], S_in) + B_all[j]
         S_in = S_in * seg.continues.view(-1, 1, 1, 1).to(S_in.dtype)
-        if family.SPLIT_OUTPUT:
+        if family.SPEC.split_output:
             assert o is not None  # the local output from zero, computed above
             o = o + _entering_read(layer, q, gates, S_in).to(o.dtype)
         else:
@@ -374,15 +355,12 @@ class _Lasp2(torch.autograd.Function):
 
 
 def _entering_read(layer: _LinearLayer, q, gates, S_in) -> torch.Tensor:
-    """scale (q_t * exp(sum of g up to t)) S_in for the tokens of each sample's first
-    document (zero elsewhere): what the entering state adds to a gated family's output."""
+    """What the entering state adds to a split-output family's output (the family's
+    ``entering_read``), for the tokens of each sample's first document (zero elsewhere)."""
     seq = layer.seq
     first = (seq.seg_id == seq.seg_id[:, :1]).to(torch.float32)  # [B, L]
-    read = q.float() * layer.scale
-    if gates:
-        decay = gates[0].float().cumsum(1).exp()  # <= 1: log decays are <= 0
-        read = read * (decay if decay.dim() == 4 else decay.unsqueeze(-1))
-    return torch.einsum("blhk,bhkv->blhv", read, S_in) * first[:, :, None, None]
+    read = layer.family.entering_read(q, *gates, state=S_in, scale=layer.scale)
+    return read * first[:, :, None, None]
 
 
 # -- halos: the previous rank's last rows ------------------------------------------------

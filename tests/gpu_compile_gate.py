@@ -48,13 +48,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from hylas.kernels.registry import FAMILIES  # every op family (imports no Triton)
+
 # Real GPU targets: (compute capability, shared memory per block with opt-in, bytes).
 TARGETS = {
     "sm_80": (80, 166_912),  # A100
     "sm_89": (89, 101_376),  # L40S, RTX 4090 (sm_86's RTX 3090 has the same limit)
     "sm_90": (90, 232_448),  # H100
 }
-FAMILIES = ("linear_attn", "simple_gla", "gla", "delta_rule", "gated_delta_rule")
 HEAD_SIZES = (32, 48, 64, 96, 128, 192, 256)
 REGISTERS_PER_BLOCK = 65_536
 
@@ -235,29 +236,19 @@ def _run_case(family: str, K: int, V: int, dtype_name: str, states=ALL_STATES) -
     LASP-2's local kernel from the entering state, whose backward also gives G) and with
     a final state from zero (``final``: LASP-2's B from the kernel); they compile to
     separate kernels of nearly equal resources."""
-    import importlib
-
     import torch
-    import torch.nn.functional as F
 
-    mod = importlib.import_module(f"hylas.kernels.{family}")
+    from hylas.kernels.registry import family as family_module
+
+    mod = family_module(family)
     dtype = getattr(torch, dtype_name)
     # H = 2: Triton specialises an integer argument equal to 1, and no model has one head.
     B, T, H = 1, 64, 2
-    gen = torch.Generator().manual_seed(0)
+    seeds = iter(range(100))
 
-    def inputs():
-        q = torch.randn(B, T, H, K, generator=gen).to(dtype).requires_grad_()
-        k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1).to(dtype)
-        v = torch.randn(B, T, H, V, generator=gen).to(dtype).requires_grad_()
-        gates = []
-        if family in ("simple_gla", "gated_delta_rule"):
-            gates.append(F.logsigmoid(torch.randn(B, T, H, generator=gen)).requires_grad_())
-        if family == "gla":
-            gates.append(F.logsigmoid(torch.randn(B, T, H, K, generator=gen)).requires_grad_())
-        if family in ("delta_rule", "gated_delta_rule"):
-            gates.append(torch.rand(B, T, H, generator=gen).to(dtype).requires_grad_())
-        return q, k.requires_grad_(), v, gates
+    def inputs():  # q, k, v in dtype, the gates in fp32, as the mixers hand them over
+        q, k, v, *gates = mod.SPEC.inputs(B, T, H, K, V, dtype=dtype, seed=next(seeds))
+        return q, k, v, gates
 
     for variant in states:
         q, k, v, gates = inputs()

@@ -13,10 +13,11 @@ transform (``hylas.kernels.chunk_delta_torch``), solved in fp32.
 """
 
 from hylas.kernels import delta
+from hylas.kernels.family import FamilySpec, Gate
 
 # LASP-2 (docs/architecture.md, "Sequence parallelism"): the entering state changes every
 # chunk's writes (u - w S), so the local kernel waits for it.
-SPLIT_OUTPUT = False
+SPEC = FamilySpec("delta_rule", (Gate("beta", "beta"),), split_output=False, delta=True)
 
 
 def chunk(
@@ -65,3 +66,10 @@ def entering_state_grad(q, k, v, beta, do, scale=None, cu_seqlens=None, starts_d
     """LASP-2: G [N, H, K, V], the gradient of the segment's outputs on its entering state."""
     delta.check_beta(beta, q)
     return delta.entering_state_grad(q, k, v, None, beta, do, scale, cu_seqlens, starts_document)
+
+
+def local_transition(q, k, v, beta, scale=None, backend="auto"):
+    """LASP-2: A [B, H, K, K] of S_out = A S_in + B for each row, by this family's own
+    chunk kernel (a run from the identity with zero values), fp32."""
+    delta.check_beta(beta, q)
+    return delta.local_transition(q, k, v, None, beta, scale, backend)

@@ -12,10 +12,13 @@ K ** -0.5.
 
 from hylas.kernels import delta
 from hylas.kernels.common import check_gate
+from hylas.kernels.family import FamilySpec, Gate
 
 # LASP-2 (docs/architecture.md, "Sequence parallelism"): the entering state changes every
 # chunk's writes (u - w S), so the local kernel waits for it.
-SPLIT_OUTPUT = False
+SPEC = FamilySpec(
+    "gated_delta_rule", (Gate("g", "scalar"), Gate("beta", "beta")), split_output=False, delta=True
+)
 
 
 def _check(q, g, beta):
@@ -70,3 +73,10 @@ def entering_state_grad(q, k, v, g, beta, do, scale=None, cu_seqlens=None, start
     """LASP-2: G [N, H, K, V], the gradient of the segment's outputs on its entering state."""
     _check(q, g, beta)
     return delta.entering_state_grad(q, k, v, g, beta, do, scale, cu_seqlens, starts_document)
+
+
+def local_transition(q, k, v, g, beta, scale=None, backend="auto"):
+    """LASP-2: A [B, H, K, K] of S_out = A S_in + B for each row, by this family's own
+    chunk kernel (a run from the identity with zero values), fp32."""
+    _check(q, g, beta)
+    return delta.local_transition(q, k, v, g, beta, scale, backend)

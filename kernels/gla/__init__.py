@@ -10,11 +10,12 @@ Outputs are in v's dtype; ``scale=None`` means K ** -0.5.
 
 from hylas.kernels import gated
 from hylas.kernels.common import check_gate
+from hylas.kernels.family import FamilySpec, Gate
 
 # LASP-2 (docs/architecture.md, "Sequence parallelism"): the output from an entering state
-# S is the output from zero plus scale * (q * exp(cumsum g)) S, so a rank runs its whole
-# local kernel while the states are being gathered.
-SPLIT_OUTPUT = True
+# S is the output from zero plus scale * (q * exp(cumsum g)) S (``entering_read``), so a
+# rank runs its whole local kernel while the states are being gathered.
+SPEC = FamilySpec("gla", (Gate("gk", "channel"),), split_output=True)
 
 
 def chunk(
@@ -57,3 +58,15 @@ def entering_state_grad(q, k, v, gk, do, scale=None, cu_seqlens=None, starts_doc
     """LASP-2: G [N, H, K, V], the gradient of the segment's outputs on its entering state."""
     check_gate(gk, q, "channel", "gk")
     return gated.entering_state_grad(q, k, v, gk, do, scale, cu_seqlens, starts_document)
+
+
+def local_transition(q, k, v, gk, scale=None, backend="auto"):
+    """LASP-2: A of S_out = A * S_in + B for each row, in closed form (fp32)."""
+    check_gate(gk, q, "channel", "gk")
+    return gated.local_transition(q, k, v, gk, scale, backend)
+
+
+def entering_read(q, gk, state, scale):
+    """LASP-2: what an entering state [B, H, K, V] adds to each output, [B, L, H, V] fp32."""
+    check_gate(gk, q, "channel", "gk")
+    return gated.entering_read(q, gk, state, scale)

@@ -9,11 +9,12 @@ L2 or sum normalisation) for long sequences.
 """
 
 from hylas.kernels import gated
+from hylas.kernels.family import FamilySpec
 
 # LASP-2 (docs/architecture.md, "Sequence parallelism"): the output from an entering state
-# S is the output from zero plus scale * (q * exp(cumsum g)) S, so a rank runs its whole
-# local kernel while the states are being gathered.
-SPLIT_OUTPUT = True
+# S is the output from zero plus scale * (q * exp(cumsum g)) S (``entering_read``), so a
+# rank runs its whole local kernel while the states are being gathered.
+SPEC = FamilySpec("linear_attn", (), split_output=True)
 
 
 def chunk(
@@ -50,3 +51,13 @@ def transition(q, k, v, scale=None, cu_seqlens=None, starts_document=False):
 def entering_state_grad(q, k, v, do, scale=None, cu_seqlens=None, starts_document=False):
     """LASP-2: G [N, H, K, V], the gradient of the segment's outputs on its entering state."""
     return gated.entering_state_grad(q, k, v, None, do, scale, cu_seqlens, starts_document)
+
+
+def local_transition(q, k, v, scale=None, backend="auto"):
+    """LASP-2: A of S_out = A * S_in + B for each row: ones, nothing decays (fp32)."""
+    return gated.local_transition(q, k, v, None, scale, backend)
+
+
+def entering_read(q, state, scale):
+    """LASP-2: what an entering state [B, H, K, V] adds to each output, [B, L, H, V] fp32."""
+    return gated.entering_read(q, None, state, scale)

@@ -11,11 +11,12 @@ Outputs are in v's dtype; ``scale=None`` means K ** -0.5.
 
 from hylas.kernels import gated
 from hylas.kernels.common import check_gate
+from hylas.kernels.family import FamilySpec, Gate
 
 # LASP-2 (docs/architecture.md, "Sequence parallelism"): the output from an entering state
-# S is the output from zero plus scale * (q * exp(cumsum g)) S, so a rank runs its whole
-# local kernel while the states are being gathered.
-SPLIT_OUTPUT = True
+# S is the output from zero plus scale * (q * exp(cumsum g)) S (``entering_read``), so a
+# rank runs its whole local kernel while the states are being gathered.
+SPEC = FamilySpec("simple_gla", (Gate("g", "scalar"),), split_output=True)
 
 
 def chunk(
@@ -58,3 +59,15 @@ def entering_state_grad(q, k, v, g, do, scale=None, cu_seqlens=None, starts_docu
     """LASP-2: G [N, H, K, V], the gradient of the segment's outputs on its entering state."""
     check_gate(g, q, "scalar", "g")
     return gated.entering_state_grad(q, k, v, g, do, scale, cu_seqlens, starts_document)
+
+
+def local_transition(q, k, v, g, scale=None, backend="auto"):
+    """LASP-2: A of S_out = A * S_in + B for each row, in closed form (fp32)."""
+    check_gate(g, q, "scalar", "g")
+    return gated.local_transition(q, k, v, g, scale, backend)
+
+
+def entering_read(q, g, state, scale):
+    """LASP-2: what an entering state [B, H, K, V] adds to each output, [B, L, H, V] fp32."""
+    check_gate(g, q, "scalar", "g")
+    return gated.entering_read(q, g, state, scale)

@@ -17,19 +17,7 @@ GATE_TOL = 1e-4
 
 def make_inputs(family, T, b=B, beta_max=1.0, strong=False, seed=0):
     """q, k (L2-normalised), v, [g,] beta; beta in [0, beta_max] (2: negative eigenvalues)."""
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, T, H, K, generator=gen)
-    k = F.normalize(torch.randn(b, T, H, K, generator=gen), dim=-1)
-    v = torch.randn(b, T, H, V, generator=gen)
-    beta = beta_max * torch.rand(b, T, H, generator=gen)
-    gates = [beta]
-    if family is gated_delta_rule:
-        if strong:
-            g = -20 * torch.rand(b, T, H, generator=gen)
-        else:
-            g = F.logsigmoid(torch.randn(b, T, H, generator=gen) * 2)
-        gates = [g, beta]
-    return [x.requires_grad_() for x in (q, k, v, *gates)]
+    return family.SPEC.inputs(b, T, H, K, V, seed=seed, beta_max=beta_max, strong=strong)
 
 
 FAMILIES = pytest.mark.parametrize(

@@ -3,7 +3,6 @@ recurrence, packed documents against per-document runs, and the LASP-2 protocol.
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from hylas.kernels import gla, linear_attn, simple_gla
 from tests.helpers import assert_close, outputs_and_grads
@@ -15,17 +14,8 @@ TOL = 1e-5  # fp32 against fp32: only summation order differs
 GATE_TOL, GATE_ATOL = 1e-4, 1e-5
 
 
-def make_gate(family, b, T, scale=1.0, generator=None):
-    if family is linear_attn:
-        return []
-    shape = (b, T, H) if family is simple_gla else (b, T, H, K)
-    return [F.logsigmoid(torch.randn(shape, generator=generator) * 2) * scale]
-
-
 def make_inputs(family, T, b=B, gate_scale=1.0, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    qkv = [torch.randn(b, T, H, d, generator=gen) for d in (K, K, V)]
-    return [x.requires_grad_() for x in (*qkv, *make_gate(family, b, T, gate_scale, gen))]
+    return family.SPEC.inputs(b, T, H, K, V, seed=seed, decay_scale=gate_scale)
 
 
 FAMILIES = pytest.mark.parametrize(
