@@ -119,14 +119,16 @@ class ModelConfig:
     # shares each q/k head across several value heads), the q/k and value head sizes (None =
     # the mixer's own default, a fraction of d_model; set them to take a Transformer's
     # attention shapes, as an imported Llama does), short conv width (0 or 1 = off, for
-    # mixers that use one), the feature map of linear_attention, and beta in [0, 2] for the
-    # delta-rule mixers (negative eigenvalues, for state tracking).
+    # mixers that use one), the feature map of linear_attention, beta in [0, 2] for the
+    # delta-rule mixers (negative eigenvalues, for state tracking), and the Householder
+    # steps each token takes in the mixers that take several (n_h, each its own k, v, beta).
     linear_v_heads: int | None = None
     linear_head_k: int | None = None
     linear_head_v: int | None = None
     conv_size: int = 4
     feature_map: str = "elu_p1"
     allow_neg_eigval: bool = False
+    num_householder: int = 2
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     activation_checkpointing: bool = False  # recompute each block in the backward
@@ -286,6 +288,8 @@ class ModelConfig:
             raise ConfigError(
                 f"model.feature_map must be one of {', '.join(FEATURE_MAPS)}, got {self.feature_map!r}"
             )
+        if self.num_householder < 1:
+            raise ConfigError(f"model.num_householder must be >= 1, got {self.num_householder}")
         if self.allow_neg_eigval and not getattr(mixer, "supports_neg_eigval", False):
             raise ConfigError(
                 f"model.allow_neg_eigval is for the delta-rule mixers (deltanet, gated_deltanet), "

@@ -54,6 +54,8 @@ class LinearMixer(nn.Module):
     feature_map = "identity"  # applied to q and k after the (optional) convolution
     l2_norm_qk = False  # delta-rule mixers: unit-norm q and k
     norm_before_gate = True  # o_norm(o) * silu(g); False: o_norm(o * silu(g)) (Mamba2)
+    householder = False  # True: each token takes model.num_householder steps, each with
+    # its own k and v (k_proj and v_proj are that many times wider; q, g and o are not)
     scale: float | None = None  # None: K ** -0.5
 
     def __init__(self, cfg: ModelConfig, kernel_backend: str = "auto"):
@@ -63,14 +65,15 @@ class LinearMixer(nn.Module):
         self.n_v_heads = cfg.linear_v_heads or cfg.n_heads
         key_dim, value_dim = self.widths(cfg)
         self.head_k, self.head_v = key_dim // self.n_heads, value_dim // self.n_v_heads
+        self.steps = cfg.num_householder if self.householder else 1  # k and v per token
         self.q_proj = nn.Linear(cfg.d_model, key_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, key_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, value_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, self.steps * key_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, self.steps * value_dim, bias=False)
         self.convs = self.use_short_conv and cfg.conv_size > 1
         if self.convs:
             self.q_conv = ShortConv(key_dim, cfg.conv_size)
-            self.k_conv = ShortConv(key_dim, cfg.conv_size)
-            self.v_conv = ShortConv(value_dim, cfg.conv_size)
+            self.k_conv = ShortConv(self.steps * key_dim, cfg.conv_size)
+            self.v_conv = ShortConv(self.steps * value_dim, cfg.conv_size)
         self.g_proj = nn.Linear(cfg.d_model, value_dim, bias=False)
         self.o_norm = RMSNorm(self.head_v, eps=cfg.norm_eps)
         self.o_proj = nn.Linear(value_dim, cfg.d_model, bias=False)
@@ -149,8 +152,8 @@ class LinearMixer(nn.Module):
             new_tails = (tq, tk, tv)
         fm = FEATURE_MAPS[self.feature_map]
         q = fm(q.view(B, T, self.n_heads, self.head_k))
-        k = fm(k.view(B, T, self.n_heads, self.head_k))
-        v = v.view(B, T, self.n_v_heads, self.head_v)
+        k = fm(k.view(B, T, self.steps * self.n_heads, self.head_k))  # steps x heads, in order
+        v = v.view(B, T, self.steps * self.n_v_heads, self.head_v)
         if self.l2_norm_qk:
             q, k = (
                 F.normalize(q.float(), dim=-1).to(q.dtype),
@@ -185,12 +188,17 @@ class LinearMixer(nn.Module):
 
     def sequence_flops(self, seq_len: int) -> float:
         """The chunkwise kernel's forward work per token, per value head as its family
-        counts it (``FamilySpec.flops_per_token``); short convs add 2 W per channel."""
+        counts it (``FamilySpec.flops_per_token``, once per step of a Householder mixer);
+        short convs add 2 W per channel."""
         assert self.family is not None  # every registered mixer names its family
-        per_head = self.family.SPEC.flops_per_token(self.head_k, self.head_v, seq_len)
+        # several steps a token: the kernel runs over steps x T micro-steps
+        steps = self.steps
+        per_head = steps * self.family.SPEC.flops_per_token(
+            self.head_k, self.head_v, steps * seq_len
+        )
         conv = 0
         if self.convs:
-            width = 2 * self.n_heads * self.head_k + self.n_v_heads * self.head_v
+            width = (1 + steps) * self.n_heads * self.head_k + steps * self.n_v_heads * self.head_v
             conv = 2 * self.q_conv.width * width
         return float(self.n_v_heads * per_head + conv)
 
