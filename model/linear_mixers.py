@@ -179,7 +179,7 @@ class LinearMixer(nn.Module):
     def skip_pads(keep_BT, k, gates):
         """k = 0 and every gate 0 at pad tokens: a log decay of 0 keeps the state, a write
         strength (beta) of 0 writes nothing, so S_t = S_{t-1} across a pad in every family."""
-        keep = keep_BT.view(*keep_BT.shape, 1, 1)
+        keep = keep_BT.view(*keep_BT.shape, *[1] * (k.dim() - 2))  # k: [B, T, (steps,) H, K]
         k = k * keep.to(k.dtype)
         gates = tuple(
             g * keep.view(*keep_BT.shape, *[1] * (g.dim() - 2)).to(g.dtype) for g in gates
