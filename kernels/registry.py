@@ -17,6 +17,7 @@ FAMILIES = (
     "gla",
     "delta_rule",
     "gated_delta_rule",
+    "gated_deltaproduct",
 )
 
 

@@ -27,7 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hylas.kernels import delta_rule, gated_delta_rule, gla, linear_attn, simple_gla
+from hylas.kernels import (
+    delta_rule,
+    gated_delta_rule,
+    gated_deltaproduct,
+    gla,
+    linear_attn,
+    simple_gla,
+)
 from hylas.kernels.gpu_limits import check_head_sizes
 from hylas.model.config import ConfigError, ModelConfig
 from hylas.model.conv import ShortConv
@@ -458,3 +465,35 @@ class GatedDeltaNet(_Delta, _SSMDecay):
     def gates(self, x_BTD, q, k, v):
         _, g = self._dt_and_decay(x_BTD)
         return (g, self.beta(x_BTD)), q, k, v
+
+
+@_register("gated_deltaproduct")
+class GatedDeltaProduct(GatedDeltaNet):
+    """Gated DeltaProduct (Siems et al. 2025): Gated DeltaNet whose tokens each take
+    ``model.num_householder`` Householder steps (n_h, default 2), each with its own key,
+    value and beta, after one decay. k_proj, v_proj and b_proj are n_h times wider, so
+    checkpoints and exports keep Gated DeltaNet's names."""
+
+    family = gated_deltaproduct
+    householder = True
+
+    @classmethod
+    def check(cls, cfg):
+        super().check(cfg)
+        if (cfg.linear_v_heads or cfg.n_heads) != cfg.n_heads:
+            raise ConfigError(
+                f"gated_deltaproduct takes no model.linear_v_heads ({cfg.linear_v_heads}) other "
+                f"than n_heads ({cfg.n_heads})"
+            )
+
+    def build_gates(self, cfg):
+        super().build_gates(cfg)
+        self.b_proj = nn.Linear(cfg.d_model, self.steps * self.n_v_heads, bias=False)
+
+    def gates(self, x_BTD, q, k, v):
+        B, T, _ = x_BTD.shape
+        _, g = self._dt_and_decay(x_BTD)
+        beta = self.beta(x_BTD).view(B, T, self.steps, self.n_v_heads)
+        k = k.view(B, T, self.steps, self.n_heads, self.head_k)
+        v = v.view(B, T, self.steps, self.n_v_heads, self.head_v)
+        return (g, beta), q, k, v
