@@ -303,6 +303,14 @@ HAND_COUNT = {
         2 * (2 * 64 * 72 + 4 * 24 * 48 + 2 * 64 * 72 + 2 * 24 * 48 + 64 * 64),
         8 * 192,
     ),
+    # Gated DeltaNet's sizes, two Householder steps a token (num_householder = 2): k 64 x 96,
+    # v 64 x 192 and b_proj 64 x 4 twice as wide; the kernel's work twice, convs over
+    # 48 + 96 + 192 channels
+    "gated_deltaproduct": (
+        3072 + 6144 + 12288 + 6144 + 6144 + 128 + 256,
+        2 * 2 * (2 * 64 * 72 + 4 * 24 * 48 + 2 * 64 * 72 + 2 * 24 * 48 + 64 * 64),
+        8 * 336,
+    ),
 }
 
 

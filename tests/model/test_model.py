@@ -44,7 +44,7 @@ def test_layer_pattern_takes_precedence_and_is_checked():
 
 def test_mixer_registry_errors_name_the_choices():
     with pytest.raises(
-        ConfigError, match=r"not a known linear mixer.*deltanet, gated_deltanet, gla"
+        ConfigError, match=r"not a known linear mixer; available: deltanet, gated_deltanet, "
     ):
         small_config(linear_mixer="gla2").validate()
 
