@@ -29,7 +29,7 @@ TORCH_SPEC=${HYLAS_TORCH:-$(pinned torch)}
 TRITON_SPEC=${HYLAS_TRITON:-$(pinned triton)}
 
 # The venv is complete when the stamp names this exact set-up.
-want=$( (cat pyproject.toml scripts/setup.sh "$LOCK"; echo "$DEPS $TORCH_SPEC $TRITON_SPEC") \
+want=$( (cat pyproject.toml setup.py scripts/setup.sh "$LOCK"; echo "$DEPS $TORCH_SPEC $TRITON_SPEC") \
     | sha256sum | cut -c1-16)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/hylas" ]; then
     echo "hylas setup: reusing the complete environment in $VENV ($DEPS)"
