@@ -382,16 +382,20 @@ def write_prepared(
     with _staging(out) as tmp:
         t0 = time.perf_counter()
         tokenizer.copy_to(tmp / TOKENIZER_DIR)
-        splits = _tokenize(
-            documents,
-            tokenizer,
-            tmp,
-            workers=workers,
-            shard_tokens=shard_tokens,
-            input_bytes=input_bytes,
-            progress=progress,
-            hash_split=hash_split,
-        )
+
+        def tokenize(split: HashSplit | None) -> dict:
+            return _tokenize(
+                documents,
+                tokenizer,
+                tmp,
+                workers=workers,
+                shard_tokens=shard_tokens,
+                input_bytes=input_bytes,
+                progress=progress,
+                hash_split=split,
+            )
+
+        splits = tokenize(hash_split)
         if after_first_pass:
             after_first_pass()
         redo = None
@@ -402,16 +406,7 @@ def write_prepared(
             for split in SPLITS:  # the first pass's shards and indexes
                 for f in tmp.glob(f"{split}_*"):
                     f.unlink()
-            splits = _tokenize(
-                documents,
-                tokenizer,
-                tmp,
-                workers=workers,
-                shard_tokens=shard_tokens,
-                input_bytes=input_bytes,
-                progress=progress,
-                hash_split=None,
-            )
+            splits = tokenize(None)
         if splits["train"]["documents"] == 0:
             raise DataError("no training documents: the inputs hold nothing to train on")
         manifest = {

@@ -77,10 +77,15 @@ def _steps(cu_seqlens, n):
     return None if cu_seqlens is None else cu_seqlens * n
 
 
-def _last_steps(o, n):
-    """The micro-step outputs [B, T n_h, H, V] read at each token's last step."""
+def _on_steps(call, q, k, v, g, beta, scale, **kw):
+    """``gated_delta_rule``'s ``call`` over the micro-steps, read at each token's last."""
+    (qs, ks, vs, gs, bs), n = _interleave(q, k, v, g, beta)
+    if kw.get("cu_seqlens") is not None:
+        kw["cu_seqlens"] = kw["cu_seqlens"] * n
+    scale = default_scale(scale, q.shape[-1])
+    o, ht = call(qs, ks, vs, gs, bs, scale=scale, **kw)
     B, TN, H, V = o.shape
-    return o.view(B, TN // n, n, H, V)[:, :, -1]
+    return o.view(B, TN // n, n, H, V)[:, :, -1], ht
 
 
 def chunk(
@@ -96,20 +101,14 @@ def chunk(
     backend="auto",
 ):
     """Chunkwise, with gradients for q, k, v, g, beta and initial_state. backend: auto | torch | triton."""
-    (qs, ks, vs, gs, bs), n = _interleave(q, k, v, g, beta)
-    o, ht = gated_delta_rule.chunk(
-        qs,
-        ks,
-        vs,
-        gs,
-        bs,
-        scale=default_scale(scale, q.shape[-1]),
+    return _on_steps(
+        gated_delta_rule.chunk,
+        *(q, k, v, g, beta, scale),
         initial_state=initial_state,
         output_final_state=output_final_state,
-        cu_seqlens=_steps(cu_seqlens, n),
+        cu_seqlens=cu_seqlens,
         backend=backend,
     )
-    return _last_steps(o, n), ht
 
 
 def recurrent(
@@ -118,19 +117,13 @@ def recurrent(
     """Decode a few tokens from ``initial_state`` [B, H, K, V] (fused Triton on CUDA).
 
     backend: auto | torch | triton, as for ``chunk``."""
-    (qs, ks, vs, gs, bs), n = _interleave(q, k, v, g, beta)
-    o, ht = gated_delta_rule.recurrent(
-        qs,
-        ks,
-        vs,
-        gs,
-        bs,
-        scale=default_scale(scale, q.shape[-1]),
+    return _on_steps(
+        gated_delta_rule.recurrent,
+        *(q, k, v, g, beta, scale),
         initial_state=initial_state,
         output_final_state=output_final_state,
         backend=backend,
     )
-    return _last_steps(o, n), ht
 
 
 def naive(
@@ -205,36 +198,15 @@ def local_transition(q, k, v, g, beta, scale=None, backend="auto"):
     )
 
 
-def make_inputs(
-    spec: FamilySpec,
-    B: int,
-    T: int,
-    H: int,
-    K: int,
-    V: int,
-    *,
-    n_h: int = 2,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-    decay_scale: float = 1.0,
-    strong: bool = False,
-    beta_max: float = 1.0,
-    requires_grad: bool = True,
-) -> list[torch.Tensor]:
-    """q, k (unit rows), v in ``dtype`` with ``n_h`` keys and values a token; g and beta in
-    fp32, drawn as ``hylas.kernels.family.standard_inputs`` draws them."""
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, T, H, K, generator=gen)
-    k = F.normalize(torch.randn(B, T, n_h, H, K, generator=gen), dim=-1)
-    v = torch.randn(B, T, n_h, H, V, generator=gen)
-    beta = beta_max * torch.rand(B, T, n_h, H, generator=gen)
-    if strong:
-        g = -20 * torch.rand(B, T, H, generator=gen)
-    else:
-        g = F.logsigmoid(2 * torch.randn(B, T, H, generator=gen)) * decay_scale
-    tensors = [x.to(dtype) for x in (q, k, v)] + [g, beta]
-    return [x.to(device).requires_grad_(requires_grad) for x in tensors]
+def make_inputs(spec: FamilySpec, B: int, T: int, H: int, K: int, V: int, *, n_h: int = 2, **kw):
+    """q, k (unit rows), v with ``n_h`` keys and values a token; g and beta in fp32: the
+    gated delta rule's inputs (``hylas.kernels.family.standard_inputs``, the same options)
+    for T x n_h micro-steps, q read from each token's last and g from its first."""
+    requires_grad = kw.pop("requires_grad", True)
+    steps = gated_delta_rule.SPEC.inputs(B, T * n_h, H, K, V, requires_grad=False, **kw)
+    q, k, v, g, beta = (x.unflatten(1, (T, n_h)) for x in steps)
+    tensors = (q[:, :, -1], k, v, g[:, :, 0], beta)
+    return [x.contiguous().requires_grad_(requires_grad) for x in tensors]
 
 
 # LASP-2 (docs/architecture.md, "Sequence parallelism"): as the gated delta rule's, the

@@ -60,13 +60,6 @@ def entering_state_grad(q, k, v, gk, do, scale=None, cu_seqlens=None, starts_doc
     return gated.entering_state_grad(q, k, v, gk, do, scale, cu_seqlens, starts_document)
 
 
-def local_transition(q, k, v, gk, scale=None, backend="auto"):
-    """LASP-2: A of S_out = A * S_in + B for each row, in closed form (fp32)."""
-    check_gate(gk, q, "channel", "gk")
-    return gated.local_transition(q, k, v, gk, scale, backend)
-
-
-def entering_read(q, gk, state, scale):
-    """LASP-2: what an entering state [B, H, K, V] adds to each output, [B, L, H, V] fp32."""
-    check_gate(gk, q, "channel", "gk")
-    return gated.entering_read(q, gk, state, scale)
+# LASP-2 on the local kernel: the gated engine's, called with this family's checked gates.
+local_transition = gated.local_transition
+entering_read = gated.entering_read
