@@ -86,9 +86,10 @@ from hylas.kernels.chunk_triton import (
     load_rows,
     local_cumsum,
 )
+from hylas.kernels.common import CHUNK
 from hylas.kernels.gpu_limits import launch_options
 
-_BT = 64
+_BT = CHUNK
 # Diagonal blocks of the triangular solve: the forward substitution runs row by row over
 # these, and 16 is the smallest tile tl.dot takes to combine them.
 _BC = 16

@@ -41,7 +41,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-CHUNK = 64
+from hylas.kernels.common import CHUNK
+
 SUB_CHUNK = 8
 # Tokens per group of chunks, for heads of K * V <= 128 * 128: a group's states and blocks
 # stay in cache. Smaller heads get longer groups (up to 2048 tokens), fewer torch calls.

@@ -82,7 +82,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hylas.kernels.common import check_cu_seqlens, check_qkv, check_state
+from hylas.kernels.common import CHUNK, check_cu_seqlens, check_qkv, check_state
 from hylas.kernels.gpu_limits import launch_options
 
 GATE_NONE, GATE_SCALAR, GATE_CHANNEL = 0, 1, 2
@@ -1061,7 +1061,7 @@ def chunk_gated_triton(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = 64,
+    chunk_size: int = CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunkwise gated linear attention with Triton forward and backward kernels.
 

@@ -9,6 +9,8 @@ import sys
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
+# The chunk length of every chunkwise kernel, torch and Triton.
+CHUNK = 64
 
 
 def triton_interpreted() -> bool:

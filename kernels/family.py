@@ -14,8 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-# The chunk length of every chunkwise kernel (torch and Triton).
-CHUNK = 64
+from hylas.kernels.common import CHUNK
 
 # A gate's kind: a log decay per head ([B, T, H]), a log decay per key channel
 # ([B, T, H, K]), or a write strength per head (beta, [B, T, H]).
