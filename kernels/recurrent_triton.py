@@ -116,96 +116,6 @@ def _fused_recurrent_gated_kernel(
         tl.store(ht + offs_state, b_h, mask=mask_kv)
 
 
-def _check_shapes(q, k, v, g, initial_state) -> tuple[int, int, int, int, int]:
-    """Return (B, T, H, K, V) or raise one ValueError naming every expected shape."""
-    ok = q.dim() == 4 and k.shape == q.shape and v.dim() == 4 and v.shape[:3] == q.shape[:3]
-    if ok:
-        B, T, H, K = q.shape
-        V = v.shape[-1]
-        ok = g is None or tuple(g.shape) in ((B, T, H), (B, T, H, K))
-        ok = ok and (initial_state is None or tuple(initial_state.shape) == (B, H, K, V))
-    if not ok:
-        raise ValueError(
-            "fused_recurrent_gated expects q, k [B, T, H, K], v [B, T, H, V], "
-            "g None or [B, T, H] or [B, T, H, K], initial_state None or [B, H, K, V]; got "
-            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
-            f"g {None if g is None else tuple(g.shape)}, "
-            f"initial_state {None if initial_state is None else tuple(initial_state.shape)}"
-        )
-    return B, T, H, K, V
-
-
-def fused_recurrent_gated(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor | None,
-    scale: float,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Decode T tokens from ``initial_state`` with one fused Triton kernel -> (o, ht).
-
-    Args:
-        q, k: [B, T, H, K]; v: [B, T, H, V].
-        g: log decay (<= 0): None (no decay), [B, T, H] (per head) or [B, T, H, K]
-            (per key channel).
-        scale: multiplies q (commonly K ** -0.5).
-        initial_state: [B, H, K, V], read in fp32; None starts from zeros.
-        output_final_state: return the state after the last token.
-
-    Returns:
-        o [B, T, H, V] in v's dtype, and ht [B, H, K, V] fp32 (None unless
-        ``output_final_state``).
-
-    Inference only: no backward is defined. On CPU tensors this needs ``TRITON_INTERPRET=1``.
-    """
-    B, T, H, K, V = _check_shapes(q, k, v, g, initial_state)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    use_g = g is not None and g.dim() == 3
-    use_gk = g is not None and g.dim() == 4
-    if g is not None:
-        g = g.contiguous()
-    if initial_state is not None:
-        initial_state = initial_state.contiguous()
-
-    o = torch.empty_like(v)
-    ht = (
-        torch.empty(B, H, K, V, dtype=torch.float32, device=q.device)
-        if output_final_state
-        else None
-    )
-
-    BK = triton.next_power_of_2(K)
-    # Smaller value blocks when K is large keep the state slice in registers; they also give
-    # more programs, which decoding (small B * H) needs to fill the GPU.
-    BV = min(triton.next_power_of_2(V), max(_MIN_BV, _MAX_STATE_BLOCK // BK))
-    grid = (triton.cdiv(V, BV), B * H)
-    # Pointers the flags switch off are never read; q stands in so every argument is a tensor.
-    _fused_recurrent_gated_kernel[grid](
-        q,
-        k,
-        v,
-        g if g is not None else q,
-        o,
-        initial_state if initial_state is not None else q,
-        ht if ht is not None else o,
-        scale,
-        T,
-        H=H,
-        K=K,
-        V=V,
-        BK=BK,
-        BV=BV,
-        USE_G=use_g,
-        USE_GK=use_gk,
-        USE_INITIAL_STATE=initial_state is not None,
-        STORE_FINAL_STATE=output_final_state,
-        **launch_options(),
-    )
-    return o, ht
-
-
 # ----------------------------------------------------------------------------------------
 # Delta rule (DeltaNet, Gated DeltaNet)
 #
@@ -291,41 +201,26 @@ def _fused_recurrent_delta_kernel(
         tl.store(ht + offs_state, b_h, mask=mask_kv)
 
 
-def _check_delta_shapes(q, k, v, g, beta, initial_state) -> tuple[int, int, int, int, int]:
-    """Return (B, T, H, K, V) or raise one ValueError naming every expected shape."""
-    ok = q.dim() == 4 and k.shape == q.shape and v.dim() == 4 and v.shape[:3] == q.shape[:3]
-    if ok:
-        B, T, H, K = q.shape
-        V = v.shape[-1]
-        ok = tuple(beta.shape) == (B, T, H) and (g is None or tuple(g.shape) == (B, T, H))
-        ok = ok and (initial_state is None or tuple(initial_state.shape) == (B, H, K, V))
-    if not ok:
-        raise ValueError(
-            "fused_recurrent_delta expects q, k [B, T, H, K], v [B, T, H, V], beta [B, T, H], "
-            "g None or [B, T, H], initial_state None or [B, H, K, V]; got "
-            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
-            f"beta {tuple(beta.shape)}, g {None if g is None else tuple(g.shape)}, "
-            f"initial_state {None if initial_state is None else tuple(initial_state.shape)}"
-        )
-    return B, T, H, K, V
-
-
-def fused_recurrent_delta(
+def fused_recurrent(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     g: torch.Tensor | None,
-    beta: torch.Tensor,
+    beta: torch.Tensor | None,
     scale: float,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Decode T tokens of the delta rule from ``initial_state`` with one fused Triton kernel.
+    """Decode T tokens from ``initial_state`` with one fused Triton kernel -> (o, ht): the
+    gated recurrence, or with ``beta`` the delta rule. The family facade has checked the
+    shapes (``hylas.kernels.common``); this only launches.
 
     Args:
-        q, k: [B, T, H, K] (keys expected L2-normalised); v: [B, T, H, V].
-        g: None (DeltaNet) or [B, T, H] log decay <= 0 (Gated DeltaNet).
-        beta: [B, T, H] write strength (in [0, 1], or [0, 2] for negative eigenvalues).
+        q, k: [B, T, H, K] (delta rule: keys L2-normalised); v: [B, T, H, V].
+        g: log decay (<= 0): None, [B, T, H] (per head) or, without beta, [B, T, H, K]
+            (per key channel).
+        beta: None (gated), or [B, T, H] write strength (in [0, 1], or [0, 2] for negative
+            eigenvalues).
         scale: multiplies q (commonly K ** -0.5).
         initial_state: [B, H, K, V], read in fp32; None starts from zeros.
         output_final_state: return the state after the last token.
@@ -336,43 +231,43 @@ def fused_recurrent_delta(
 
     Inference only: no backward is defined. On CPU tensors this needs ``TRITON_INTERPRET=1``.
     """
-    B, T, H, K, V = _check_delta_shapes(q, k, v, g, beta, initial_state)
-    q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
-    if g is not None:
-        g = g.contiguous()
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    g = g.contiguous() if g is not None else None
     if initial_state is not None:
         initial_state = initial_state.contiguous()
-
     o = torch.empty_like(v)
     ht = (
         torch.empty(B, H, K, V, dtype=torch.float32, device=q.device)
         if output_final_state
         else None
     )
-
     BK = triton.next_power_of_2(K)
+    # Smaller value blocks when K is large keep the state slice in registers; they also give
+    # more programs, which decoding (small B * H) needs to fill the GPU.
     BV = min(triton.next_power_of_2(V), max(_MIN_BV, _MAX_STATE_BLOCK // BK))
     grid = (triton.cdiv(V, BV), B * H)
     # Pointers the flags switch off are never read; q stands in so every argument is a tensor.
-    _fused_recurrent_delta_kernel[grid](
-        q,
-        k,
-        v,
-        beta,
-        g if g is not None else q,
-        o,
-        initial_state if initial_state is not None else q,
-        ht if ht is not None else o,
-        scale,
-        T,
-        H=H,
-        K=K,
-        V=V,
-        BK=BK,
-        BV=BV,
-        USE_G=g is not None,
-        USE_INITIAL_STATE=initial_state is not None,
-        STORE_FINAL_STATE=output_final_state,
-        **launch_options(),
-    )
+    tensors = [q, k, v] + ([] if beta is None else [beta.contiguous()])
+    tensors += [g if g is not None else q, o, initial_state if initial_state is not None else q]
+    tensors += [ht if ht is not None else o]
+    flags = dict(USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state)
+    if beta is None:
+        kernel = _fused_recurrent_gated_kernel
+        flags |= dict(USE_G=g is not None and g.dim() == 3, USE_GK=g is not None and g.dim() == 4)
+    else:
+        kernel = _fused_recurrent_delta_kernel
+        flags |= dict(USE_G=g is not None)
+    kernel[grid](*tensors, scale, T, H=H, K=K, V=V, BK=BK, BV=BV, **flags, **launch_options())
     return o, ht
+
+
+def fused_recurrent_gated(q, k, v, g, scale, initial_state=None, output_final_state=True):
+    """The gated recurrence's decoding (``fused_recurrent`` without beta)."""
+    return fused_recurrent(q, k, v, g, None, scale, initial_state, output_final_state)
+
+
+def fused_recurrent_delta(q, k, v, g, beta, scale, initial_state=None, output_final_state=True):
+    """The delta rule's decoding (``fused_recurrent`` with beta)."""
+    return fused_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state)

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hylas.kernels import gated_delta_rule, simple_gla
 from hylas.kernels.chunk_delta_triton import chunk_delta_triton
 from hylas.kernels.gla import naive
 from hylas.kernels.naive import naive_delta
@@ -118,11 +119,14 @@ def test_no_final_state():
         {"initial_state": torch.zeros(B, H, V, K)},
     ],
 )
-def test_bad_shapes_raise(bad):
+def test_bad_shapes_raise_in_the_family_before_the_kernel(bad):
+    """Shapes are checked once, in the family's call; the kernel wrapper only launches."""
     q, k, v, g = make_inputs(3, "head")
     args = {"v": v, "g": g, "initial_state": None} | bad
-    with pytest.raises(ValueError, match="fused_recurrent_gated expects"):
-        fused_recurrent_gated(q, k, args["v"], args["g"], 1.0, initial_state=args["initial_state"])
+    with pytest.raises(ValueError, match=r"must be \["):
+        simple_gla.recurrent(
+            q, k, args["v"], args["g"], initial_state=args["initial_state"], backend="triton"
+        )
 
 
 # ----------------------------------------------------------------------------------------
@@ -198,11 +202,11 @@ def test_delta_bf16_inputs_and_no_final_state():
     "bad",
     [{"beta": torch.zeros(B, 3, H, 1)}, {"g": torch.zeros(B, 3, H, K)}],
 )
-def test_delta_bad_shapes_raise(bad):
+def test_delta_bad_shapes_raise_in_the_family_before_the_kernel(bad):
     q, k, v, g, beta = make_delta_inputs(3, True)
     args = {"beta": beta, "g": g} | bad
-    with pytest.raises(ValueError, match="fused_recurrent_delta expects"):
-        fused_recurrent_delta(q, k, v, args["g"], args["beta"], 1.0)
+    with pytest.raises(ValueError, match=r"must be \["):
+        gated_delta_rule.recurrent(q, k, v, args["g"], args["beta"], backend="triton")
 
 
 @pytest.mark.parametrize("family", ["gla", "gated_delta_rule"])
