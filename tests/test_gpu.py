@@ -20,14 +20,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+
+from hylas.kernels import registry
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-FAMILIES = ["linear_attn", "simple_gla", "gla", "delta_rule", "gated_delta_rule"]
+FAMILIES = list(registry.FAMILIES)
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 H, K, V = 4, 64, 128
 
@@ -39,25 +40,11 @@ def rel_rms(a: torch.Tensor, e: torch.Tensor) -> float:
 
 
 def family_inputs(name: str, B: int, T: int, dtype, seed: int = 0) -> list[torch.Tensor]:
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, device="cuda")
-
-    q, v = randn(B, T, H, K), randn(B, T, H, V)
-    k = randn(B, T, H, K)
-    gates = []
-    if "delta" in name:
-        k = F.normalize(k, dim=-1)
-        if name == "gated_delta_rule":
-            gates.append(F.logsigmoid(randn(B, T, H) * 2))
-        gates.append(torch.rand(B, T, H, generator=gen, device="cuda"))
-    elif name == "simple_gla":
-        gates.append(F.logsigmoid(randn(B, T, H) * 2))
-    elif name == "gla":
-        gates.append(F.logsigmoid(randn(B, T, H, K) * 2) / 4)
-    qkv = [x.to(dtype) for x in (q, k, v)]
-    return [x.requires_grad_() for x in (*qkv, *gates)]
+    """The family's own inputs (``SPEC.inputs``) on CUDA: q, k, v in ``dtype``, gates fp32
+    (GLA's decays a quarter as strong, as its mixer's are)."""
+    decay = 0.25 if name == "gla" else 1.0
+    spec = registry.family(name).SPEC
+    return spec.inputs(B, T, H, K, V, dtype=dtype, device="cuda", seed=seed, decay_scale=decay)
 
 
 def outputs_and_grads(fn, inputs, h0, **kw):
@@ -74,9 +61,7 @@ def outputs_and_grads(fn, inputs, h0, **kw):
 @pytest.mark.parametrize("packed", [False, True], ids=["fixed", "packed"])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_triton_chunk_matches_the_oracle_on_cuda(name, packed, dtype):
-    import importlib
-
-    fam = importlib.import_module(f"hylas.kernels.{name}")
+    fam = registry.family(name)
     if packed:
         cu = torch.tensor([0, 70, 71, 200, 333], dtype=torch.int32, device="cuda")
         inputs, kw, N = family_inputs(name, 1, 333, dtype), {"cu_seqlens": cu}, 4
@@ -97,9 +82,7 @@ def test_triton_chunk_matches_the_oracle_on_cuda(name, packed, dtype):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_triton_recurrent_continues_the_chunk_state_on_cuda(name):
-    import importlib
-
-    fam = importlib.import_module(f"hylas.kernels.{name}")
+    fam = registry.family(name)
     inputs = [x.detach() for x in family_inputs(name, 2, 80, torch.float32)]
     whole, _ = fam.naive(*inputs, output_final_state=True)
     _, h = fam.chunk(*[x[:, :64] for x in inputs], output_final_state=True, backend="triton")
