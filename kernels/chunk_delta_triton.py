@@ -943,8 +943,10 @@ def chunk_delta_triton(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    offsets: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The chunkwise delta rule (DeltaNet, Gated DeltaNet) with Triton forward and backward.
+    The family call (``hylas.kernels.delta``) has checked the shapes; this launches.
 
     Args:
         q, k: [B, T, H, K]; v: [B, T, H, V] (K != V allowed, neither need be a power of two).
@@ -958,6 +960,7 @@ def chunk_delta_triton(
         cu_seqlens: int32 [N + 1] offsets of packed documents (B must be 1). The state
             restarts from ``initial_state[n]`` at each document start; chunks never
             straddle documents.
+        offsets: ``cu_seqlens`` as a host list, when the caller has read them already.
 
     Returns:
         o [B, T, H, V] in v's dtype and ht [N, H, K, V] fp32 (or None). Differentiable in
@@ -965,7 +968,7 @@ def chunk_delta_triton(
     """
     B, T, H, _ = q.shape
     V = v.shape[-1]
-    ch = Chunks(cu_seqlens, B, T, _BT, q.device)
+    ch = Chunks(cu_seqlens, B, T, _BT, q.device, offsets)
     # Fold B into the token axis: B documents of length T (a view for contiguous inputs).
     q_, k_, v_, beta_ = (x.reshape(B * T, *x.shape[2:]) for x in (q, k, v, beta))
     g_ = None if g is None else g.reshape(B * T, H)

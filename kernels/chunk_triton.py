@@ -82,7 +82,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hylas.kernels.common import CHUNK, check_cu_seqlens, check_qkv, check_state
+from hylas.kernels.common import CHUNK, check_cu_seqlens
 from hylas.kernels.gpu_limits import launch_options
 
 GATE_NONE, GATE_SCALAR, GATE_CHANNEL = 0, 1, 2
@@ -859,7 +859,9 @@ class Chunks:
     chunk_offsets int32 [N + 1] = index of each document's first chunk.
     """
 
-    def __init__(self, cu_seqlens, batch, seq_len, chunk_size, device):
+    def __init__(self, cu_seqlens, batch, seq_len, chunk_size, device, offsets=None):
+        """``offsets``: ``cu_seqlens`` on the host, as the family call validated it (one
+        host sync per call); None reads and checks them here."""
         self.BT = chunk_size
         if cu_seqlens is None:
             # A fixed-length batch is B documents of length T: no host sync needed.
@@ -870,7 +872,8 @@ class Chunks:
             self.chunk_indices = torch.stack([idx // per_doc, idx % per_doc], 1).contiguous()
             self.chunk_offsets = torch.arange(batch + 1, dtype=torch.int32, device=device) * per_doc
             return
-        offsets = check_cu_seqlens(cu_seqlens, batch, seq_len)
+        if offsets is None:
+            offsets = check_cu_seqlens(cu_seqlens, batch, seq_len)
         counts = [triton.cdiv(e - s, chunk_size) for s, e in itertools.pairwise(offsets)]
         self.N, self.NT = len(counts), sum(counts)
         self.cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32).contiguous()
@@ -1062,8 +1065,10 @@ def chunk_gated_triton(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = CHUNK,
+    offsets: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunkwise gated linear attention with Triton forward and backward kernels.
+    """Chunkwise gated linear attention with Triton forward and backward kernels. The
+    family call (``hylas.kernels.gated``) has checked the shapes; this launches.
 
     Args:
         q, k: [B, T, H, K]; v: [B, T, H, V] (K != V allowed, neither need be a power of two).
@@ -1078,17 +1083,18 @@ def chunk_gated_triton(
             restarts from ``initial_state[n]`` at each document start; chunks never
             straddle documents.
         chunk_size: BT, a power of two >= 16.
+        offsets: ``cu_seqlens`` as a host list, when the caller has read them already.
 
     Returns:
         o [B, T, H, V] in v's dtype and ht [N, H, K, V] fp32 (or None). Differentiable in
         q, k, v, g and initial_state; the backward recomputes the chunk states.
     """
-    B, T, H, K, V = check_qkv(q, k, v)
+    B, T, H, _ = q.shape
+    V = v.shape[-1]
     _gate_kind(g, q)
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
-    ch = Chunks(cu_seqlens, B, T, chunk_size, q.device)
-    check_state(initial_state, ch.N, H, K, V)
+    ch = Chunks(cu_seqlens, B, T, chunk_size, q.device, offsets)
     # Fold B into the token axis: B documents of length T (a view for contiguous inputs).
     flat = [x.reshape(B * T, *x.shape[2:]) for x in (q, k, v)]
     g_flat = None if g is None else g.reshape(B * T, *g.shape[2:])

@@ -49,7 +49,7 @@ def chunk(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens
         from hylas.kernels.chunk_delta_triton import chunk_delta_triton
 
         return chunk_delta_triton(
-            q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens
+            q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, offsets
         )
     return engine.chunk_delta_torch(
         q, k, v, g, beta, scale, initial_state, output_final_state, offsets

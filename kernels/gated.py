@@ -37,7 +37,9 @@ def chunk(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, back
     if resolve_backend(backend, q) == "triton":
         from hylas.kernels.chunk_triton import chunk_gated_triton
 
-        return chunk_gated_triton(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+        return chunk_gated_triton(
+            q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, offsets=offsets
+        )
     return chunk_torch.chunk_gated_torch(
         q, k, v, g, scale, initial_state, output_final_state, offsets
     )
