@@ -111,7 +111,7 @@ def _fwd_kkt_kernel(
     K,
     BT: tl.constexpr,
     BK: tl.constexpr,
-    USE_G: tl.constexpr,
+    GATE: tl.constexpr,  # 0 no decay, 1 one per head and token, 2 one per key channel
     DOT_PREC: tl.constexpr,
 ):
     """A [T_all, H, BT]: row t, column j = beta_t (k_t . k_j) exp(gamma_t - gamma_j) for
@@ -140,7 +140,7 @@ def _fwd_kkt_kernel(
     m_lt = o_t[:, None] > o_t[None, :]
     b_beta = tl.load(beta + (t0 + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
     b_A *= b_beta[:, None]
-    if USE_G:
+    if GATE == 1:
         b_g = tl.load(gamma + (t0 + tl.minimum(o_t, L - 1)) * H + i_h)
         b_A *= tl.exp(tl.where(m_lt, b_g[:, None] - b_g[None, :], 0.0))
     b_A = tl.where(m_lt, b_A, 0.0)
@@ -255,7 +255,7 @@ def _fwd_wu_kernel(
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
-    USE_G: tl.constexpr,
+    GATE: tl.constexpr,  # 0 no decay, 1 one per head and token, 2 one per key channel
     DOT_PREC: tl.constexpr,
 ):
     """w [T_all, H, K] = Ai (beta k exp(gamma)), u [T_all, H, V] = Ai (beta v), fp32."""
@@ -270,7 +270,7 @@ def _fwd_wu_kernel(
     )
     b_beta = tl.load(beta + (t0 + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
     b_bk = b_beta
-    if USE_G:
+    if GATE == 1:
         b_bk *= tl.exp(tl.load(gamma + (t0 + tl.minimum(o_t, L - 1)) * H + i_h))
 
     for i_k in range(tl.cdiv(K, BK)):
@@ -364,7 +364,7 @@ def _delta_fwd_h_kernel(
     BT: tl.constexpr,
     NKB: tl.constexpr,
     BV: tl.constexpr,
-    USE_G: tl.constexpr,
+    GATE: tl.constexpr,  # 0 no decay, 1 one per head and token, 2 one per key channel
     USE_H0: tl.constexpr,
     STORE_HT: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -413,7 +413,7 @@ def _delta_fwd_h_kernel(
         p_v = (t0 + o_t)[:, None] * (H * V) + i_h * V + o_v[None, :]
         tl.store(delta + p_v, b_d, mask=m_t[:, None] & m_v[None, :])
 
-        if USE_G:
+        if GATE == 1:
             b_gl = tl.load(gamma + (t0 + L - 1) * H + i_h)
             b_g = tl.load(gamma + (t0 + tl.minimum(o_t, L - 1)) * H + i_h)
             # The decay is per token: fold exp(gamma_L - gamma) into delta (BT x BV).
@@ -480,7 +480,7 @@ def _delta_bwd_dh_kernel(
     BT: tl.constexpr,
     NKB: tl.constexpr,
     BV: tl.constexpr,
-    USE_G: tl.constexpr,
+    GATE: tl.constexpr,  # 0 no decay, 1 one per head and token, 2 one per key channel
     USE_DHT: tl.constexpr,
     STORE_DH0: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -515,7 +515,7 @@ def _delta_bwd_dh_kernel(
         p_dh = dh + ((boh + i_t) * H + i_h) * K * V
         _store_states(p_dh, b_dh1, b_dh2, b_dh3, b_dh4, NKB, o_v, m_v, K, V)
 
-        if USE_G:
+        if GATE == 1:
             b_gl = tl.load(gamma + (t0 + L - 1) * H + i_h)
             b_g = tl.load(gamma + (t0 + tl.minimum(o_t, L - 1)) * H + i_h)
             b_kdec = tl.exp(b_gl - b_g)  # k's factor exp(gamma_L - gamma)
@@ -547,7 +547,7 @@ def _delta_bwd_dh_kernel(
         tl.store(ddelta + p_v, b_dd, mask=m_t[:, None] & m_v[None, :])
 
         # dh = exp(gamma_L) dh' + (scale q exp(gamma))^T dO - w^T ddelta, per K block.
-        if USE_G:
+        if GATE == 1:
             b_dh1 *= tl.exp(b_gl)
             b_dh2 *= tl.exp(b_gl)
             b_dh3 *= tl.exp(b_gl)
@@ -597,7 +597,7 @@ def _bwd_dqkwg_kernel(
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
-    USE_G: tl.constexpr,
+    GATE: tl.constexpr,  # 0 no decay, 1 one per head and token, 2 one per key channel
     DOT_PREC: tl.constexpr,
 ):
     """For one K block of one chunk, with dS = scale (dO delta^T) * Gam (causal):
@@ -649,7 +649,7 @@ def _bwd_dqkwg_kernel(
     m_ge = o_t[:, None] >= o_t[None, :]
     b_ds = tl.where(m_ge, b_ds * scale, 0.0)
     b_dq *= scale
-    if USE_G:
+    if GATE == 1:
         b_g = tl.load(gamma + (t0 + tl.minimum(o_t, L - 1)) * H + i_h)
         b_gl = tl.load(gamma + (t0 + L - 1) * H + i_h)
         b_ds *= tl.exp(tl.where(m_ge, b_g[:, None] - b_g[None, :], 0.0))
@@ -660,7 +660,7 @@ def _bwd_dqkwg_kernel(
     tl.store(dq + p_k, b_dq.to(dq.dtype.element_ty), mask=m_tk)
     tl.store(dk + p_k, b_dk, mask=m_tk)
     tl.store(dw + p_k, -b_dw, mask=m_tk)
-    if USE_G:
+    if GATE == 1:
         b_dg = tl.sum(b_q * b_dq, 1) - tl.sum(b_k * b_dk, 1)
         b_end = tl.exp(b_gl) * tl.sum(b_hdh, 0) + tl.sum(tl.sum(b_k * b_dks, 1), 0)
         b_dg += tl.where(o_t == L - 1, b_end, 0.0)
@@ -694,7 +694,7 @@ def _bwd_wy_kernel(
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
-    USE_G: tl.constexpr,
+    GATE: tl.constexpr,  # 0 no decay, 1 one per head and token, 2 one per key channel
     DOT_PREC: tl.constexpr,
 ):
     """Back through the UT transform of one chunk: dXu = Ai^T ddelta, dXw = Ai^T dw,
@@ -713,7 +713,7 @@ def _bwd_wy_kernel(
         other=0.0,
     )
     b_beta = tl.load(beta + (t0 + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
-    if USE_G:
+    if GATE == 1:
         b_g = tl.load(gamma + (t0 + tl.minimum(o_t, L - 1)) * H + i_h)
         b_eg = tl.exp(b_g)
     else:
@@ -757,7 +757,7 @@ def _bwd_wy_kernel(
 
     m_lt = o_t[:, None] > o_t[None, :]
     b_dA = tl.where(m_lt, -b_dA, 0.0)  # dAkk
-    if USE_G:
+    if GATE == 1:
         b_dA *= tl.exp(tl.where(m_lt, b_g[:, None] - b_g[None, :], 0.0))  # dAkk * Gam
     b_dbw *= b_eg  # sum_K(k exp(gamma) dXw)
     b_dA_kk = b_dA * b_kk  # dAkk * KK * Gam
@@ -765,7 +765,7 @@ def _bwd_wy_kernel(
     tl.store(dbeta + (t0 + o_t) * H + i_h, b_db.to(dbeta.dtype.element_ty), mask=m_t)
     b_dA *= b_beta[:, None]  # dAkk * beta_i Gam: the gradient of k_i . k_j
 
-    if USE_G:
+    if GATE == 1:
         b_pa = b_dA_kk * b_beta[:, None]  # dAkk * Akk
         b_dgam = b_beta * b_dbw + tl.sum(b_pa, 1) - tl.sum(b_pa, 0)
         for i_k in range(NK_O):
@@ -811,7 +811,7 @@ def _ut_transform(k, v, beta, gamma, ch, prec):
     A = k.new_empty(T_all, H, BT, dtype=torch.float32)
     _fwd_kkt_kernel[(ch.NT, H)](
         k, beta, gamma, A, ch.cu_seqlens, ch.chunk_indices,
-        H=H, K=K, BT=BT, BK=block_size(K), USE_G=use_g, DOT_PREC=prec, **launch_options(),
+        H=H, K=K, BT=BT, BK=block_size(K), GATE=int(use_g), DOT_PREC=prec, **launch_options(),
     )  # fmt: skip
     Ai = torch.empty_like(A)
     _solve_tril_kernel[(ch.NT, H)](
@@ -822,7 +822,7 @@ def _ut_transform(k, v, beta, gamma, ch, prec):
     u = k.new_empty(T_all, H, V, dtype=torch.float32)
     _fwd_wu_kernel[(ch.NT, H)](
         k, v, beta, gamma, Ai, w, u, ch.cu_seqlens, ch.chunk_indices,
-        H=H, K=K, V=V, BT=BT, BK=block_size(K), BV=block_size(V), USE_G=use_g, DOT_PREC=prec, **launch_options(),
+        H=H, K=K, V=V, BT=BT, BK=block_size(K), BV=block_size(V), GATE=int(use_g), DOT_PREC=prec, **launch_options(),
     )  # fmt: skip
     return Ai, w, u
 
@@ -837,7 +837,7 @@ def _states(k, u, w, gamma, h0, store_ht, ch, prec):
     ht = k.new_empty(ch.N, H, K, V, dtype=torch.float32) if store_ht else None
     _delta_fwd_h_kernel[(triton.cdiv(V, BV), ch.N * H)](
         k, u, w, gamma, h, delta, h0, ht, ch.cu_seqlens, ch.chunk_offsets,
-        H=H, K=K, V=V, BT=ch.BT, NKB=NKB, BV=BV, USE_G=gamma is not None,
+        H=H, K=K, V=V, BT=ch.BT, NKB=NKB, BV=BV, GATE=int(gamma is not None),
         USE_H0=h0 is not None, STORE_HT=store_ht, DOT_PREC=prec, **launch_options(),
     )  # fmt: skip
     return h, delta, ht
@@ -902,7 +902,7 @@ class _ChunkDelta(torch.autograd.Function):
         dh0 = None if h0 is None else torch.empty_like(h0)
         _delta_bwd_dh_kernel[(triton.cdiv(V, BVs), ch.N * H)](
             q, k, w, gamma, A, do, dh, ddelta, dht, dh0, ch.cu_seqlens, ch.chunk_offsets,
-            scale, H=H, K=K, V=V, BT=BT, NKB=NKB, BV=BVs, USE_G=use_g,
+            scale, H=H, K=K, V=V, BT=BT, NKB=NKB, BV=BVs, GATE=int(use_g),
             USE_DHT=dht is not None, STORE_DH0=h0 is not None, DOT_PREC=prec,
             # A chunk loads 3 NKB key tiles. Two stages of them pass A100's limit from
             # NKB x element size > 4 (fp32 at K > 64, 16-bit at K > 128), H100's at K > 128.
@@ -917,7 +917,7 @@ class _ChunkDelta(torch.autograd.Function):
         _bwd_dqkwg_kernel[(NK, ch.NT, H)](
             q, k, delta, gamma, h, do, dh, ddelta, dq, dk_o, dw, dg_o,
             ch.cu_seqlens, ch.chunk_indices, scale, T_all,
-            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, DOT_PREC=prec, **launch_options(),
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=int(use_g), DOT_PREC=prec, **launch_options(),
         )  # fmt: skip
         del h, dh, delta
 
@@ -926,7 +926,7 @@ class _ChunkDelta(torch.autograd.Function):
         _bwd_wy_kernel[(ch.NT, H)](
             k, v, beta, gamma, Ai, u, w, ddelta, dw, dk_o, dg_o, dk, dv, dbeta, dg,
             ch.cu_seqlens, ch.chunk_indices, T_all, NK,
-            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, DOT_PREC=prec, **launch_options(),
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=int(use_g), DOT_PREC=prec, **launch_options(),
         )  # fmt: skip
         if dh0 is not None:
             dh0 = dh0.to(ctx.h0_dtype)

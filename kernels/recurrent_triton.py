@@ -54,8 +54,7 @@ def _fused_recurrent_gated_kernel(
     V: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
-    USE_G: tl.constexpr,  # g is [B, T, H]: one decay per head and token
-    USE_GK: tl.constexpr,  # g is [B, T, H, K]: one decay per key channel
+    GATE: tl.constexpr,  # 0 no decay, 1 one per head and token, 2 one per key channel
     USE_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr,
 ):
@@ -76,9 +75,9 @@ def _fused_recurrent_gated_kernel(
     p_k = k + (i_b * T * H + i_h) * K + offs_k
     p_v = v + (i_b * T * H + i_h) * V + offs_v
     p_o = o + (i_b * T * H + i_h) * V + offs_v
-    if USE_G:
+    if GATE == 1:
         p_g = g + i_b * T * H + i_h
-    if USE_GK:
+    if GATE == 2:
         p_g = g + (i_b * T * H + i_h) * K + offs_k
 
     # State slice [BK, BV] in row-major [K, V] of head i_bh.
@@ -93,9 +92,9 @@ def _fused_recurrent_gated_kernel(
         b_q = tl.load(p_q, mask=mask_k, other=0.0).to(tl.float32) * scale
         b_k = tl.load(p_k, mask=mask_k, other=0.0).to(tl.float32)
         b_v = tl.load(p_v, mask=mask_v, other=0.0).to(tl.float32)
-        if USE_G:
+        if GATE == 1:
             b_h *= tl.exp(tl.load(p_g).to(tl.float32))
-        if USE_GK:
+        if GATE == 2:
             b_gk = tl.load(p_g, mask=mask_k, other=0.0).to(tl.float32)
             b_h *= tl.exp(b_gk)[:, None]
         b_h += b_k[:, None] * b_v[None, :]
@@ -107,9 +106,9 @@ def _fused_recurrent_gated_kernel(
         p_k += H * K
         p_v += H * V
         p_o += H * V
-        if USE_G:
+        if GATE == 1:
             p_g += H
-        if USE_GK:
+        if GATE == 2:
             p_g += H * K
 
     if STORE_FINAL_STATE:
@@ -143,7 +142,7 @@ def _fused_recurrent_delta_kernel(
     V: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
-    USE_G: tl.constexpr,  # g is [B, T, H]: Gated DeltaNet; DeltaNet otherwise
+    GATE: tl.constexpr,  # 0 no decay, 1 one per head and token, 2 one per key channel
     USE_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr,
 ):
@@ -165,7 +164,7 @@ def _fused_recurrent_delta_kernel(
     p_v = v + (i_b * T * H + i_h) * V + offs_v
     p_o = o + (i_b * T * H + i_h) * V + offs_v
     p_beta = beta + i_b * T * H + i_h
-    if USE_G:
+    if GATE == 1:
         p_g = g + i_b * T * H + i_h
 
     # State slice [BK, BV] (all of K) in row-major [K, V] of head i_bh.
@@ -181,7 +180,7 @@ def _fused_recurrent_delta_kernel(
         b_k = tl.load(p_k, mask=mask_k, other=0.0).to(tl.float32)
         b_v = tl.load(p_v, mask=mask_v, other=0.0).to(tl.float32)
         b_beta = tl.load(p_beta).to(tl.float32)
-        if USE_G:
+        if GATE == 1:
             b_h *= tl.exp(tl.load(p_g).to(tl.float32))
         # The corrected write beta (v - k S') for this value block: a K-reduction.
         b_v = b_beta * (b_v - tl.sum(b_h * b_k[:, None], axis=0))
@@ -194,7 +193,7 @@ def _fused_recurrent_delta_kernel(
         p_v += H * V
         p_o += H * V
         p_beta += H
-        if USE_G:
+        if GATE == 1:
             p_g += H
 
     if STORE_FINAL_STATE:
@@ -255,10 +254,10 @@ def fused_recurrent(
     flags = dict(USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state)
     if beta is None:
         kernel = _fused_recurrent_gated_kernel
-        flags |= dict(USE_G=g is not None and g.dim() == 3, USE_GK=g is not None and g.dim() == 4)
+        flags |= dict(GATE=0 if g is None else g.dim() - 2)  # [B, T, H]: 1, [B, T, H, K]: 2
     else:
         kernel = _fused_recurrent_delta_kernel
-        flags |= dict(USE_G=g is not None)
+        flags |= dict(GATE=int(g is not None))
     kernel[grid](*tensors, scale, T, H=H, K=K, V=V, BK=BK, BV=BV, **flags, **launch_options())
     return o, ht
 
