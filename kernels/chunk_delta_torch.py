@@ -8,8 +8,8 @@ decay g_t <= 0 (g = 0 for DeltaNet), the state S in R^{K x V} follows::
 
 Legend: as in ``chunk_torch`` (P layout rows, N chunks, C chunk length, G chunks of a group).
 
-Within a chunk, gamma is the inclusive cumulative log decay (fp32, <= 0, non-increasing),
-gamma_L its value at the chunk's last token, Gam[i, j] = exp(gamma_i - gamma_j) for j <= i
+Within a chunk, g_cum is the inclusive cumulative log decay (fp32, <= 0, non-increasing),
+g_cum_L its value at the chunk's last token, Gam[i, j] = exp(g_cum_i - g_cum_j) for j <= i
 (0 above the diagonal; every exponent <= 0) and h the state entering the chunk. Write
 S_t = exp(g_t) S_{t-1} + k_t^T delta_t with the corrected write
 delta_t = beta_t (v_t - k_t exp(g_t) S_{t-1}). Unrolling S_{t-1} inside the chunk turns
@@ -17,35 +17,35 @@ the deltas into one unit lower-triangular system (the UT transform)::
 
     Akk[i, j] = beta_i (k_i . k_j) Gam[i, j]  for j < i, else 0          [C, C]
     L = I + Akk
-    u = L^{-1} (beta v)          w = L^{-1} (beta k exp(gamma))          [C, V], [C, K]
+    u = L^{-1} (beta v)          w = L^{-1} (beta k exp(g_cum))          [C, V], [C, K]
     delta = u - w h                                                      [C, V]
-    o  = scale (q exp(gamma)) h + (scale q k^T * Gam) delta               (diagonal included)
-    h' = exp(gamma_L) h + (k exp(gamma_L - gamma))^T delta
+    o  = scale (q exp(g_cum)) h + (scale q k^T * Gam) delta               (diagonal included)
+    h' = exp(g_cum_L) h + (k exp(g_cum_L - g_cum))^T delta
 
 The solve is a triangular solve in fp32. Only delta depends on the entering state, so the
-chunk's transition is A_chunk = exp(gamma_L) I - (k exp(gamma_L - gamma))^T w [K, K].
+chunk's transition is A_chunk = exp(g_cum_L) I - (k exp(g_cum_L - g_cum))^T w [K, K].
 
 Backward of one chunk, given dO and dh' (the gradient of the state leaving it)::
 
-    ddelta = (scale q k^T * Gam)^T dO + (k exp(gamma_L - gamma)) dh'
-    dh     = exp(gamma_L) dh' + scale (q exp(gamma))^T dO - w^T ddelta   (entering state)
+    ddelta = (scale q k^T * Gam)^T dO + (k exp(g_cum_L - g_cum)) dh'
+    dh     = exp(g_cum_L) dh' + scale (q exp(g_cum))^T dO - w^T ddelta   (entering state)
     du = ddelta        dw = -ddelta h^T
-    dXu = L^{-T} du    dXw = L^{-T} dw        (Xu = beta v, Xw = beta k exp(gamma))
+    dXu = L^{-T} du    dXw = L^{-T} dw        (Xu = beta v, Xw = beta k exp(g_cum))
     dAkk = -strict_lower(dXu u^T + dXw w^T)
-    dq = scale [ (dO delta^T * Gam) k + exp(gamma) (dO h^T) ]
-    dk = scale (dO delta^T * Gam)^T q + exp(gamma_L - gamma) (delta dh'^T)
-         + beta exp(gamma) dXw + (dAkk * beta_i Gam) k + (dAkk * beta_i Gam)^T k
+    dq = scale [ (dO delta^T * Gam) k + exp(g_cum) (dO h^T) ]
+    dk = scale (dO delta^T * Gam)^T q + exp(g_cum_L - g_cum) (delta dh'^T)
+         + beta exp(g_cum) dXw + (dAkk * beta_i Gam) k + (dAkk * beta_i Gam)^T k
     dv = beta dXu
-    dbeta = sum_V(v dXu) + sum_K(k exp(gamma) dXw) + sum_j dAkk[i, j] (k_i . k_j) Gam[i, j]
+    dbeta = sum_V(v dXu) + sum_K(k exp(g_cum) dXw) + sum_j dAkk[i, j] (k_i . k_j) Gam[i, j]
 
-and the gradient of gamma (then dg = the reverse cumsum of dgamma inside the chunk), from
-every factor exp(gamma_i - gamma_j) (+ to i, - to j) and exp(gamma_i) (+ to i)::
+and the gradient of g_cum (then dg = the reverse cumsum of dg_cum inside the chunk), from
+every factor exp(g_cum_i - g_cum_j) (+ to i, - to j) and exp(g_cum_i) (+ to i)::
 
     Po = (scale q k^T * Gam) * (dO delta^T)        rows +, columns -
     Pa = dAkk * Akk                                rows +, columns -
-    + sum_V(dO * scale (q exp(gamma)) h)   + sum_K(Xw dXw)
-    + at L: sum(exp(gamma_L) h * dh') + sum_j r_j;  - r_j at j,
-      with r_j = sum_{K,V} (k_j exp(gamma_L - gamma_j))^T delta_j * dh'
+    + sum_V(dO * scale (q exp(g_cum)) h)   + sum_K(Xw dXw)
+    + at L: sum(exp(g_cum_L) h * dh') + sum_j r_j;  - r_j at j,
+      with r_j = sum_{K,V} (k_j exp(g_cum_L - g_cum_j))^T delta_j * dh'
 
 Memory: as in ``chunk_torch``, the forward keeps only its inputs; the backward walks the
 sequence in groups of chunks, recomputing the chunk states of a group from the state
@@ -80,22 +80,22 @@ def _causal(C: int, device, diagonal: int) -> torch.Tensor:
 class DeltaChunk:
     """The UT-transform quantities of a group of chunks, heads first: [P, G, H, C, *] fp32."""
 
-    def __init__(self, q, k, v, beta, gamma, scale):
-        self.q, self.k, self.v, self.beta, self.gamma, self.scale = q, k, v, beta, gamma, scale
+    def __init__(self, q, k, v, beta, g_cum, scale):
+        self.q, self.k, self.v, self.beta, self.g_cum, self.scale = q, k, v, beta, g_cum, scale
         C = k.shape[-2]
-        diff = gamma.unsqueeze(-1) - gamma.unsqueeze(-2)
+        diff = g_cum.unsqueeze(-1) - g_cum.unsqueeze(-2)
         self.Gam = diff.masked_fill(~_causal(C, k.device, 0), float("-inf")).exp()
         self.KK = k @ k.transpose(-1, -2)
         self.Akk = (beta.unsqueeze(-1) * self.KK * self.Gam).tril(-1)
         self.L = self.Akk + torch.eye(C, device=k.device)
-        self.e_gamma = gamma.exp().unsqueeze(-1)  # [.., C, 1]
-        self.e_last = gamma[..., -1:].exp()  # [.., 1]
-        self.k_dec = k * (gamma[..., -1:] - gamma).exp().unsqueeze(-1)  # k exp(gamma_L - gamma)
+        self.e_g_cum = g_cum.exp().unsqueeze(-1)  # [.., C, 1]
+        self.e_last = g_cum[..., -1:].exp()  # [.., 1]
+        self.k_dec = k * (g_cum[..., -1:] - g_cum).exp().unsqueeze(-1)  # k exp(g_cum_L - g_cum)
         self.Xu = beta.unsqueeze(-1) * v
-        self.Xw = beta.unsqueeze(-1) * k * self.e_gamma
+        self.Xw = beta.unsqueeze(-1) * k * self.e_g_cum
         self.u = self._solve(self.Xu)
         self.w = self._solve(self.Xw)
-        self.q_dec = q * scale * self.e_gamma
+        self.q_dec = q * scale * self.e_g_cum
         self.QK = (q * scale) @ k.transpose(-1, -2) * self.Gam
 
     def _solve(self, x):
@@ -107,20 +107,20 @@ class DeltaChunk:
         )
 
     def transition(self):
-        """A_chunk = exp(gamma_L) I - k_dec^T w: [P, G, H, K, K]."""
+        """A_chunk = exp(g_cum_L) I - k_dec^T w: [P, G, H, K, K]."""
         eye = torch.eye(self.k.shape[-1], device=self.k.device)
         return self.e_last.unsqueeze(-1) * eye - self.k_dec.transpose(-1, -2) @ self.w
 
 
 def prepare_chunks(q, k, v, g, beta, lay: Layout):
-    """Inputs in the chunked layout, fp32, heads first: [P, N, H, C, *] (gamma, beta [P,N,H,C])."""
+    """Inputs in the chunked layout, fp32, heads first: [P, N, H, C, *] (g_cum, beta [P,N,H,C])."""
     qc, kc, vc = (heads_first(to_chunks(x.float(), lay)) for x in (q, k, v))
-    bc = to_chunks(beta.float(), lay).transpose(2, 3)
+    beta_c = to_chunks(beta.float(), lay).transpose(2, 3)
     if g is None:
-        gamma = torch.zeros_like(bc)
+        g_cum = torch.zeros_like(beta_c)
     else:
-        gamma = to_chunks(g.float(), lay).cumsum(2).transpose(2, 3)
-    return qc, kc, vc, gamma, bc
+        g_cum = to_chunks(g.float(), lay).cumsum(2).transpose(2, 3)
+    return qc, kc, vc, g_cum, beta_c
 
 
 def scan_states(ch: DeltaChunk, n0: int, state, h0, lay: Layout, finals: list):
@@ -142,12 +142,12 @@ def scan_states(ch: DeltaChunk, n0: int, state, h0, lay: Layout, finals: list):
 
 def _forward(q, k, v, g, beta, scale, h0, lay: Layout):
     H, K, V = q.shape[-2], q.shape[-1], v.shape[-1]
-    qc, kc, vc, gc, bc = prepare_chunks(q, k, v, g, beta, lay)
+    qc, kc, vc, gc, beta_c = prepare_chunks(q, k, v, g, beta, lay)
     h0 = initial_states(h0, lay.docs, H, K, V, q)
     o = torch.empty(*vc.shape, dtype=torch.float32, device=q.device)
     state, finals = None, []
     for grp in chunk_groups(lay.N, lay.C):
-        ch = DeltaChunk(qc[:, grp], kc[:, grp], vc[:, grp], bc[:, grp], gc[:, grp], scale)
+        ch = DeltaChunk(qc[:, grp], kc[:, grp], vc[:, grp], beta_c[:, grp], gc[:, grp], scale)
         h, delta, state = scan_states(ch, grp.start, state, h0, lay, finals)
         o[:, grp] = ch.q_dec @ h + ch.QK @ delta
     return o, stack_states(finals, lay)
@@ -171,13 +171,13 @@ class ChunkDelta(torch.autograd.Function):
         q, k, v, g, beta, h0 = ctx.saved_tensors
         scale, lay, T = ctx.meta
         H, K, V = q.shape[-2], q.shape[-1], v.shape[-1]
-        qc, kc, vc, gc, bc = prepare_chunks(q, k, v, g, beta, lay)
+        qc, kc, vc, gc, beta_c = prepare_chunks(q, k, v, g, beta, lay)
         doc = heads_first(to_chunks(do.float(), lay))
         h0 = initial_states(h0, lay.docs, H, K, V, q)
         groups = chunk_groups(lay.N, lay.C)
 
         def chunks_of(grp):
-            return DeltaChunk(qc[:, grp], kc[:, grp], vc[:, grp], bc[:, grp], gc[:, grp], scale)
+            return DeltaChunk(qc[:, grp], kc[:, grp], vc[:, grp], beta_c[:, grp], gc[:, grp], scale)
 
         # Pass 1: the state entering each group (and the final states).
         group_states, finals, state = [], [], None
@@ -188,7 +188,7 @@ class ChunkDelta(torch.autograd.Function):
         dht = torch.zeros_like(finals) if dht is None else dht.float()
 
         dq, dk, dv = torch.empty_like(qc), torch.empty_like(kc), torch.empty_like(vc)
-        dbeta, dgamma = torch.empty_like(bc), torch.empty_like(gc)
+        dbeta, dg_cum = torch.empty_like(beta_c), torch.empty_like(gc)
         grad, dh0 = None, []
         # Pass 2, last group first: recompute the group, then the reverse state scan.
         for grp, state in zip(reversed(groups), reversed(group_states), strict=True):
@@ -216,7 +216,7 @@ class ChunkDelta(torch.autograd.Function):
             grads = _chunk_grads(
                 ch, dog, h, delta, torch.stack(ddeltas, 1), torch.stack(leaving, 1)
             )
-            dq[:, grp], dk[:, grp], dv[:, grp], dbeta[:, grp], dgamma[:, grp] = grads
+            dq[:, grp], dk[:, grp], dv[:, grp], dbeta[:, grp], dg_cum[:, grp] = grads
 
         def back(x):
             return from_chunks(heads_first(x), lay, T)
@@ -224,8 +224,8 @@ class ChunkDelta(torch.autograd.Function):
         dq_t, dk_t, dv_t = back(dq * scale), back(dk), back(dv)
         dbeta_t = from_chunks(dbeta.transpose(2, 3), lay, T)
         dg = None
-        if g is not None:  # gamma is the within-chunk cumsum of g: reverse cumsum inside chunks
-            dg_chunks = dgamma.flip(-1).cumsum(-1).flip(-1)
+        if g is not None:  # g_cum is the within-chunk cumsum of g: reverse cumsum inside chunks
+            dg_chunks = dg_cum.flip(-1).cumsum(-1).flip(-1)
             dg = from_chunks(dg_chunks.transpose(2, 3), lay, T).to(g.dtype)
         dh0 = None if not ctx.needs_input_grad[5] else stack_states(dh0[::-1], lay)
         return (
@@ -242,31 +242,31 @@ class ChunkDelta(torch.autograd.Function):
 
 
 def _chunk_grads(ch: DeltaChunk, do, h, delta, ddelta, dh_out):
-    """dq (of q before scaling), dk, dv, dbeta and dgamma of a group of chunks, given the
+    """dq (of q before scaling), dk, dv, dbeta and dg_cum of a group of chunks, given the
     reverse scan's ddelta and the gradients of the states leaving the chunks. Heads first,
     fp32; the formulas are those of the module docstring."""
     scale_q = ch.QK  # scale q k^T * Gam
     dOdT = do @ delta.transpose(-1, -2)  # [.., C, C]
     dOdT_gam = dOdT * ch.Gam
-    dq = dOdT_gam @ ch.k + ch.e_gamma * (do @ h.transpose(-1, -2))
+    dq = dOdT_gam @ ch.k + ch.e_g_cum * (do @ h.transpose(-1, -2))
     delta_dh = delta @ dh_out.transpose(-1, -2)  # [.., C, K]
-    to_last = (ch.gamma[..., -1:] - ch.gamma).exp().unsqueeze(-1)
+    to_last = (ch.g_cum[..., -1:] - ch.g_cum).exp().unsqueeze(-1)
     dk = dOdT_gam.transpose(-1, -2) @ (ch.q * ch.scale) + to_last * delta_dh
 
     dXu = ch._solve_transposed(ddelta)
     dXw = ch._solve_transposed(-(ddelta @ h.transpose(-1, -2)))
     dAkk = -(dXu @ ch.u.transpose(-1, -2) + dXw @ ch.w.transpose(-1, -2)).tril(-1)
     dA_b = dAkk * ch.beta.unsqueeze(-1) * ch.Gam  # d(k_i . k_j) of Akk
-    dk = dk + ch.beta.unsqueeze(-1) * ch.e_gamma * dXw + dA_b @ ch.k + dA_b.transpose(-1, -2) @ ch.k
+    dk = dk + ch.beta.unsqueeze(-1) * ch.e_g_cum * dXw + dA_b @ ch.k + dA_b.transpose(-1, -2) @ ch.k
     dv = ch.beta.unsqueeze(-1) * dXu
     dbeta = (
-        (ch.v * dXu).sum(-1) + (ch.k * ch.e_gamma * dXw).sum(-1) + (dAkk * ch.KK * ch.Gam).sum(-1)
+        (ch.v * dXu).sum(-1) + (ch.k * ch.e_g_cum * dXw).sum(-1) + (dAkk * ch.KK * ch.Gam).sum(-1)
     )
 
     Po = scale_q * dOdT
     Pa = dAkk * ch.Akk
     r = (ch.k_dec * delta_dh).sum(-1)  # [.., C]
-    dgamma = (
+    dg_cum = (
         Po.sum(-1)
         - Po.sum(-2)
         + Pa.sum(-1)
@@ -276,8 +276,8 @@ def _chunk_grads(ch: DeltaChunk, do, h, delta, ddelta, dh_out):
         - r
     )
     end = (ch.e_last.unsqueeze(-1) * h * dh_out).sum((-1, -2)) + r.sum(-1)  # [P, G, H]
-    dgamma[..., -1] += end
-    return dq, dk, dv, dbeta, dgamma
+    dg_cum[..., -1] += end
+    return dq, dk, dv, dbeta, dg_cum
 
 
 def chunk_delta_torch(

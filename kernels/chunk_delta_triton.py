@@ -17,23 +17,23 @@ for DeltaNet)::
 
 Chunkwise, this is the UT transform stated once, with every gradient derived, in the
 docstring of ``chunk_delta_torch`` (the torch path, the readable statement of these
-kernels): gamma the inclusive cumulative log decay inside a chunk, Gam[i, j] =
-exp(gamma_i - gamma_j) for j <= i, Akk the chunk's strictly lower [BT, BT] matrix,
-Ai = (I + Akk)^{-1}, u = Ai (beta v), w = Ai (beta k exp(gamma)), delta = u - w h,
-o = scale (q exp(gamma)) h + (scale q k^T * Gam) delta. The kernels below compute those
+kernels): g_cum the inclusive cumulative log decay inside a chunk, Gam[i, j] =
+exp(g_cum_i - g_cum_j) for j <= i, Akk the chunk's strictly lower [BT, BT] matrix,
+Ai = (I + Akk)^{-1}, u = Ai (beta v), w = Ai (beta k exp(g_cum)), delta = u - w h,
+o = scale (q exp(g_cum)) h + (scale q k^T * Gam) delta. The kernels below compute those
 formulas; each kernel's docstring names the ones it covers.
 
 Ai is formed in fp32: forward substitution inverts each BC x BC diagonal block, and the
 blocks below the diagonal follow with tl.dot (Ai_ij = -Ai_ii sum_{j <= m < i} Akk_im Ai_mj).
-The gate gradient dgamma (Po, Pa, the Xw term and the last token's terms in
+The gate gradient dg_cum (Po, Pa, the Xw term and the last token's terms in
 ``chunk_delta_torch``) is q . dq - k . dk_o per token (dk_o the first line of dk) plus the
 Pa and Xw terms and the last token's sum(h' * dh'), h' the state leaving the chunk; dg is
 its reverse cumsum inside the chunk.
 
-Every exponent is kept <= 0, so nothing overflows at any decay: exp(gamma),
-exp(gamma_L - gamma) and exp(gamma_L) are so by construction, and exp(gamma_i - gamma_j)
+Every exponent is kept <= 0, so nothing overflows at any decay: exp(g_cum),
+exp(g_cum_L - g_cum) and exp(g_cum_L) are so by construction, and exp(g_cum_i - g_cum_j)
 is only formed for i >= j (the exponent is zeroed before exp elsewhere). Rows past the
-end of a partial last chunk read gamma of the chunk's last token (the pointer is
+end of a partial last chunk read g_cum of the chunk's last token (the pointer is
 clamped) and load k = q = v = beta = 0, so Akk is the identity there, u = w = delta = 0,
 and nothing padded reaches a result.
 
@@ -43,19 +43,19 @@ document) serves both. Tensors are indexed in their [T_all, H, *] layout directl
 intermediates are fp32.
 
 Kernels (grids in brackets):
-    local_cumsum   [H/BD, NT, 1]      gamma = cumsum of g inside each chunk (chunk_triton)
+    local_cumsum   [H/BD, NT, 1]      g_cum = cumsum of g inside each chunk (chunk_triton)
     _fwd_kkt        [NT, H]            Akk [T_all, H, BT]
     _solve_tril     [NT, H]            Ai = (I + Akk)^{-1} [T_all, H, BT] (lower triangle)
     _fwd_wu         [NT, H]            w [T_all, H, K], u [T_all, H, V]
     _delta_fwd_h    [V/BV, N*H]        states entering every chunk (+ final) and delta: a scan
     _fwd_A          [NT, 1, H]         scale q k^T * Gam, causal (chunk_triton)
-    _fwd_o          [V/BV, NT, H]      o = scale (q exp(gamma)) h + A delta (chunk_triton)
+    _fwd_o          [V/BV, NT, H]      o = scale (q exp(g_cum)) h + A delta (chunk_triton)
     _delta_bwd_dh   [V/BV, N*H]        reverse scan: dh' of every chunk (+ dh0) and ddelta
     _bwd_dqkwg      [K/BK, NT, H]      dq, the first line of dk, dw = -ddelta h^T, and the
-                                       gamma terms of dq and dk per K block
-    _bwd_wy         [NT, H]            dk, dv, dbeta; dgamma completed and reverse-cumsummed
+                                       g_cum terms of dq and dk per K block
+    _bwd_wy         [NT, H]            dk, dv, dbeta; dg_cum completed and reverse-cumsummed
 
-The backward recomputes gamma, the UT transform, the chunk states and delta from the
+The backward recomputes g_cum, the UT transform, the chunk states and delta from the
 inputs instead of keeping them from the forward: the [NT, H, K, V] states are the
 largest activation of the layer.
 
@@ -103,7 +103,7 @@ _BC = 16
 def _fwd_kkt_kernel(
     k,
     beta,
-    gamma,
+    g_cum,
     A,
     cu_seqlens,
     chunk_indices,
@@ -114,7 +114,7 @@ def _fwd_kkt_kernel(
     GATE: tl.constexpr,  # 0 no decay, 1 one per head and token, 2 one per key channel
     DOT_PREC: tl.constexpr,
 ):
-    """A [T_all, H, BT]: row t, column j = beta_t (k_t . k_j) exp(gamma_t - gamma_j) for
+    """A [T_all, H, BT]: row t, column j = beta_t (k_t . k_j) exp(g_cum_t - g_cum_j) for
     j < t in t's chunk, else 0 (every column of a chunk's rows is written)."""
     i_tg, i_h = tl.program_id(0), tl.program_id(1)
     _, t0, L = chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
@@ -141,7 +141,7 @@ def _fwd_kkt_kernel(
     b_beta = tl.load(beta + (t0 + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
     b_A *= b_beta[:, None]
     if GATE == 1:
-        b_g = tl.load(gamma + (t0 + tl.minimum(o_t, L - 1)) * H + i_h)
+        b_g = tl.load(g_cum + (t0 + tl.minimum(o_t, L - 1)) * H + i_h)
         b_A *= tl.exp(tl.where(m_lt, b_g[:, None] - b_g[None, :], 0.0))
     b_A = tl.where(m_lt, b_A, 0.0)
     tl.store(A + (t0 + o_t)[:, None] * (H * BT) + i_h * BT + o_t[None, :], b_A, mask=m_t[:, None])
@@ -243,7 +243,7 @@ def _fwd_wu_kernel(
     k,
     v,
     beta,
-    gamma,
+    g_cum,
     Ai,
     w,
     u,
@@ -258,7 +258,7 @@ def _fwd_wu_kernel(
     GATE: tl.constexpr,  # 0 no decay, 1 one per head and token, 2 one per key channel
     DOT_PREC: tl.constexpr,
 ):
-    """w [T_all, H, K] = Ai (beta k exp(gamma)), u [T_all, H, V] = Ai (beta v), fp32."""
+    """w [T_all, H, K] = Ai (beta k exp(g_cum)), u [T_all, H, V] = Ai (beta v), fp32."""
     i_tg, i_h = tl.program_id(0), tl.program_id(1)
     _, t0, L = chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
     o_t = tl.arange(0, BT)
@@ -271,7 +271,7 @@ def _fwd_wu_kernel(
     b_beta = tl.load(beta + (t0 + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
     b_bk = b_beta
     if GATE == 1:
-        b_bk *= tl.exp(tl.load(gamma + (t0 + tl.minimum(o_t, L - 1)) * H + i_h))
+        b_bk *= tl.exp(tl.load(g_cum + (t0 + tl.minimum(o_t, L - 1)) * H + i_h))
 
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
@@ -351,7 +351,7 @@ def _delta_fwd_h_kernel(
     k,
     u,
     w,
-    gamma,
+    g_cum,
     h,
     delta,
     h0,
@@ -414,9 +414,9 @@ def _delta_fwd_h_kernel(
         tl.store(delta + p_v, b_d, mask=m_t[:, None] & m_v[None, :])
 
         if GATE == 1:
-            b_gl = tl.load(gamma + (t0 + L - 1) * H + i_h)
-            b_g = tl.load(gamma + (t0 + tl.minimum(o_t, L - 1)) * H + i_h)
-            # The decay is per token: fold exp(gamma_L - gamma) into delta (BT x BV).
+            b_gl = tl.load(g_cum + (t0 + L - 1) * H + i_h)
+            b_g = tl.load(g_cum + (t0 + tl.minimum(o_t, L - 1)) * H + i_h)
+            # The decay is per token: fold exp(g_cum_L - g_cum) into delta (BT x BV).
             b_d *= tl.exp(b_gl - b_g)[:, None]
             b_h1 *= tl.exp(b_gl)
             b_h2 *= tl.exp(b_gl)
@@ -452,7 +452,7 @@ def _delta_fwd_h_kernel(
 def _dh_block(
     b_dh, q, w, t0, o_t, m_t, i_h, H, K, o_k, m_k, b_qdec, b_do, b_dd, DOT_PREC: tl.constexpr
 ):
-    """One 64-row block of dh += (scale q exp(gamma))^T dO - w^T ddelta."""
+    """One 64-row block of dh += (scale q exp(g_cum))^T dO - w^T ddelta."""
     b_qt = load_cols(q, t0, o_t, m_t, i_h, H, K, o_k, m_k) * b_qdec[None, :]
     b_wt = load_cols(w, t0, o_t, m_t, i_h, H, K, o_k, m_k)
     b_dh += tl.dot(b_qt, b_do, input_precision=DOT_PREC)
@@ -464,7 +464,7 @@ def _delta_bwd_dh_kernel(
     q,
     k,
     w,
-    gamma,
+    g_cum,
     A,
     do,
     dh,
@@ -487,8 +487,8 @@ def _delta_bwd_dh_kernel(
 ):
     """dh [NT, H, K, V]: gradient of the state LEAVING every chunk; ddelta [T_all, H, V];
     dh0 [N, H, K, V]. Reverse scan, last chunk first, with A = scale q k^T * Gam (causal):
-    ddelta = A^T dO + (k exp(gamma_L - gamma)) dh',
-    dh = exp(gamma_L) dh' + scale (q exp(g))^T dO - w^T ddelta.
+    ddelta = A^T dO + (k exp(g_cum_L - g_cum)) dh',
+    dh = exp(g_cum_L) dh' + scale (q exp(g))^T dO - w^T ddelta.
     All of K per program, in NKB <= 4 row blocks of 64, as in _delta_fwd_h_kernel."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_h, bos, eos, NT, boh = document_span(cu_seqlens, chunk_offsets, i_nh, H, BT)
@@ -516,15 +516,15 @@ def _delta_bwd_dh_kernel(
         _store_states(p_dh, b_dh1, b_dh2, b_dh3, b_dh4, NKB, o_v, m_v, K, V)
 
         if GATE == 1:
-            b_gl = tl.load(gamma + (t0 + L - 1) * H + i_h)
-            b_g = tl.load(gamma + (t0 + tl.minimum(o_t, L - 1)) * H + i_h)
-            b_kdec = tl.exp(b_gl - b_g)  # k's factor exp(gamma_L - gamma)
-            b_qdec = tl.exp(b_g) * scale  # q's factor scale exp(gamma)
+            b_gl = tl.load(g_cum + (t0 + L - 1) * H + i_h)
+            b_g = tl.load(g_cum + (t0 + tl.minimum(o_t, L - 1)) * H + i_h)
+            b_kdec = tl.exp(b_gl - b_g)  # k's factor exp(g_cum_L - g_cum)
+            b_qdec = tl.exp(b_g) * scale  # q's factor scale exp(g_cum)
         else:
             b_kdec = tl.full([BT], 1.0, dtype=tl.float32)
             b_qdec = tl.full([BT], scale, dtype=tl.float32)
 
-        # ddelta = A^T dO + (k exp(gamma_L - gamma)) dh', one K block at a time.
+        # ddelta = A^T dO + (k exp(g_cum_L - g_cum)) dh', one K block at a time.
         b_do = load_rows(do, t0, o_t, m_t, i_h, H, V, o_v, m_v)
         b_At = tl.load(  # A^T [BT, BT] read transposed from memory
             A + (t0 + o_t)[None, :] * (H * BT) + i_h * BT + o_t[:, None],
@@ -546,7 +546,7 @@ def _delta_bwd_dh_kernel(
         p_v = (t0 + o_t)[:, None] * (H * V) + i_h * V + o_v[None, :]
         tl.store(ddelta + p_v, b_dd, mask=m_t[:, None] & m_v[None, :])
 
-        # dh = exp(gamma_L) dh' + (scale q exp(gamma))^T dO - w^T ddelta, per K block.
+        # dh = exp(g_cum_L) dh' + (scale q exp(g_cum))^T dO - w^T ddelta, per K block.
         if GATE == 1:
             b_dh1 *= tl.exp(b_gl)
             b_dh2 *= tl.exp(b_gl)
@@ -578,7 +578,7 @@ def _bwd_dqkwg_kernel(
     q,
     k,
     delta,
-    gamma,
+    g_cum,
     h,
     do,
     dh,
@@ -601,10 +601,10 @@ def _bwd_dqkwg_kernel(
     DOT_PREC: tl.constexpr,
 ):
     """For one K block of one chunk, with dS = scale (dO delta^T) * Gam (causal):
-    dq = dS k + scale exp(gamma) (dO h^T) (final), dk [T_all, H, K] fp32 = dS^T q +
-    exp(gamma_L - gamma) (delta dh'^T) (its first line), dw [T_all, H, K] = -ddelta h^T,
+    dq = dS k + scale exp(g_cum) (dO h^T) (final), dk [T_all, H, K] fp32 = dS^T q +
+    exp(g_cum_L - g_cum) (delta dh'^T) (its first line), dw [T_all, H, K] = -ddelta h^T,
     and dg [K / BK, T_all, H] = q . dq - k . dk over this K block, plus at the chunk's last
-    token sum(exp(gamma_L) h * dh') + sum_j r_j over it (g only)."""
+    token sum(exp(g_cum_L) h * dh') + sum_j r_j over it (g only)."""
     i_k, i_tg, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _, t0, L = chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
     o_t = tl.arange(0, BT)
@@ -650,8 +650,8 @@ def _bwd_dqkwg_kernel(
     b_ds = tl.where(m_ge, b_ds * scale, 0.0)
     b_dq *= scale
     if GATE == 1:
-        b_g = tl.load(gamma + (t0 + tl.minimum(o_t, L - 1)) * H + i_h)
-        b_gl = tl.load(gamma + (t0 + L - 1) * H + i_h)
+        b_g = tl.load(g_cum + (t0 + tl.minimum(o_t, L - 1)) * H + i_h)
+        b_gl = tl.load(g_cum + (t0 + L - 1) * H + i_h)
         b_ds *= tl.exp(tl.where(m_ge, b_g[:, None] - b_g[None, :], 0.0))
         b_dq *= tl.exp(b_g)[:, None]
         b_dks *= tl.exp(b_gl - b_g)[:, None]
@@ -672,7 +672,7 @@ def _bwd_wy_kernel(
     k,
     v,
     beta,
-    gamma,
+    g_cum,
     Ai,
     u,
     w,
@@ -698,9 +698,9 @@ def _bwd_wy_kernel(
     DOT_PREC: tl.constexpr,
 ):
     """Back through the UT transform of one chunk: dXu = Ai^T ddelta, dXw = Ai^T dw,
-    dAkk = -strict_lower(dXu u^T + dXw w^T); then dv, dbeta, dk = dk_o + beta exp(gamma)
+    dAkk = -strict_lower(dXu u^T + dXw w^T); then dv, dbeta, dk = dk_o + beta exp(g_cum)
     dXw + (dAkk * beta_i Gam) k + (dAkk * beta_i Gam)^T k, and dg = the reverse cumsum
-    inside the chunk of dgamma = sum of the NK_O blocks of dg_o + sum_K(Xw dXw) + the row
+    inside the chunk of dg_cum = sum of the NK_O blocks of dg_o + sum_K(Xw dXw) + the row
     sums minus the column sums of dAkk * Akk."""
     i_tg, i_h = tl.program_id(0), tl.program_id(1)
     _, t0, L = chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
@@ -714,7 +714,7 @@ def _bwd_wy_kernel(
     )
     b_beta = tl.load(beta + (t0 + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
     if GATE == 1:
-        b_g = tl.load(gamma + (t0 + tl.minimum(o_t, L - 1)) * H + i_h)
+        b_g = tl.load(g_cum + (t0 + tl.minimum(o_t, L - 1)) * H + i_h)
         b_eg = tl.exp(b_g)
     else:
         b_eg = tl.full([BT], 1.0, dtype=tl.float32)
@@ -759,7 +759,7 @@ def _bwd_wy_kernel(
     b_dA = tl.where(m_lt, -b_dA, 0.0)  # dAkk
     if GATE == 1:
         b_dA *= tl.exp(tl.where(m_lt, b_g[:, None] - b_g[None, :], 0.0))  # dAkk * Gam
-    b_dbw *= b_eg  # sum_K(k exp(gamma) dXw)
+    b_dbw *= b_eg  # sum_K(k exp(g_cum) dXw)
     b_dA_kk = b_dA * b_kk  # dAkk * KK * Gam
     b_db += b_dbw + tl.sum(b_dA_kk, 1)
     tl.store(dbeta + (t0 + o_t) * H + i_h, b_db.to(dbeta.dtype.element_ty), mask=m_t)
@@ -802,15 +802,15 @@ def _scan_blocks(K: int, V: int) -> tuple[int, int]:
     return nkb, 32 if nkb > 2 else min(64, block_size(V))
 
 
-def _ut_transform(k, v, beta, gamma, ch, prec):
+def _ut_transform(k, v, beta, g_cum, ch, prec):
     """-> Ai [T_all, H, BT] (lower triangle), w [T_all, H, K], u [T_all, H, V], fp32."""
     T_all, H, K = k.shape
     V = v.shape[-1]
     BT = ch.BT
-    use_g = gamma is not None
+    use_g = g_cum is not None
     A = k.new_empty(T_all, H, BT, dtype=torch.float32)
     _fwd_kkt_kernel[(ch.NT, H)](
-        k, beta, gamma, A, ch.cu_seqlens, ch.chunk_indices,
+        k, beta, g_cum, A, ch.cu_seqlens, ch.chunk_indices,
         H=H, K=K, BT=BT, BK=block_size(K), GATE=int(use_g), DOT_PREC=prec, **launch_options(),
     )  # fmt: skip
     Ai = torch.empty_like(A)
@@ -821,13 +821,13 @@ def _ut_transform(k, v, beta, gamma, ch, prec):
     w = k.new_empty(T_all, H, K, dtype=torch.float32)
     u = k.new_empty(T_all, H, V, dtype=torch.float32)
     _fwd_wu_kernel[(ch.NT, H)](
-        k, v, beta, gamma, Ai, w, u, ch.cu_seqlens, ch.chunk_indices,
+        k, v, beta, g_cum, Ai, w, u, ch.cu_seqlens, ch.chunk_indices,
         H=H, K=K, V=V, BT=BT, BK=block_size(K), BV=block_size(V), GATE=int(use_g), DOT_PREC=prec, **launch_options(),
     )  # fmt: skip
     return Ai, w, u
 
 
-def _states(k, u, w, gamma, h0, store_ht, ch, prec):
+def _states(k, u, w, g_cum, h0, store_ht, ch, prec):
     """-> h [NT, H, K, V] entering states, delta [T_all, H, V], ht [N, H, K, V] or None."""
     _, H, K = k.shape
     V = u.shape[-1]
@@ -836,8 +836,8 @@ def _states(k, u, w, gamma, h0, store_ht, ch, prec):
     delta = torch.empty_like(u)
     ht = k.new_empty(ch.N, H, K, V, dtype=torch.float32) if store_ht else None
     _delta_fwd_h_kernel[(triton.cdiv(V, BV), ch.N * H)](
-        k, u, w, gamma, h, delta, h0, ht, ch.cu_seqlens, ch.chunk_offsets,
-        H=H, K=K, V=V, BT=ch.BT, NKB=NKB, BV=BV, GATE=int(gamma is not None),
+        k, u, w, g_cum, h, delta, h0, ht, ch.cu_seqlens, ch.chunk_offsets,
+        H=H, K=K, V=V, BT=ch.BT, NKB=NKB, BV=BV, GATE=int(g_cum is not None),
         USE_H0=h0 is not None, STORE_HT=store_ht, DOT_PREC=prec, **launch_options(),
     )  # fmt: skip
     return h, delta, ht
@@ -857,14 +857,14 @@ class _ChunkDelta(torch.autograd.Function):
         V = v.shape[-1]
         BV = block_size(V)
 
-        gamma = None if g is None else local_cumsum(g, gate, ch)
-        _, w, u = _ut_transform(k, v, beta, gamma, ch, prec)
-        h, delta, ht = _states(k, u, w, gamma, h0, output_final_state, ch, prec)
+        g_cum = None if g is None else local_cumsum(g, gate, ch)
+        _, w, u = _ut_transform(k, v, beta, g_cum, ch, prec)
+        h, delta, ht = _states(k, u, w, g_cum, h0, output_final_state, ch, prec)
         del w, u
-        A = chunk_scores(q, k, gamma, gate, scale, ch, prec)
+        A = chunk_scores(q, k, g_cum, gate, scale, ch, prec)
         o = torch.empty_like(v)
         fwd_o_kernel[(triton.cdiv(V, BV), ch.NT, H)](
-            q, delta, gamma, h, A, o, ch.cu_seqlens, ch.chunk_indices, scale,
+            q, delta, g_cum, h, A, o, ch.cu_seqlens, ch.chunk_indices, scale,
             H=H, K=K, V=V, BT=ch.BT, BK=block_size(K), BV=BV, GATE=gate, DOT_PREC=prec,
             **launch_options(),
         )  # fmt: skip
@@ -891,17 +891,17 @@ class _ChunkDelta(torch.autograd.Function):
         dht = None if dht is None else dht.float().contiguous()
 
         # Recompute what the forward dropped.
-        gamma = None if g is None else local_cumsum(g, gate, ch)
-        Ai, w, u = _ut_transform(k, v, beta, gamma, ch, prec)
-        h, delta, _ = _states(k, u, w, gamma, h0, False, ch, prec)
-        A = chunk_scores(q, k, gamma, gate, scale, ch, prec)
+        g_cum = None if g is None else local_cumsum(g, gate, ch)
+        Ai, w, u = _ut_transform(k, v, beta, g_cum, ch, prec)
+        h, delta, _ = _states(k, u, w, g_cum, h0, False, ch, prec)
+        A = chunk_scores(q, k, g_cum, gate, scale, ch, prec)
 
         NKB, BVs = _scan_blocks(K, V)
         dh = q.new_empty(ch.NT, H, K, V, dtype=torch.float32)
         ddelta = torch.empty_like(delta)
         dh0 = None if h0 is None else torch.empty_like(h0)
         _delta_bwd_dh_kernel[(triton.cdiv(V, BVs), ch.N * H)](
-            q, k, w, gamma, A, do, dh, ddelta, dht, dh0, ch.cu_seqlens, ch.chunk_offsets,
+            q, k, w, g_cum, A, do, dh, ddelta, dht, dh0, ch.cu_seqlens, ch.chunk_offsets,
             scale, H=H, K=K, V=V, BT=BT, NKB=NKB, BV=BVs, GATE=int(use_g),
             USE_DHT=dht is not None, STORE_DH0=h0 is not None, DOT_PREC=prec,
             # A chunk loads 3 NKB key tiles. Two stages of them pass A100's limit from
@@ -915,7 +915,7 @@ class _ChunkDelta(torch.autograd.Function):
         dw = torch.empty_like(dk_o)
         dg_o = q.new_empty(NK, T_all, H, dtype=torch.float32) if use_g else None
         _bwd_dqkwg_kernel[(NK, ch.NT, H)](
-            q, k, delta, gamma, h, do, dh, ddelta, dq, dk_o, dw, dg_o,
+            q, k, delta, g_cum, h, do, dh, ddelta, dq, dk_o, dw, dg_o,
             ch.cu_seqlens, ch.chunk_indices, scale, T_all,
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=int(use_g), DOT_PREC=prec, **launch_options(),
         )  # fmt: skip
@@ -924,7 +924,7 @@ class _ChunkDelta(torch.autograd.Function):
         dk, dv, dbeta = torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta)
         dg = torch.empty_like(g) if use_g else None
         _bwd_wy_kernel[(ch.NT, H)](
-            k, v, beta, gamma, Ai, u, w, ddelta, dw, dk_o, dg_o, dk, dv, dbeta, dg,
+            k, v, beta, g_cum, Ai, u, w, ddelta, dw, dk_o, dg_o, dk, dv, dbeta, dg,
             ch.cu_seqlens, ch.chunk_indices, T_all, NK,
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=int(use_g), DOT_PREC=prec, **launch_options(),
         )  # fmt: skip

@@ -9,7 +9,7 @@ Legend: B batch, T tokens, H heads, K key dim, V value dim, P sequences in the c
 layout (B, or 1 when packed), N chunks per layout row, C chunk length, S sub-chunks per
 chunk, c sub-chunk length (C = S * c), D documents.
 
-Within a chunk, b is the inclusive cumulative log decay (fp32, <= 0, non-increasing),
+Within a chunk, g_cum is the inclusive cumulative log decay (fp32, <= 0, non-increasing),
 b_L its value at the chunk's end, h the state entering the chunk:
 
     o_i = scale * ( sum_{j <= i} (q_i . k_j exp(b_i - b_j)) v_j + (q_i exp(b_i)) h )
@@ -19,7 +19,7 @@ Every exponent is <= 0. For a per-channel decay the intra-chunk term factors thr
 reference r = the first position of the query's sub-chunk, exp(b_i - b_j) =
 exp(b_i - b_r) exp(b_r - b_j), so blocks below the diagonal are matmuls; diagonal
 blocks are formed elementwise over K. A scalar decay needs no such care: its C x C
-decay matrix is formed directly. Never form exp(b) and exp(-b) separately: at a log
+decay matrix is formed directly. Never form exp(g_cum) and exp(-g_cum) separately: at a log
 decay of -20 per token that is exp(1280).
 
 Memory: the forward keeps only its inputs; the backward recomputes the chunk states and
@@ -128,10 +128,10 @@ def initial_states(h0: torch.Tensor | None, P: int, H: int, K: int, V: int, ref:
     return ref.new_zeros(P, H, K, V, dtype=torch.float32) if h0 is None else h0.float()
 
 
-def chunk_writes(kc, vc, b):
+def chunk_writes(kc, vc, g_cum):
     """A group's chunk writes from a zero state and decays: k_dec [P,G,C,H,K], writes [P,G,H,K,V], decay [P,G,H,K|1,1]."""
-    b_last = b[:, :, -1:]
-    k_dec = kc * (b_last - b).exp()  # exponent <= 0
+    b_last = g_cum[:, :, -1:]
+    k_dec = kc * (b_last - g_cum).exp()  # exponent <= 0
     writes = torch.einsum("pnchk,pnchv->pnhkv", k_dec.to(vc.dtype), vc).float()
     return k_dec, writes, b_last.squeeze(2).exp().unsqueeze(-1)
 
@@ -156,7 +156,7 @@ def scan_forward(writes, decay, n0, state, h0, lay: Layout, finals: list):
 
 
 def scan_backward(q_dec_do, decay, n0, grad, dht, lay: Layout, dh0: list):
-    """Reverse pass over a group. q_dec_do [P,G,H,K,V] = (q exp(b))^T dO per chunk.
+    """Reverse pass over a group. q_dec_do [P,G,H,K,V] = (q exp(g_cum))^T dO per chunk.
 
     Returns the gradients w.r.t. the states LEAVING the group's chunks [P,G,H,K,V] and the
     carried gradient; a document's first chunk appends d(its initial state) to ``dh0``.
@@ -182,23 +182,25 @@ def _decay_matrix(b_i, b_j):
     return diff.exp()
 
 
-def _channel_blocks(q, k, b, sub):
+def _channel_blocks(q, k, g_cum, sub):
     """Pieces of the per-channel intra-chunk product, all exponents <= 0.
 
-    q, k, b: [.., C, K] with b fp32. Returns (q_rel, k_fac, within) where, with sub-chunks
-    of length c, q_rel = q exp(b - b_r(I)), k_fac(d) = k_J exp(b_r(J+d) - b_J) for query
+    q, k, g_cum: [.., C, K] with g_cum fp32. Returns (q_rel, k_fac, within) where, with sub-chunks
+    of length c, q_rel = q exp(g_cum - b_r(I)), k_fac(d) = k_J exp(b_r(J+d) - b_J) for query
     sub-chunk I = J + d, and within [.., S, c, c, K] = exp(b_i - b_j) inside a sub-chunk.
     """
     *lead, C, K = q.shape
     S = C // sub
     q = q.reshape(*lead, S, sub, K)
     k = k.reshape(*lead, S, sub, K)
-    b = b.reshape(*lead, S, sub, K)
-    b_ref = b[..., :1, :]  # [.., S, 1, K]
-    q_rel = q * (b - b_ref).exp()
+    g_cum = g_cum.reshape(*lead, S, sub, K)
+    b_ref = g_cum[..., :1, :]  # [.., S, 1, K]
+    q_rel = q * (g_cum - b_ref).exp()
     causal = torch.ones(sub, sub, dtype=torch.bool, device=q.device).tril()
-    rel = (b.unsqueeze(-2) - b.unsqueeze(-3)).masked_fill(~causal[:, :, None], float("-inf"))
-    return q, k, b, b_ref, q_rel, rel.exp()
+    rel = (g_cum.unsqueeze(-2) - g_cum.unsqueeze(-3)).masked_fill(
+        ~causal[:, :, None], float("-inf")
+    )
+    return q, k, g_cum, b_ref, q_rel, rel.exp()
 
 
 def _blocks(X, d):
@@ -206,28 +208,28 @@ def _blocks(X, d):
     return torch.diagonal(X, offset=-d, dim1=-4, dim2=-2).movedim(-1, -3)
 
 
-def _intra_scores_channel(qs, k, b, sub):
+def _intra_scores_channel(qs, k, g_cum, sub):
     """A[i, j] = sum_K qs_i k_j exp(b_i - b_j), j <= i: [.., C, C] for per-channel decays."""
     *lead, C, _K = qs.shape
     S = C // sub
-    q, k, b, b_ref, q_rel, within = _channel_blocks(qs, k, b, sub)
+    q, k, g_cum, b_ref, q_rel, within = _channel_blocks(qs, k, g_cum, sub)
     A = qs.new_zeros(*lead, S, sub, S, sub, dtype=torch.float32)
     diag = torch.einsum("...xik,...xijk->...xij", q.float(), within * k.float().unsqueeze(-3))
     _blocks(A, 0).copy_(diag)
     for d in range(1, S):  # key sub-chunk J = I - d
-        k_fac = k[..., : S - d, :, :] * (b_ref[..., d:, :, :] - b[..., : S - d, :, :]).exp()
+        k_fac = k[..., : S - d, :, :] * (b_ref[..., d:, :, :] - g_cum[..., : S - d, :, :]).exp()
         _blocks(A, d).copy_(q_rel[..., d:, :, :] @ k_fac.transpose(-1, -2))
     return A.reshape(*lead, C, C)
 
 
-def _intra_channel_backward(qs, k, b, dA, sub):
-    """A = _intra_scores_channel(qs, k, b) and, given dA [.., C, C] (causal), d(qs) and dk.
+def _intra_channel_backward(qs, k, g_cum, dA, sub):
+    """A = _intra_scores_channel(qs, k, g_cum) and, given dA [.., C, C] (causal), d(qs) and dk.
 
     One pass over the sub-chunk blocks: each block's decay factors are formed once and
     serve the scores and both gradients."""
     *lead, C, K = qs.shape
     S = C // sub
-    q, k_s, b_s, b_ref, q_rel, within = _channel_blocks(qs.float(), k.float(), b, sub)
+    q, k_s, b_s, b_ref, q_rel, within = _channel_blocks(qs.float(), k.float(), g_cum, sub)
     A = qs.new_zeros(*lead, S, sub, S, sub, dtype=torch.float32)
     dA = dA.reshape(*lead, S, sub, S, sub)
     k_within = within * k_s.unsqueeze(-3)  # [.., S, c_i, c_j, K]
@@ -255,16 +257,16 @@ def chunk_groups(N: int, C: int, K: int = 128, V: int = 128):
 def _forward(q, k, v, g, scale, h0, lay: Layout, sub: int):
     """In the chunked layout: o [P,N,C,H,V] and the final states [D,H,K,V]."""
     H, K, V = q.shape[-2], q.shape[-1], v.shape[-1]
-    b = gate_cumsum(g, lay, K, q)  # [P,N,C,H,K|1]
+    g_cum = gate_cumsum(g, lay, K, q)  # [P,N,C,H,K|1]
     qc, kc, vc = to_chunks(q, lay), to_chunks(k, lay), to_chunks(v, lay)
     h0 = initial_states(h0, lay.docs, H, K, V, q)
     o = torch.empty(*qc.shape[:-1], V, dtype=vc.dtype, device=q.device)
     state, finals = None, []
     for grp in chunk_groups(lay.N, lay.C, K, V):  # the group's states stay in cache
-        _, writes, decay = chunk_writes(kc[:, grp], vc[:, grp], b[:, grp])
+        _, writes, decay = chunk_writes(kc[:, grp], vc[:, grp], g_cum[:, grp])
         entering, state = scan_forward(writes, decay, grp.start, state, h0, lay, finals)
         o[:, grp] = _output_group(
-            qc[:, grp] * scale, kc[:, grp], vc[:, grp], b[:, grp], entering, sub
+            qc[:, grp] * scale, kc[:, grp], vc[:, grp], g_cum[:, grp], entering, sub
         )
     return o, stack_states(finals, lay)
 
@@ -278,8 +280,8 @@ def heads_first(x):
     return x.transpose(2, 3)
 
 
-def _output_group(qs, kc, vc, b, h, sub):
-    qh, kh, vh, bh = (heads_first(x) for x in (qs, kc, vc, b))  # [P,G,H,C,*]
+def _output_group(qs, kc, vc, g_cum, h, sub):
+    qh, kh, vh, bh = (heads_first(x) for x in (qs, kc, vc, g_cum))  # [P,G,H,C,*]
     if bh.shape[-1] == 1:
         A = (qh @ kh.transpose(-1, -2)).float() * _decay_matrix(bh[..., 0], bh[..., 0])
     else:
@@ -307,7 +309,7 @@ class ChunkGated(torch.autograd.Function):
         q, k, v, g, h0 = ctx.saved_tensors
         scale, lay, sub, T = ctx.meta
         H, K, V = q.shape[-2], q.shape[-1], v.shape[-1]
-        b = gate_cumsum(g, lay, K, q)
+        g_cum = gate_cumsum(g, lay, K, q)
         qc, kc, vc, doc = (to_chunks(x, lay) for x in (q, k, v, do))
         h0 = initial_states(h0, lay.docs, H, K, V, q)
         groups = chunk_groups(lay.N, lay.C, K, V)
@@ -316,7 +318,7 @@ class ChunkGated(torch.autograd.Function):
         group_states, finals, state = [], [], None
         for grp in groups:
             group_states.append(state)
-            _, writes, decay = chunk_writes(kc[:, grp], vc[:, grp], b[:, grp])
+            _, writes, decay = chunk_writes(kc[:, grp], vc[:, grp], g_cum[:, grp])
             _, state = scan_forward(writes, decay, grp.start, state, h0, lay, finals)
         finals = stack_states(finals, lay)
         dht = torch.zeros_like(finals) if dht is None else dht.float()
@@ -326,7 +328,13 @@ class ChunkGated(torch.autograd.Function):
         dk, dv = torch.empty_like(dq), torch.empty(vc.shape, dtype=torch.float32, device=q.device)
         grad, dh0 = None, []
         for grp, state in zip(reversed(groups), reversed(group_states), strict=True):
-            qs, kg, vg, bg, dog = qc[:, grp] * scale, kc[:, grp], vc[:, grp], b[:, grp], doc[:, grp]
+            qs, kg, vg, bg, dog = (
+                qc[:, grp] * scale,
+                kc[:, grp],
+                vc[:, grp],
+                g_cum[:, grp],
+                doc[:, grp],
+            )
             k_dec, writes, decay = chunk_writes(kg, vg, bg)
             entering, _ = scan_forward(writes, decay, grp.start, state, h0, lay, [])
             q_dec_do = torch.einsum(
@@ -354,9 +362,9 @@ class ChunkGated(torch.autograd.Function):
         )
 
 
-def _backward_group(qs, kc, vc, b, do, h, dh, k_dec, sub):
+def _backward_group(qs, kc, vc, g_cum, do, h, dh, k_dec, sub):
     """dq (w.r.t. scaled q), dk, dv for a group of chunks, all [P,G,C,H,*] fp32."""
-    qh, kh, vh, bh, doh = (heads_first(x) for x in (qs, kc, vc, b, do))
+    qh, kh, vh, bh, doh = (heads_first(x) for x in (qs, kc, vc, g_cum, do))
     k_dec_h = heads_first(k_dec)
     dA = (doh @ vh.transpose(-1, -2)).float()  # [P,G,H,C,C]
     if bh.shape[-1] == 1:
@@ -370,7 +378,7 @@ def _backward_group(qs, kc, vc, b, do, h, dh, k_dec, sub):
         causal = torch.ones(C, C, dtype=torch.bool, device=dA.device).tril()
         A, dq, dk = _intra_channel_backward(qh, kh, bh, dA * causal, sub)
     dv = A.transpose(-1, -2) @ doh.float()
-    # inter-chunk: o += (q exp(b)) h ; h' gets (k exp(b_L - b))^T v
+    # inter-chunk: o += (q exp(g_cum)) h ; h' gets (k exp(b_L - g_cum))^T v
     dq = dq + bh.exp() * (doh.float() @ h.transpose(-1, -2))
     dk = dk + (bh[..., -1:, :] - bh).exp() * (vh.float() @ dh.transpose(-1, -2))
     dv = dv + k_dec_h.float() @ dh

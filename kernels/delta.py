@@ -72,11 +72,13 @@ def _chunks(q, k, v, g, beta, scale, cu_seqlens):
     B, T, H, K, V = check_qkv(q, k, v)
     offsets = check_cu_seqlens(cu_seqlens, B, T)
     lay = make_layout(B, T, CHUNK, offsets)
-    qc, kc, vc, gc, bc = engine.prepare_chunks(q, k, v, g, beta, lay)
+    qc, kc, vc, gc, beta_c = engine.prepare_chunks(q, k, v, g, beta, lay)
     scale = default_scale(scale, K)
 
     def group(grp):
-        return engine.DeltaChunk(qc[:, grp], kc[:, grp], vc[:, grp], bc[:, grp], gc[:, grp], scale)
+        return engine.DeltaChunk(
+            qc[:, grp], kc[:, grp], vc[:, grp], beta_c[:, grp], gc[:, grp], scale
+        )
 
     return lay, group, q.new_zeros(lay.docs, H, K, V, dtype=torch.float32)
 
@@ -104,7 +106,7 @@ def entering_state_grad(q, k, v, g, beta, do, scale=None, cu_seqlens=None, start
     """G [N, H, K, V] fp32 (N = B, or 1 when packed): d(own outputs)/d(entering state).
 
     A reverse pass over the chunks of the segment's first document:
-    G_chunk = (scale q exp(gamma) - QK w)^T dO + A_chunk^T G_next.
+    G_chunk = (scale q exp(g_cum) - QK w)^T dO + A_chunk^T G_next.
     """
     lay, group, _ = _chunks(q, k, v, g, beta, scale, cu_seqlens)
     doc = engine.heads_first(to_chunks(do.float(), lay))

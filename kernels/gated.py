@@ -60,21 +60,21 @@ def _segment(q, k, v, g, cu_seqlens):
     B, T, H, K, V = check_qkv(q, k, v)
     offsets = check_cu_seqlens(cu_seqlens, B, T)
     lay = chunk_torch.make_layout(B, T, chunk_torch.CHUNK, offsets)
-    b = chunk_torch.gate_cumsum(g, lay, K, q)
-    return lay, b, q.new_zeros(lay.docs, H, K, V, dtype=torch.float32)
+    g_cum = chunk_torch.gate_cumsum(g, lay, K, q)
+    return lay, g_cum, q.new_zeros(lay.docs, H, K, V, dtype=torch.float32)
 
 
 @torch.no_grad()
 def transition(q, k, v, g, scale=None, cu_seqlens=None, starts_document=False):
     """(A, B) of the segment; see the module docstring. fp32."""
-    lay, b, zeros = _segment(q, k, v, g, cu_seqlens)
+    lay, g_cum, zeros = _segment(q, k, v, g, cu_seqlens)
     kc, vc = chunk_torch.to_chunks(k, lay), chunk_torch.to_chunks(v, lay)
     state, finals = None, []
     for grp in chunk_torch.chunk_groups(lay.N, lay.C):
-        _, writes, decay = chunk_torch.chunk_writes(kc[:, grp], vc[:, grp], b[:, grp])
+        _, writes, decay = chunk_torch.chunk_writes(kc[:, grp], vc[:, grp], g_cum[:, grp])
         _, state = chunk_torch.scan_forward(writes, decay, grp.start, state, zeros, lay, finals)
     B_state = finals[-1] if lay.packed else finals[0]
-    A = b[:, :, -1].sum(1).exp()  # [P, H, K|1]: the product of every decay
+    A = g_cum[:, :, -1].sum(1).exp()  # [P, H, K|1]: the product of every decay
     if g is None or g.dim() == 3:
         A = A[..., 0]
     if starts_document or (lay.packed and lay.docs > 1):
@@ -85,12 +85,12 @@ def transition(q, k, v, g, scale=None, cu_seqlens=None, starts_document=False):
 @torch.no_grad()
 def entering_state_grad(q, k, v, g, do, scale=None, cu_seqlens=None, starts_document=False):
     """G [N, H, K, V] fp32 (N = B, or 1 when packed): d(own outputs)/d(entering state)."""
-    lay, b, zeros = _segment(q, k, v, g, cu_seqlens)
+    lay, g_cum, zeros = _segment(q, k, v, g, cu_seqlens)
     scale = default_scale(scale, q.shape[-1])
     qc, doc = chunk_torch.to_chunks(q, lay), chunk_torch.to_chunks(do, lay)
     grad, dh0 = None, []
     for grp in reversed(chunk_torch.chunk_groups(lay.N, lay.C)):
-        bg = b[:, grp]
+        bg = g_cum[:, grp]
         q_dec = qc[:, grp].float() * scale * bg.exp()
         q_dec_do = torch.einsum("pnchk,pnchv->pnhkv", q_dec, doc[:, grp].float())
         decay = bg[:, :, -1].exp().unsqueeze(-1)
