@@ -62,7 +62,7 @@ import torch
 
 from hylas.kernels.chunk_torch import (
     CHUNK,
-    Layout,
+    ChunkLayout,
     chunk_groups,
     from_chunks,
     heads_first,
@@ -112,7 +112,7 @@ class DeltaChunk:
         return self.e_last.unsqueeze(-1) * eye - self.k_dec.transpose(-1, -2) @ self.w
 
 
-def prepare_chunks(q, k, v, g, beta, lay: Layout):
+def prepare_chunks(q, k, v, g, beta, lay: ChunkLayout):
     """Inputs in the chunked layout, fp32, heads first: [P, N, H, C, *] (g_cum, beta [P,N,H,C])."""
     qc, kc, vc = (heads_first(to_chunks(x.float(), lay)) for x in (q, k, v))
     beta_c = to_chunks(beta.float(), lay).transpose(2, 3)
@@ -123,7 +123,7 @@ def prepare_chunks(q, k, v, g, beta, lay: Layout):
     return qc, kc, vc, g_cum, beta_c
 
 
-def scan_states(ch: DeltaChunk, n0: int, state, h0, lay: Layout, finals: list):
+def scan_states(ch: DeltaChunk, n0: int, state, h0, lay: ChunkLayout, finals: list):
     """Walk a group's chunks in order: entering states [P,G,H,K,V], deltas, carried state."""
     entering, deltas = [], []
     for i in range(ch.k.shape[1]):
@@ -140,7 +140,7 @@ def scan_states(ch: DeltaChunk, n0: int, state, h0, lay: Layout, finals: list):
     return torch.stack(entering, 1), torch.stack(deltas, 1), state
 
 
-def _forward(q, k, v, g, beta, scale, h0, lay: Layout):
+def _forward(q, k, v, g, beta, scale, h0, lay: ChunkLayout):
     H, K, V = q.shape[-2], q.shape[-1], v.shape[-1]
     qc, kc, vc, gc, beta_c = prepare_chunks(q, k, v, g, beta, lay)
     h0 = initial_states(h0, lay.docs, H, K, V, q)

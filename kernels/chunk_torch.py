@@ -51,7 +51,7 @@ MAX_GROUP_TOKENS = 2048
 
 
 @dataclass
-class Layout:
+class ChunkLayout:
     """How tokens [B, T] map to chunks [P, N, C]; documents restart the state."""
 
     P: int
@@ -75,10 +75,10 @@ class Layout:
         return self.index is not None
 
 
-def make_layout(B: int, T: int, C: int, offsets: list[int] | None) -> Layout:
+def make_layout(B: int, T: int, C: int, offsets: list[int] | None) -> ChunkLayout:
     if offsets is None:
         N = -(-T // C)
-        return Layout(B, N, C, None, [0], [N - 1])
+        return ChunkLayout(B, N, C, None, [0], [N - 1])
     firsts, lasts, pieces, n = [], [], [], 0
     for s, e in itertools.pairwise(offsets):
         chunks = -(-(e - s) // C)
@@ -88,10 +88,10 @@ def make_layout(B: int, T: int, C: int, offsets: list[int] | None) -> Layout:
         firsts.append(n)
         n += chunks
         lasts.append(n - 1)
-    return Layout(1, n, C, torch.cat(pieces), firsts, lasts, offsets)
+    return ChunkLayout(1, n, C, torch.cat(pieces), firsts, lasts, offsets)
 
 
-def to_chunks(x: torch.Tensor, lay: Layout) -> torch.Tensor:
+def to_chunks(x: torch.Tensor, lay: ChunkLayout) -> torch.Tensor:
     """[B, T, H, *] -> [P, N, C, H, *], zero-padded."""
     if lay.packed:
         x = x[0]
@@ -104,7 +104,7 @@ def to_chunks(x: torch.Tensor, lay: Layout) -> torch.Tensor:
     return x.view(x.shape[0], lay.N, lay.C, *x.shape[2:])
 
 
-def from_chunks(x: torch.Tensor, lay: Layout, T: int) -> torch.Tensor:
+def from_chunks(x: torch.Tensor, lay: ChunkLayout, T: int) -> torch.Tensor:
     """[P, N, C, H, *] -> [B, T, H, *] (the inverse of :func:`to_chunks`)."""
     flat = x.reshape(x.shape[0], lay.N * lay.C, *x.shape[3:])
     if not lay.packed:
@@ -115,7 +115,9 @@ def from_chunks(x: torch.Tensor, lay: Layout, T: int) -> torch.Tensor:
     return out
 
 
-def gate_cumsum(g: torch.Tensor | None, lay: Layout, K: int, ref: torch.Tensor) -> torch.Tensor:
+def gate_cumsum(
+    g: torch.Tensor | None, lay: ChunkLayout, K: int, ref: torch.Tensor
+) -> torch.Tensor:
     """Within-chunk inclusive cumsum of the log decay, fp32: [P, N, C, H, 1 or K]."""
     if g is None:
         return ref.new_zeros(lay.P, lay.N, lay.C, ref.shape[-2], 1, dtype=torch.float32)
@@ -136,7 +138,7 @@ def chunk_writes(kc, vc, g_cum):
     return k_dec, writes, b_last.squeeze(2).exp().unsqueeze(-1)
 
 
-def scan_forward(writes, decay, n0, state, h0, lay: Layout, finals: list):
+def scan_forward(writes, decay, n0, state, h0, lay: ChunkLayout, finals: list):
     """States entering chunks n0.. of a group [P,G,H,K,V]; the carried state goes on.
 
     Documents restart from their row of h0; the state leaving a document's last chunk is
@@ -155,7 +157,7 @@ def scan_forward(writes, decay, n0, state, h0, lay: Layout, finals: list):
     return torch.stack(entering, dim=1), state
 
 
-def scan_backward(q_dec_do, decay, n0, grad, dht, lay: Layout, dh0: list):
+def scan_backward(q_dec_do, decay, n0, grad, dht, lay: ChunkLayout, dh0: list):
     """Reverse pass over a group. q_dec_do [P,G,H,K,V] = (q exp(g_cum))^T dO per chunk.
 
     Returns the gradients w.r.t. the states LEAVING the group's chunks [P,G,H,K,V] and the
@@ -254,7 +256,7 @@ def chunk_groups(N: int, C: int, K: int = 128, V: int = 128):
     return [slice(s, min(N, s + size)) for s in range(0, N, size)]
 
 
-def _forward(q, k, v, g, scale, h0, lay: Layout, sub: int):
+def _forward(q, k, v, g, scale, h0, lay: ChunkLayout, sub: int):
     """In the chunked layout: o [P,N,C,H,V] and the final states [D,H,K,V]."""
     H, K, V = q.shape[-2], q.shape[-1], v.shape[-1]
     g_cum = gate_cumsum(g, lay, K, q)  # [P,N,C,H,K|1]
@@ -271,7 +273,7 @@ def _forward(q, k, v, g, scale, h0, lay: Layout, sub: int):
     return o, stack_states(finals, lay)
 
 
-def stack_states(states: list, lay: Layout) -> torch.Tensor:
+def stack_states(states: list, lay: ChunkLayout) -> torch.Tensor:
     return states[0] if not lay.packed else torch.cat(states)
 
 
@@ -385,7 +387,7 @@ def _backward_group(qs, kc, vc, g_cum, do, h, dh, k_dec, sub):
     return heads_first(dq), heads_first(dk), heads_first(dv)
 
 
-def _gate_grad(q, k, dq, dk, finals, dht, lay: Layout, per_channel: bool):
+def _gate_grad(q, k, dq, dk, finals, dht, lay: ChunkLayout, per_channel: bool):
     """dg_t = reverse cumsum over the document of (q dq - k dk), plus sum_V(h_T dh_T)."""
     term = q.float() * dq - k.float() * dk  # [B,T,H,K]
     end = (finals * dht).sum(-1)  # [D,H,K]
