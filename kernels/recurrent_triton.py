@@ -10,8 +10,8 @@ Recurrence per head, with row vectors q_t, k_t in R^K, v_t in R^V and the log de
 The decay g_t is one of: absent (plain linear attention), one scalar per head [B, T, H]
 (RetNet / Mamba2 / Lightning style), or one value per key channel [B, T, H, K] (GLA / HGRN2).
 
-``fused_recurrent_delta`` decodes the delta rule (DeltaNet, g absent; Gated DeltaNet, g
-[B, T, H]) with a write strength beta_t [B, T, H] the same way::
+The same kernel (``DELTA``, ``fused_recurrent`` given beta) decodes the delta rule
+(DeltaNet, g absent; Gated DeltaNet, g [B, T, H]) with a write strength beta_t [B, T, H]::
 
     S_t = exp(g_t) (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t        o_t = scale q_t S_t
 
@@ -38,83 +38,6 @@ _MAX_STATE_BLOCK = 4096
 _MIN_BV = 16
 
 
-@triton.jit
-def _fused_recurrent_gated_kernel(
-    q,
-    k,
-    v,
-    g,
-    o,
-    h0,
-    ht,
-    scale,
-    T,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    GATE: tl.constexpr,  # 0 no decay, 1 one per head and token, 2 one per key channel
-    USE_INITIAL_STATE: tl.constexpr,
-    STORE_FINAL_STATE: tl.constexpr,
-):
-    i_v = tl.program_id(0)
-    # int64 before any multiplication: B * T * H * K and B * H * K * V can pass 2**31.
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
-
-    offs_k = tl.arange(0, BK)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    mask_k = offs_k < K
-    mask_v = offs_v < V
-    mask_kv = mask_k[:, None] & mask_v[None, :]
-
-    # Token 0 of this (batch, head); each step moves one token, i.e. H rows, forward.
-    p_q = q + (i_b * T * H + i_h) * K + offs_k
-    p_k = k + (i_b * T * H + i_h) * K + offs_k
-    p_v = v + (i_b * T * H + i_h) * V + offs_v
-    p_o = o + (i_b * T * H + i_h) * V + offs_v
-    if GATE == 1:
-        p_g = g + i_b * T * H + i_h
-    if GATE == 2:
-        p_g = g + (i_b * T * H + i_h) * K + offs_k
-
-    # State slice [BK, BV] in row-major [K, V] of head i_bh.
-    offs_state = i_bh * K * V + offs_k[:, None] * V + offs_v[None, :]
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_INITIAL_STATE:
-        b_h += tl.load(h0 + offs_state, mask=mask_kv, other=0.0).to(tl.float32)
-
-    for _ in range(T):
-        # Cast right after the load: all arithmetic is fp32 whatever the input dtype.
-        # Padded rows (k >= K) load q = k = 0, so they stay 0 and add nothing to o.
-        b_q = tl.load(p_q, mask=mask_k, other=0.0).to(tl.float32) * scale
-        b_k = tl.load(p_k, mask=mask_k, other=0.0).to(tl.float32)
-        b_v = tl.load(p_v, mask=mask_v, other=0.0).to(tl.float32)
-        if GATE == 1:
-            b_h *= tl.exp(tl.load(p_g).to(tl.float32))
-        if GATE == 2:
-            b_gk = tl.load(p_g, mask=mask_k, other=0.0).to(tl.float32)
-            b_h *= tl.exp(b_gk)[:, None]
-        b_h += b_k[:, None] * b_v[None, :]
-        # q_t S_t for this value block: a K-reduction of a [BK, BV] tile (too small for dot).
-        b_o = tl.sum(b_h * b_q[:, None], axis=0)
-        tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=mask_v)
-
-        p_q += H * K
-        p_k += H * K
-        p_v += H * V
-        p_o += H * V
-        if GATE == 1:
-            p_g += H
-        if GATE == 2:
-            p_g += H * K
-
-    if STORE_FINAL_STATE:
-        tl.store(ht + offs_state, b_h, mask=mask_kv)
-
-
 # ----------------------------------------------------------------------------------------
 # Delta rule (DeltaNet, Gated DeltaNet)
 #
@@ -126,7 +49,7 @@ def _fused_recurrent_gated_kernel(
 
 
 @triton.jit
-def _fused_recurrent_delta_kernel(
+def _fused_recurrent_kernel(
     q,
     k,
     v,
@@ -143,6 +66,7 @@ def _fused_recurrent_delta_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     GATE: tl.constexpr,  # 0 no decay, 1 one per head and token, 2 one per key channel
+    DELTA: tl.constexpr,  # the delta rule: write beta (v - k S') instead of v
     USE_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr,
 ):
@@ -163,9 +87,12 @@ def _fused_recurrent_delta_kernel(
     p_k = k + (i_b * T * H + i_h) * K + offs_k
     p_v = v + (i_b * T * H + i_h) * V + offs_v
     p_o = o + (i_b * T * H + i_h) * V + offs_v
-    p_beta = beta + i_b * T * H + i_h
+    if DELTA:
+        p_beta = beta + i_b * T * H + i_h
     if GATE == 1:
         p_g = g + i_b * T * H + i_h
+    if GATE == 2:
+        p_g = g + (i_b * T * H + i_h) * K + offs_k
 
     # State slice [BK, BV] (all of K) in row-major [K, V] of head i_bh.
     offs_state = i_bh * K * V + offs_k[:, None] * V + offs_v[None, :]
@@ -175,16 +102,20 @@ def _fused_recurrent_delta_kernel(
 
     for _ in range(T):
         # Cast right after the load: all arithmetic is fp32 whatever the input dtype.
-        # Padded rows (k >= K) load q = k = 0, so they stay 0 and add nothing.
+        # Padded rows (k >= K) load q = k = 0, so they stay 0 and add nothing to o.
         b_q = tl.load(p_q, mask=mask_k, other=0.0).to(tl.float32) * scale
         b_k = tl.load(p_k, mask=mask_k, other=0.0).to(tl.float32)
         b_v = tl.load(p_v, mask=mask_v, other=0.0).to(tl.float32)
-        b_beta = tl.load(p_beta).to(tl.float32)
         if GATE == 1:
             b_h *= tl.exp(tl.load(p_g).to(tl.float32))
-        # The corrected write beta (v - k S') for this value block: a K-reduction.
-        b_v = b_beta * (b_v - tl.sum(b_h * b_k[:, None], axis=0))
+        if GATE == 2:
+            b_gk = tl.load(p_g, mask=mask_k, other=0.0).to(tl.float32)
+            b_h *= tl.exp(b_gk)[:, None]
+        if DELTA:  # the corrected write beta (v - k S') for this value block: a K-reduction
+            b_beta = tl.load(p_beta).to(tl.float32)
+            b_v = b_beta * (b_v - tl.sum(b_h * b_k[:, None], axis=0))
         b_h += b_k[:, None] * b_v[None, :]
+        # q_t S_t for this value block: a K-reduction of a [BK, BV] tile (too small for dot).
         b_o = tl.sum(b_h * b_q[:, None], axis=0)
         tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=mask_v)
 
@@ -192,9 +123,12 @@ def _fused_recurrent_delta_kernel(
         p_k += H * K
         p_v += H * V
         p_o += H * V
-        p_beta += H
+        if DELTA:
+            p_beta += H
         if GATE == 1:
             p_g += H
+        if GATE == 2:
+            p_g += H * K
 
     if STORE_FINAL_STATE:
         tl.store(ht + offs_state, b_h, mask=mask_kv)
@@ -248,17 +182,28 @@ def fused_recurrent(
     BV = min(triton.next_power_of_2(V), max(_MIN_BV, _MAX_STATE_BLOCK // BK))
     grid = (triton.cdiv(V, BV), B * H)
     # Pointers the flags switch off are never read; q stands in so every argument is a tensor.
-    tensors = [q, k, v] + ([] if beta is None else [beta.contiguous()])
-    tensors += [g if g is not None else q, o, initial_state if initial_state is not None else q]
-    tensors += [ht if ht is not None else o]
-    flags = dict(USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state)
-    if beta is None:
-        kernel = _fused_recurrent_gated_kernel
-        flags |= dict(GATE=0 if g is None else g.dim() - 2)  # [B, T, H]: 1, [B, T, H, K]: 2
-    else:
-        kernel = _fused_recurrent_delta_kernel
-        flags |= dict(GATE=int(g is not None))
-    kernel[grid](*tensors, scale, T, H=H, K=K, V=V, BK=BK, BV=BV, **flags, **launch_options())
+    _fused_recurrent_kernel[grid](
+        q,
+        k,
+        v,
+        beta.contiguous() if beta is not None else q,
+        g if g is not None else q,
+        o,
+        initial_state if initial_state is not None else q,
+        ht if ht is not None else o,
+        scale,
+        T,
+        H=H,
+        K=K,
+        V=V,
+        BK=BK,
+        BV=BV,
+        GATE=0 if g is None else g.dim() - 2,  # [B, T, H]: 1, [B, T, H, K]: 2
+        DELTA=beta is not None,
+        USE_INITIAL_STATE=initial_state is not None,
+        STORE_FINAL_STATE=output_final_state,
+        **launch_options(),
+    )
     return o, ht
 
 
