@@ -61,16 +61,15 @@ from __future__ import annotations
 import torch
 
 from hylas.kernels.chunk_torch import (
-    CHUNK,
-    ChunkLayout,
     chunk_groups,
     from_chunks,
     heads_first,
     initial_states,
-    make_layout,
     stack_states,
     to_chunks,
 )
+from hylas.kernels.engine import run
+from hylas.kernels.layout import ChunkLayout
 
 
 def _causal(C: int, device, diagonal: int) -> torch.Tensor:
@@ -153,27 +152,26 @@ def _forward(q, k, v, g, beta, scale, h0, lay: ChunkLayout):
     return o, stack_states(finals, lay)
 
 
-class ChunkDelta(torch.autograd.Function):
+class DeltaTorch:
+    """The delta engine in torch, in the engines' autograd pattern (``hylas.kernels.engine``)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, h0, scale, lay, T):
+    def forward(ctx, lay: ChunkLayout, scale, output_final_state, h0, q, k, v, g, beta):
         o, finals = _forward(q, k, v, g, beta, scale, h0, lay)
         ctx.save_for_backward(q, k, v, g, beta, h0)
-        ctx.meta = (scale, lay, T)
-        return from_chunks(heads_first(o), lay, T).to(v.dtype), finals
+        ctx.meta = (scale, lay)
+        return from_chunks(heads_first(o), lay).to(v.dtype), (
+            finals if output_final_state else None
+        )
 
     @staticmethod
     def backward(ctx, do, dht):
-        with torch.autocast(do.device.type, enabled=False):
-            return ChunkDelta._backward(ctx, do, dht)
-
-    @staticmethod
-    def _backward(ctx, do, dht):
         q, k, v, g, beta, h0 = ctx.saved_tensors
-        scale, lay, T = ctx.meta
+        scale, lay = ctx.meta
         H, K, V = q.shape[-2], q.shape[-1], v.shape[-1]
         qc, kc, vc, gc, beta_c = prepare_chunks(q, k, v, g, beta, lay)
         doc = heads_first(to_chunks(do.float(), lay))
-        h0 = initial_states(h0, lay.docs, H, K, V, q)
+        states_in = initial_states(h0, lay.docs, H, K, V, q)
         groups = chunk_groups(lay.N, lay.C)
 
         def chunks_of(grp):
@@ -183,9 +181,9 @@ class ChunkDelta(torch.autograd.Function):
         group_states, finals, state = [], [], None
         for grp in groups:
             group_states.append(state)
-            _, _, state = scan_states(chunks_of(grp), grp.start, state, h0, lay, finals)
+            _, _, state = scan_states(chunks_of(grp), grp.start, state, states_in, lay, finals)
         finals = stack_states(finals, lay)
-        dht = torch.zeros_like(finals) if dht is None else dht.float()
+        dht = torch.zeros_like(finals) if dht is None else dht
 
         dq, dk, dv = torch.empty_like(qc), torch.empty_like(kc), torch.empty_like(vc)
         dbeta, dg_cum = torch.empty_like(beta_c), torch.empty_like(gc)
@@ -193,7 +191,7 @@ class ChunkDelta(torch.autograd.Function):
         # Pass 2, last group first: recompute the group, then the reverse state scan.
         for grp, state in zip(reversed(groups), reversed(group_states), strict=True):
             ch = chunks_of(grp)
-            h, delta, _ = scan_states(ch, grp.start, state, h0, lay, [])
+            h, delta, _ = scan_states(ch, grp.start, state, states_in, lay, [])
             dog = doc[:, grp]
             ddelta_local = ch.QK.transpose(-1, -2) @ dog
             q_dec_do = ch.q_dec.transpose(-1, -2) @ dog
@@ -219,26 +217,14 @@ class ChunkDelta(torch.autograd.Function):
             dq[:, grp], dk[:, grp], dv[:, grp], dbeta[:, grp], dg_cum[:, grp] = grads
 
         def back(x):
-            return from_chunks(heads_first(x), lay, T)
+            return from_chunks(heads_first(x), lay)
 
-        dq_t, dk_t, dv_t = back(dq * scale), back(dk), back(dv)
-        dbeta_t = from_chunks(dbeta.transpose(2, 3), lay, T)
         dg = None
         if g is not None:  # g_cum is the within-chunk cumsum of g: reverse cumsum inside chunks
-            dg_chunks = dg_cum.flip(-1).cumsum(-1).flip(-1)
-            dg = from_chunks(dg_chunks.transpose(2, 3), lay, T).to(g.dtype)
-        dh0 = None if not ctx.needs_input_grad[5] else stack_states(dh0[::-1], lay)
-        return (
-            dq_t.to(q.dtype),
-            dk_t.to(k.dtype),
-            dv_t.to(v.dtype),
-            dg,
-            dbeta_t.to(beta.dtype),
-            dh0,
-            None,
-            None,
-            None,
-        )
+            dg = back(dg_cum.flip(-1).cumsum(-1).flip(-1).unsqueeze(-1)).squeeze(-1)
+        dbeta_t = back(dbeta.unsqueeze(-1)).squeeze(-1)
+        dh0 = None if h0 is None else stack_states(dh0[::-1], lay)
+        return dh0, back(dq * scale), back(dk), back(dv), dg, dbeta_t
 
 
 def _chunk_grads(ch: DeltaChunk, do, h, delta, ddelta, dh_out):
@@ -280,11 +266,6 @@ def _chunk_grads(ch: DeltaChunk, do, h, delta, ddelta, dh_out):
     return dq, dk, dv, dbeta, dg_cum
 
 
-def chunk_delta_torch(
-    q, k, v, g, beta, scale, initial_state, output_final_state, offsets, chunk_size=CHUNK
-):
+def chunk_delta_torch(q, k, v, g, beta, scale, initial_state, output_final_state, lay: ChunkLayout):
     """o [B,T,H,V] (v's dtype), final states [D,H,K,V] fp32 or None; see the module docstring."""
-    B, T = q.shape[:2]
-    lay = make_layout(B, T, chunk_size, offsets)
-    o, finals = ChunkDelta.apply(q, k, v, g, beta, initial_state, scale, lay, T)
-    return o, (finals if output_final_state else None)
+    return run(DeltaTorch, lay, scale, initial_state, output_final_state, q, k, v, g, beta)

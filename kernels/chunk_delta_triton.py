@@ -75,7 +75,6 @@ import triton.language as tl
 from hylas.kernels.chunk_triton import (
     GATE_NONE,
     GATE_SCALAR,
-    Chunks,
     block_size,
     chunk_scores,
     chunk_span,
@@ -86,10 +85,10 @@ from hylas.kernels.chunk_triton import (
     load_rows,
     local_cumsum,
 )
-from hylas.kernels.common import CHUNK
+from hylas.kernels.engine import run
 from hylas.kernels.gpu_limits import launch_options
+from hylas.kernels.layout import ChunkLayout, Documents, chunk_layout
 
-_BT = CHUNK
 # Diagonal blocks of the triangular solve: the forward substitution runs row by row over
 # these, and 16 is the smallest tile tl.dot takes to combine them.
 _BC = 16
@@ -802,106 +801,99 @@ def _scan_blocks(K: int, V: int) -> tuple[int, int]:
     return nkb, 32 if nkb > 2 else min(64, block_size(V))
 
 
-def _ut_transform(k, v, beta, g_cum, ch, prec):
+def _ut_transform(k, v, beta, g_cum, lay, prec):
     """-> Ai [T_all, H, BT] (lower triangle), w [T_all, H, K], u [T_all, H, V], fp32."""
     T_all, H, K = k.shape
     V = v.shape[-1]
-    BT = ch.BT
+    BT = lay.C
     use_g = g_cum is not None
     A = k.new_empty(T_all, H, BT, dtype=torch.float32)
-    _fwd_kkt_kernel[(ch.NT, H)](
-        k, beta, g_cum, A, ch.cu_seqlens, ch.chunk_indices,
+    _fwd_kkt_kernel[(lay.NT, H)](
+        k, beta, g_cum, A, lay.cu_seqlens, lay.chunk_indices,
         H=H, K=K, BT=BT, BK=block_size(K), GATE=int(use_g), DOT_PREC=prec, **launch_options(),
     )  # fmt: skip
     Ai = torch.empty_like(A)
-    _solve_tril_kernel[(ch.NT, H)](
-        A, Ai, ch.cu_seqlens, ch.chunk_indices, H=H, BT=BT, BC=_BC, **launch_options()
+    _solve_tril_kernel[(lay.NT, H)](
+        A, Ai, lay.cu_seqlens, lay.chunk_indices, H=H, BT=BT, BC=_BC, **launch_options()
     )
     del A
     w = k.new_empty(T_all, H, K, dtype=torch.float32)
     u = k.new_empty(T_all, H, V, dtype=torch.float32)
-    _fwd_wu_kernel[(ch.NT, H)](
-        k, v, beta, g_cum, Ai, w, u, ch.cu_seqlens, ch.chunk_indices,
+    _fwd_wu_kernel[(lay.NT, H)](
+        k, v, beta, g_cum, Ai, w, u, lay.cu_seqlens, lay.chunk_indices,
         H=H, K=K, V=V, BT=BT, BK=block_size(K), BV=block_size(V), GATE=int(use_g), DOT_PREC=prec, **launch_options(),
     )  # fmt: skip
     return Ai, w, u
 
 
-def _states(k, u, w, g_cum, h0, store_ht, ch, prec):
+def _states(k, u, w, g_cum, h0, store_ht, lay, prec):
     """-> h [NT, H, K, V] entering states, delta [T_all, H, V], ht [N, H, K, V] or None."""
     _, H, K = k.shape
     V = u.shape[-1]
     NKB, BV = _scan_blocks(K, V)
-    h = k.new_empty(ch.NT, H, K, V, dtype=torch.float32)
+    h = k.new_empty(lay.NT, H, K, V, dtype=torch.float32)
     delta = torch.empty_like(u)
-    ht = k.new_empty(ch.N, H, K, V, dtype=torch.float32) if store_ht else None
-    _delta_fwd_h_kernel[(triton.cdiv(V, BV), ch.N * H)](
-        k, u, w, g_cum, h, delta, h0, ht, ch.cu_seqlens, ch.chunk_offsets,
-        H=H, K=K, V=V, BT=ch.BT, NKB=NKB, BV=BV, GATE=int(g_cum is not None),
+    ht = k.new_empty(lay.docs, H, K, V, dtype=torch.float32) if store_ht else None
+    _delta_fwd_h_kernel[(triton.cdiv(V, BV), lay.docs * H)](
+        k, u, w, g_cum, h, delta, h0, ht, lay.cu_seqlens, lay.chunk_offsets,
+        H=H, K=K, V=V, BT=lay.C, NKB=NKB, BV=BV, GATE=int(g_cum is not None),
         USE_H0=h0 is not None, STORE_HT=store_ht, DOT_PREC=prec, **launch_options(),
     )  # fmt: skip
     return h, delta, ht
 
 
-class _ChunkDelta(torch.autograd.Function):
-    """On [T_all, H, *] tensors (B folded into documents); see chunk_delta_triton."""
+class DeltaTriton:
+    """The delta engine's Triton kernels, in the engines' autograd pattern
+    (``hylas.kernels.engine``): [T_all, H, *] tensors, B folded into documents."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, initial_state, scale, output_final_state, ch):
-        q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
-        g = None if g is None else g.contiguous()
-        h0 = None if initial_state is None else initial_state.float().contiguous()
+    def forward(ctx, lay: ChunkLayout, scale, output_final_state, h0, q, k, v, g, beta):
         gate = GATE_NONE if g is None else GATE_SCALAR
         prec = dot_precision(q, k, v)
         _, H, K = q.shape
         V = v.shape[-1]
         BV = block_size(V)
 
-        g_cum = None if g is None else local_cumsum(g, gate, ch)
-        _, w, u = _ut_transform(k, v, beta, g_cum, ch, prec)
-        h, delta, ht = _states(k, u, w, g_cum, h0, output_final_state, ch, prec)
+        g_cum = None if g is None else local_cumsum(g, gate, lay)
+        _, w, u = _ut_transform(k, v, beta, g_cum, lay, prec)
+        h, delta, ht = _states(k, u, w, g_cum, h0, output_final_state, lay, prec)
         del w, u
-        A = chunk_scores(q, k, g_cum, gate, scale, ch, prec)
+        A = chunk_scores(q, k, g_cum, gate, scale, lay, prec)
         o = torch.empty_like(v)
-        fwd_o_kernel[(triton.cdiv(V, BV), ch.NT, H)](
-            q, delta, g_cum, h, A, o, ch.cu_seqlens, ch.chunk_indices, scale,
-            H=H, K=K, V=V, BT=ch.BT, BK=block_size(K), BV=BV, GATE=gate, DOT_PREC=prec,
+        fwd_o_kernel[(triton.cdiv(V, BV), lay.NT, H)](
+            q, delta, g_cum, h, A, o, lay.cu_seqlens, lay.chunk_indices, scale,
+            H=H, K=K, V=V, BT=lay.C, BK=block_size(K), BV=BV, GATE=gate, DOT_PREC=prec,
             **launch_options(),
         )  # fmt: skip
 
         # Only the inputs are kept: the UT transform and the states are recomputed.
         ctx.save_for_backward(q, k, v, g, beta, h0)
-        ctx.scale, ctx.ch, ctx.prec = scale, ch, prec
-        ctx.h0_dtype = None if initial_state is None else initial_state.dtype
-        ctx.set_materialize_grads(False)
+        ctx.scale, ctx.lay, ctx.prec = scale, lay, prec
         return o, ht
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, do, dht):
         q, k, v, g, beta, h0 = ctx.saved_tensors
-        scale, ch, prec = ctx.scale, ctx.ch, ctx.prec
+        scale, lay, prec = ctx.scale, ctx.lay, ctx.prec
         T_all, H, K = q.shape
         V = v.shape[-1]
-        BT, BK, BV = ch.BT, block_size(K), block_size(V)
+        BT, BK, BV = lay.C, block_size(K), block_size(V)
         NK = triton.cdiv(K, BK)
         gate = GATE_NONE if g is None else GATE_SCALAR
         use_g = g is not None
-        do = torch.zeros_like(v) if do is None else do.contiguous()
-        dht = None if dht is None else dht.float().contiguous()
 
         # Recompute what the forward dropped.
-        g_cum = None if g is None else local_cumsum(g, gate, ch)
-        Ai, w, u = _ut_transform(k, v, beta, g_cum, ch, prec)
-        h, delta, _ = _states(k, u, w, g_cum, h0, False, ch, prec)
-        A = chunk_scores(q, k, g_cum, gate, scale, ch, prec)
+        g_cum = None if g is None else local_cumsum(g, gate, lay)
+        Ai, w, u = _ut_transform(k, v, beta, g_cum, lay, prec)
+        h, delta, _ = _states(k, u, w, g_cum, h0, False, lay, prec)
+        A = chunk_scores(q, k, g_cum, gate, scale, lay, prec)
 
         NKB, BVs = _scan_blocks(K, V)
-        dh = q.new_empty(ch.NT, H, K, V, dtype=torch.float32)
+        dh = q.new_empty(lay.NT, H, K, V, dtype=torch.float32)
         ddelta = torch.empty_like(delta)
         dh0 = None if h0 is None else torch.empty_like(h0)
-        _delta_bwd_dh_kernel[(triton.cdiv(V, BVs), ch.N * H)](
-            q, k, w, g_cum, A, do, dh, ddelta, dht, dh0, ch.cu_seqlens, ch.chunk_offsets,
+        _delta_bwd_dh_kernel[(triton.cdiv(V, BVs), lay.docs * H)](
+            q, k, w, g_cum, A, do, dh, ddelta, dht, dh0, lay.cu_seqlens, lay.chunk_offsets,
             scale, H=H, K=K, V=V, BT=BT, NKB=NKB, BV=BVs, GATE=int(use_g),
             USE_DHT=dht is not None, STORE_DH0=h0 is not None, DOT_PREC=prec,
             # A chunk loads 3 NKB key tiles. Two stages of them pass A100's limit from
@@ -914,23 +906,21 @@ class _ChunkDelta(torch.autograd.Function):
         dk_o = q.new_empty(T_all, H, K, dtype=torch.float32)
         dw = torch.empty_like(dk_o)
         dg_o = q.new_empty(NK, T_all, H, dtype=torch.float32) if use_g else None
-        _bwd_dqkwg_kernel[(NK, ch.NT, H)](
+        _bwd_dqkwg_kernel[(NK, lay.NT, H)](
             q, k, delta, g_cum, h, do, dh, ddelta, dq, dk_o, dw, dg_o,
-            ch.cu_seqlens, ch.chunk_indices, scale, T_all,
+            lay.cu_seqlens, lay.chunk_indices, scale, T_all,
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=int(use_g), DOT_PREC=prec, **launch_options(),
         )  # fmt: skip
         del h, dh, delta
 
         dk, dv, dbeta = torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta)
         dg = torch.empty_like(g) if use_g else None
-        _bwd_wy_kernel[(ch.NT, H)](
+        _bwd_wy_kernel[(lay.NT, H)](
             k, v, beta, g_cum, Ai, u, w, ddelta, dw, dk_o, dg_o, dk, dv, dbeta, dg,
-            ch.cu_seqlens, ch.chunk_indices, T_all, NK,
+            lay.cu_seqlens, lay.chunk_indices, T_all, NK,
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=int(use_g), DOT_PREC=prec, **launch_options(),
         )  # fmt: skip
-        if dh0 is not None:
-            dh0 = dh0.to(ctx.h0_dtype)
-        return dq, dk, dv, dg, dbeta, dh0, None, None, None
+        return dh0, dq, dk, dv, dg, dbeta
 
 
 def chunk_delta_triton(
@@ -942,8 +932,7 @@ def chunk_delta_triton(
     scale: float,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
-    offsets: list[int] | None = None,
+    cu_seqlens: torch.Tensor | Documents | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The chunkwise delta rule (DeltaNet, Gated DeltaNet) with Triton forward and backward.
     The family call (``hylas.kernels.delta``) has checked the shapes; this launches.
@@ -957,20 +946,14 @@ def chunk_delta_triton(
         initial_state: [N, H, K, V] fp32 or None (zeros); N = B, or the number of
             documents with ``cu_seqlens``.
         output_final_state: also return the state after each document's last token.
-        cu_seqlens: int32 [N + 1] offsets of packed documents (B must be 1). The state
-            restarts from ``initial_state[n]`` at each document start; chunks never
-            straddle documents.
-        offsets: ``cu_seqlens`` as a host list, when the caller has read them already.
+        cu_seqlens: int32 [N + 1] offsets of packed documents (B must be 1), or the
+            ``Documents`` read from them once per batch. The state restarts from
+            ``initial_state[n]`` at each document start; chunks never straddle documents.
 
     Returns:
         o [B, T, H, V] in v's dtype and ht [N, H, K, V] fp32 (or None). Differentiable in
         q, k, v, g, beta and initial_state; the backward recomputes the chunk states.
     """
-    B, T, H, _ = q.shape
-    V = v.shape[-1]
-    ch = Chunks(cu_seqlens, B, T, _BT, q.device, offsets)
-    # Fold B into the token axis: B documents of length T (a view for contiguous inputs).
-    q_, k_, v_, beta_ = (x.reshape(B * T, *x.shape[2:]) for x in (q, k, v, beta))
-    g_ = None if g is None else g.reshape(B * T, H)
-    o, ht = _ChunkDelta.apply(q_, k_, v_, g_, beta_, initial_state, scale, output_final_state, ch)
-    return o.reshape(B, T, H, V), ht
+    B, T = q.shape[:2]
+    lay = chunk_layout(B, T, Documents.of(cu_seqlens, B, T), q.device)
+    return run(DeltaTriton, lay, scale, initial_state, output_final_state, q, k, v, g, beta)

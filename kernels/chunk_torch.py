@@ -35,13 +35,11 @@ t and the query (or the end) at or after it.
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from hylas.kernels.common import CHUNK
+from hylas.kernels.engine import run
+from hylas.kernels.layout import ChunkLayout
 
 SUB_CHUNK = 8
 # Tokens per group of chunks, for heads of K * V <= 128 * 128: a group's states and blocks
@@ -50,78 +48,34 @@ GROUP_TOKENS = 512
 MAX_GROUP_TOKENS = 2048
 
 
-@dataclass
-class ChunkLayout:
-    """How tokens [B, T] map to chunks [P, N, C]; documents restart the state."""
-
-    P: int
-    N: int
-    C: int
-    index: torch.Tensor | None  # packed: [P * N * C] source token per slot, -1 for padding
-    doc_first: list[int]  # packed: first chunk of each document (row 0); fixed: [0]
-    doc_last: list[int]  # the chunk each document ends in
-    offsets: list[int] | None = None  # packed: document offsets into T
-
-    def __post_init__(self):
-        self.start_doc = {n: d for d, n in enumerate(self.doc_first)}
-        self.end_doc = {n: d for d, n in enumerate(self.doc_last)}
-
-    @property
-    def docs(self) -> int:
-        return len(self.doc_first) if self.packed else self.P
-
-    @property
-    def packed(self) -> bool:
-        return self.index is not None
-
-
-def make_layout(B: int, T: int, C: int, offsets: list[int] | None) -> ChunkLayout:
-    if offsets is None:
-        N = -(-T // C)
-        return ChunkLayout(B, N, C, None, [0], [N - 1])
-    firsts, lasts, pieces, n = [], [], [], 0
-    for s, e in itertools.pairwise(offsets):
-        chunks = -(-(e - s) // C)
-        idx = torch.full((chunks * C,), -1, dtype=torch.long)
-        idx[: e - s] = torch.arange(s, e)
-        pieces.append(idx)
-        firsts.append(n)
-        n += chunks
-        lasts.append(n - 1)
-    return ChunkLayout(1, n, C, torch.cat(pieces), firsts, lasts, offsets)
-
-
 def to_chunks(x: torch.Tensor, lay: ChunkLayout) -> torch.Tensor:
-    """[B, T, H, *] -> [P, N, C, H, *], zero-padded."""
+    """[P * T, H, *] (the layout's rows end to end) -> [P, N, C, H, *], zero-padded."""
     if lay.packed:
-        x = x[0]
-        pad = torch.zeros_like(x[:1])
-        x = torch.cat([x, pad])[lay.index.to(x.device)]  # -1 reads the zero pad row
+        x = torch.cat([x, x.new_zeros(1, *x.shape[1:])])[lay.index]  # -1 reads the zero row
         return x.view(1, lay.N, lay.C, *x.shape[1:])
-    pad = lay.N * lay.C - x.shape[1]
+    x = x.reshape(lay.P, lay.T, *x.shape[1:])
+    pad = lay.N * lay.C - lay.T
     if pad:
         x = F.pad(x, (0,) * (2 * (x.dim() - 2)) + (0, pad))
-    return x.view(x.shape[0], lay.N, lay.C, *x.shape[2:])
+    return x.view(lay.P, lay.N, lay.C, *x.shape[2:])
 
 
-def from_chunks(x: torch.Tensor, lay: ChunkLayout, T: int) -> torch.Tensor:
-    """[P, N, C, H, *] -> [B, T, H, *] (the inverse of :func:`to_chunks`)."""
+def from_chunks(x: torch.Tensor, lay: ChunkLayout) -> torch.Tensor:
+    """[P, N, C, H, *] -> [P * T, H, *] (the inverse of :func:`to_chunks`)."""
     flat = x.reshape(x.shape[0], lay.N * lay.C, *x.shape[3:])
-    if not lay.packed:
-        return flat[:, :T]
-    keep = lay.index >= 0
-    out = flat.new_zeros(1, T, *flat.shape[2:])
-    out[0, lay.index[keep].to(x.device)] = flat[0, keep.to(x.device)]
-    return out
+    if lay.packed:
+        return flat[0].index_select(0, lay.slot)
+    return flat[:, : lay.T].reshape(lay.P * lay.T, *flat.shape[2:])
 
 
 def gate_cumsum(
     g: torch.Tensor | None, lay: ChunkLayout, K: int, ref: torch.Tensor
 ) -> torch.Tensor:
-    """Within-chunk inclusive cumsum of the log decay, fp32: [P, N, C, H, 1 or K]."""
+    """Within-chunk inclusive cumsum of the log decay g [P * T, H(, K)], fp32:
+    [P, N, C, H, 1 or K]."""
     if g is None:
         return ref.new_zeros(lay.P, lay.N, lay.C, ref.shape[-2], 1, dtype=torch.float32)
-    if g.dim() == 3:
+    if g.dim() == 2:
         g = g.unsqueeze(-1)
     return to_chunks(g.float(), lay).cumsum(dim=2)
 
@@ -292,28 +246,25 @@ def _output_group(qs, kc, vc, g_cum, h, sub):
     return heads_first(o)
 
 
-class ChunkGated(torch.autograd.Function):
+class GatedTorch:
+    """The gated engine in torch, in the engines' autograd pattern (``hylas.kernels.engine``)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, g, h0, scale, lay, sub, T):
+    def forward(ctx, lay: ChunkLayout, scale, output_final_state, h0, q, k, v, g):
+        sub = min(SUB_CHUNK, lay.C)
         o, finals = _forward(q, k, v, g, scale, h0, lay, sub)
         ctx.save_for_backward(q, k, v, g, h0)
-        ctx.meta = (scale, lay, sub, T)
-        return from_chunks(o, lay, T), finals
+        ctx.meta = (scale, lay, sub)
+        return from_chunks(o, lay), (finals if output_final_state else None)
 
     @staticmethod
     def backward(ctx, do, dht):
-        # The backward states its own precisions (fp32 accumulation); autocast stays out.
-        with torch.autocast(do.device.type, enabled=False):
-            return ChunkGated._backward(ctx, do, dht)
-
-    @staticmethod
-    def _backward(ctx, do, dht):
         q, k, v, g, h0 = ctx.saved_tensors
-        scale, lay, sub, T = ctx.meta
+        scale, lay, sub = ctx.meta
         H, K, V = q.shape[-2], q.shape[-1], v.shape[-1]
         g_cum = gate_cumsum(g, lay, K, q)
         qc, kc, vc, doc = (to_chunks(x, lay) for x in (q, k, v, do))
-        h0 = initial_states(h0, lay.docs, H, K, V, q)
+        states_in = initial_states(h0, lay.docs, H, K, V, q)
         groups = chunk_groups(lay.N, lay.C, K, V)
 
         # Pass 1: only the states entering each group are kept (and the final states).
@@ -321,9 +272,9 @@ class ChunkGated(torch.autograd.Function):
         for grp in groups:
             group_states.append(state)
             _, writes, decay = chunk_writes(kc[:, grp], vc[:, grp], g_cum[:, grp])
-            _, state = scan_forward(writes, decay, grp.start, state, h0, lay, finals)
+            _, state = scan_forward(writes, decay, grp.start, state, states_in, lay, finals)
         finals = stack_states(finals, lay)
-        dht = torch.zeros_like(finals) if dht is None else dht.float()
+        dht = torch.zeros_like(finals) if dht is None else dht
 
         # Pass 2, last group first: recompute the group's states, carry the state gradient.
         dq = torch.empty(qc.shape, dtype=torch.float32, device=q.device)
@@ -338,7 +289,7 @@ class ChunkGated(torch.autograd.Function):
                 doc[:, grp],
             )
             k_dec, writes, decay = chunk_writes(kg, vg, bg)
-            entering, _ = scan_forward(writes, decay, grp.start, state, h0, lay, [])
+            entering, _ = scan_forward(writes, decay, grp.start, state, states_in, lay, [])
             q_dec_do = torch.einsum(
                 "pnchk,pnchv->pnhkv", (qs * bg.exp()).to(dog.dtype), dog
             ).float()
@@ -346,22 +297,12 @@ class ChunkGated(torch.autograd.Function):
             dq[:, grp], dk[:, grp], dv[:, grp] = _backward_group(
                 qs, kg, vg, bg, dog, entering, leaving, k_dec, sub
             )
-        dq_t, dk_t, dv_t = (from_chunks(x, lay, T) for x in (dq * scale, dk, dv))
+        dq_t, dk_t, dv_t = (from_chunks(x, lay) for x in (dq * scale, dk, dv))
         dg = None
         if g is not None:
-            dg = _gate_grad(q, k, dq_t, dk_t, finals, dht, lay, per_channel=g.dim() == 4)
-        dh0 = None if ctx.needs_input_grad[4] is False else stack_states(dh0[::-1], lay)
-        return (
-            dq_t.to(q.dtype),
-            dk_t.to(k.dtype),
-            dv_t.to(v.dtype),
-            None if dg is None else dg.to(g.dtype),
-            dh0,
-            None,
-            None,
-            None,
-            None,
-        )
+            dg = _gate_grad(q, k, dq_t, dk_t, finals, dht, lay, per_channel=g.dim() == 3)
+        dh0 = None if h0 is None else stack_states(dh0[::-1], lay)
+        return dh0, dq_t, dk_t, dv_t, dg
 
 
 def _backward_group(qs, kc, vc, g_cum, do, h, dh, k_dec, sub):
@@ -389,32 +330,27 @@ def _backward_group(qs, kc, vc, g_cum, do, h, dh, k_dec, sub):
 
 def _gate_grad(q, k, dq, dk, finals, dht, lay: ChunkLayout, per_channel: bool):
     """dg_t = reverse cumsum over the document of (q dq - k dk), plus sum_V(h_T dh_T)."""
-    term = q.float() * dq - k.float() * dk  # [B,T,H,K]
+    term = q.float() * dq - k.float() * dk  # [P*T,H,K]
     end = (finals * dht).sum(-1)  # [D,H,K]
     if not per_channel:
         term, end = term.sum(-1), end.sum(-1)
+    term = term.view(lay.P, lay.T, *term.shape[1:])
     rc = term.flip(1).cumsum(1).flip(1)  # sum over s >= t, across documents
     if lay.packed:
-        offsets = torch.tensor(lay.offsets, device=q.device)
-        lengths = offsets[1:] - offsets[:-1]
+        offsets = lay.cu_seqlens.long()
+        lengths, T = offsets[1:] - offsets[:-1], lay.T
         # subtract what later documents added, then add each document's end term
         after = torch.cat([rc[:, offsets[1:-1]], rc.new_zeros(1, 1, *rc.shape[2:])], dim=1)
         rc = (
             rc
-            - after.repeat_interleave(lengths, dim=1)
-            + end.unsqueeze(0).repeat_interleave(lengths, dim=1)
+            - after.repeat_interleave(lengths, dim=1, output_size=T)
+            + end.unsqueeze(0).repeat_interleave(lengths, dim=1, output_size=T)
         )
     else:
         rc = rc + end.unsqueeze(1)
-    return rc
+    return rc.view(lay.P * lay.T, *rc.shape[2:])
 
 
-def chunk_gated_torch(
-    q, k, v, g, scale, initial_state, output_final_state, offsets, chunk_size=CHUNK
-):
+def chunk_gated_torch(q, k, v, g, scale, initial_state, output_final_state, lay: ChunkLayout):
     """o [B,T,H,V] (v's dtype), final states [D,H,K,V] fp32 or None; see the module docstring."""
-    B, T = q.shape[:2]
-    sub = min(SUB_CHUNK, chunk_size)
-    lay = make_layout(B, T, chunk_size, offsets)
-    o, finals = ChunkGated.apply(q, k, v, g, initial_state, scale, lay, sub, T)
-    return o, (finals if output_final_state else None)
+    return run(GatedTorch, lay, scale, initial_state, output_final_state, q, k, v, g)

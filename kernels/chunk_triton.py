@@ -69,21 +69,21 @@ and sm_90. H, K, V and D are runtime values: they only index and mask, so heads 
 of 128 run the same compiled kernel.
 
 The names without a leading underscore (``GATE_*``, ``block_size``, ``chunk_span``,
-``document_span``, ``load_rows``, ``load_cols``, ``Chunks``, ``local_cumsum``,
+``document_span``, ``load_rows``, ``load_cols``, ``local_cumsum``,
 ``chunk_scores``, ``dot_precision``, ``fwd_o_kernel``) are the building blocks
 ``chunk_delta_triton`` shares with this module.
 """
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 import triton
 import triton.language as tl
 
-from hylas.kernels.common import CHUNK, check_cu_seqlens
+from hylas.kernels.common import CHUNK
+from hylas.kernels.engine import run
 from hylas.kernels.gpu_limits import launch_options
+from hylas.kernels.layout import ChunkLayout, Documents, chunk_layout
 
 GATE_NONE, GATE_SCALAR, GATE_CHANNEL = 0, 1, 2
 # Sub-chunk of the per-channel diagonal blocks: the elementwise work grows with BC**2 * K,
@@ -852,37 +852,6 @@ def _bwd_dqk_kernel(
 # Host side
 
 
-class Chunks:
-    """Document-aligned chunking of the packed token axis, shared by every kernel launch.
-
-    cu_seqlens int32 [N + 1]; chunk_indices int32 [NT, 2] = (document, chunk within it);
-    chunk_offsets int32 [N + 1] = index of each document's first chunk.
-    """
-
-    def __init__(self, cu_seqlens, batch, seq_len, chunk_size, device, offsets=None):
-        """``offsets``: ``cu_seqlens`` on the host, as the family call validated it (one
-        host sync per call); None reads and checks them here."""
-        self.BT = chunk_size
-        if cu_seqlens is None:
-            # A fixed-length batch is B documents of length T: no host sync needed.
-            per_doc = triton.cdiv(seq_len, chunk_size)
-            self.N, self.NT = batch, batch * per_doc
-            self.cu_seqlens = torch.arange(batch + 1, dtype=torch.int32, device=device) * seq_len
-            idx = torch.arange(self.NT, dtype=torch.int32, device=device)
-            self.chunk_indices = torch.stack([idx // per_doc, idx % per_doc], 1).contiguous()
-            self.chunk_offsets = torch.arange(batch + 1, dtype=torch.int32, device=device) * per_doc
-            return
-        if offsets is None:
-            offsets = check_cu_seqlens(cu_seqlens, batch, seq_len)
-        counts = [triton.cdiv(e - s, chunk_size) for s, e in itertools.pairwise(offsets)]
-        self.N, self.NT = len(counts), sum(counts)
-        self.cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32).contiguous()
-        pairs = [(n, i) for n, c in enumerate(counts) for i in range(c)]
-        self.chunk_indices = torch.tensor(pairs, dtype=torch.int32, device=device)
-        starts = list(itertools.accumulate(counts, initial=0))
-        self.chunk_offsets = torch.tensor(starts, dtype=torch.int32, device=device)
-
-
 def _gate_kind(g, q) -> int:
     if g is None:
         return GATE_NONE
@@ -896,43 +865,43 @@ def _gate_kind(g, q) -> int:
     )
 
 
-def local_cumsum(g, gate, ch):
+def local_cumsum(g, gate, lay):
     """g [T_all, H] or [T_all, H, K] -> g_cum, the fp32 cumsum inside each chunk."""
     H_, D = (1, g.shape[1]) if gate == GATE_SCALAR else (g.shape[1], g.shape[2])
     g_cum = torch.empty(g.shape, dtype=torch.float32, device=g.device)
     BD = block_size(D)
-    grid = (triton.cdiv(D, BD), ch.NT, H_)
+    grid = (triton.cdiv(D, BD), lay.NT, H_)
     _local_cumsum_kernel[grid](
-        g, g_cum, ch.cu_seqlens, ch.chunk_indices, H=H_, D=D, BT=ch.BT, BD=BD, **launch_options()
+        g, g_cum, lay.cu_seqlens, lay.chunk_indices, H=H_, D=D, BT=lay.C, BD=BD, **launch_options()
     )
     return g_cum
 
 
-def _states(k, v, g_cum, gate, h0, store_ht, ch, prec):
+def _states(k, v, g_cum, gate, h0, store_ht, lay, prec):
     """-> h [NT, H, K, V] entering states, ht [N, H, K, V] or None."""
     _, H, K = k.shape
     V = v.shape[-1]
     BK, BV = block_size(K), block_size(V)
-    h = k.new_empty(ch.NT, H, K, V, dtype=torch.float32)
-    ht = k.new_empty(ch.N, H, K, V, dtype=torch.float32) if store_ht else None
-    grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), ch.N * H)
+    h = k.new_empty(lay.NT, H, K, V, dtype=torch.float32)
+    ht = k.new_empty(lay.docs, H, K, V, dtype=torch.float32) if store_ht else None
+    grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), lay.docs * H)
     _fwd_h_kernel[grid](
-        k, v, g_cum, h, h0, ht, ch.cu_seqlens, ch.chunk_offsets,
-        H=H, K=K, V=V, BT=ch.BT, BK=BK, BV=BV, GATE=gate,
+        k, v, g_cum, h, h0, ht, lay.cu_seqlens, lay.chunk_offsets,
+        H=H, K=K, V=V, BT=lay.C, BK=BK, BV=BV, GATE=gate,
         USE_H0=h0 is not None, STORE_HT=store_ht, DOT_PREC=prec, **launch_options(),
     )  # fmt: skip
     return h, ht
 
 
-def chunk_scores(q, k, g_cum, gate, scale, ch, prec):
+def chunk_scores(q, k, g_cum, gate, scale, lay, prec):
     """-> A [T_all, H, BT] fp32."""
     T_all, H, K = q.shape
-    BT = ch.BT
+    BT = lay.C
     BC = min(_BC, BT) if gate == GATE_CHANNEL else BT
     NC = BT // BC
     A = q.new_empty(T_all, H, BT, dtype=torch.float32)
-    _fwd_A_kernel[(ch.NT, NC * NC, H)](
-        q, k, g_cum, A, ch.cu_seqlens, ch.chunk_indices, scale,
+    _fwd_A_kernel[(lay.NT, NC * NC, H)](
+        q, k, g_cum, A, lay.cu_seqlens, lay.chunk_indices, scale,
         H=H, K=K, BT=BT, BC=BC, BK=block_size(K), BKD=_BKD, GATE=gate, DOT_PREC=prec, **launch_options(),
     )  # fmt: skip
     return A
@@ -944,70 +913,63 @@ def dot_precision(*xs) -> str:
     return "tf32x3" if all(x.dtype == torch.float32 for x in xs) else "tf32"
 
 
-class _ChunkGated(torch.autograd.Function):
-    """On [T_all, H, *] tensors (B folded into documents); see chunk_gated_triton."""
+class GatedTriton:
+    """The gated engine's Triton kernels, in the engines' autograd pattern
+    (``hylas.kernels.engine``): [T_all, H, *] tensors, B folded into documents."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, initial_state, scale, output_final_state, ch):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        g = None if g is None else g.contiguous()
-        h0 = None if initial_state is None else initial_state.float().contiguous()
+    def forward(ctx, lay: ChunkLayout, scale, output_final_state, h0, q, k, v, g):
         gate = GATE_NONE if g is None else (GATE_SCALAR if g.dim() == 2 else GATE_CHANNEL)
         prec = dot_precision(q, k, v)
         _, H, K = q.shape
         V = v.shape[-1]
         BV = block_size(V)
 
-        g_cum = None if g is None else local_cumsum(g, gate, ch)
-        h, ht = _states(k, v, g_cum, gate, h0, output_final_state, ch, prec)
-        A = chunk_scores(q, k, g_cum, gate, scale, ch, prec)
+        g_cum = None if g is None else local_cumsum(g, gate, lay)
+        h, ht = _states(k, v, g_cum, gate, h0, output_final_state, lay, prec)
+        A = chunk_scores(q, k, g_cum, gate, scale, lay, prec)
         o = torch.empty_like(v)
-        fwd_o_kernel[(triton.cdiv(V, BV), ch.NT, H)](
-            q, v, g_cum, h, A, o, ch.cu_seqlens, ch.chunk_indices, scale,
-            H=H, K=K, V=V, BT=ch.BT, BK=block_size(K), BV=BV, GATE=gate, DOT_PREC=prec, **launch_options(),
+        fwd_o_kernel[(triton.cdiv(V, BV), lay.NT, H)](
+            q, v, g_cum, h, A, o, lay.cu_seqlens, lay.chunk_indices, scale,
+            H=H, K=K, V=V, BT=lay.C, BK=block_size(K), BV=BV, GATE=gate, DOT_PREC=prec, **launch_options(),
         )  # fmt: skip
 
         # Only the inputs are kept: g_cum, the states and A are recomputed in the backward.
         ctx.save_for_backward(q, k, v, g, h0)
-        ctx.gate, ctx.scale, ctx.ch, ctx.prec = gate, scale, ch, prec
-        ctx.h0_dtype = None if initial_state is None else initial_state.dtype
-        ctx.set_materialize_grads(False)
+        ctx.gate, ctx.scale, ctx.lay, ctx.prec = gate, scale, lay, prec
         return o, ht
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, do, dht):
         q, k, v, g, h0 = ctx.saved_tensors
-        gate, scale, ch, prec = ctx.gate, ctx.scale, ctx.ch, ctx.prec
+        gate, scale, lay, prec = ctx.gate, ctx.scale, ctx.lay, ctx.prec
         T_all, H, K = q.shape
         V = v.shape[-1]
-        BT, BK, BV = ch.BT, block_size(K), block_size(V)
+        BT, BK, BV = lay.C, block_size(K), block_size(V)
         NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
-        do = torch.zeros_like(v) if do is None else do.contiguous()
-        dht = None if dht is None else dht.float().contiguous()
 
         # Recompute what the forward dropped. The final state is needed only for the
         # gate gradient's sum_v ht dht term.
-        g_cum = None if g is None else local_cumsum(g, gate, ch)
+        g_cum = None if g is None else local_cumsum(g, gate, lay)
         need_ht = gate != GATE_NONE and dht is not None
-        h, ht = _states(k, v, g_cum, gate, h0, need_ht, ch, prec)
-        A = chunk_scores(q, k, g_cum, gate, scale, ch, prec)
+        h, ht = _states(k, v, g_cum, gate, h0, need_ht, lay, prec)
+        A = chunk_scores(q, k, g_cum, gate, scale, lay, prec)
 
-        dh = q.new_empty(ch.NT, H, K, V, dtype=torch.float32)
+        dh = q.new_empty(lay.NT, H, K, V, dtype=torch.float32)
         dh0 = None if h0 is None else torch.empty_like(h0)
-        _bwd_dh_kernel[(NK, NV, ch.N * H)](
-            q, do, g_cum, dh, dht, dh0, ch.cu_seqlens, ch.chunk_offsets, scale,
+        _bwd_dh_kernel[(NK, NV, lay.docs * H)](
+            q, do, g_cum, dh, dht, dh0, lay.cu_seqlens, lay.chunk_offsets, scale,
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate,
             USE_DHT=dht is not None, STORE_DH0=h0 is not None, DOT_PREC=prec, **launch_options(),
         )  # fmt: skip
         dA = q.new_empty(T_all, H, BT, dtype=torch.float32)
-        _bwd_dA_kernel[(ch.NT, H)](
-            do, v, dA, ch.cu_seqlens, ch.chunk_indices, scale,
+        _bwd_dA_kernel[(lay.NT, H)](
+            do, v, dA, lay.cu_seqlens, lay.chunk_indices, scale,
             H=H, V=V, BT=BT, BV=BV, DOT_PREC=prec, **launch_options(),
         )  # fmt: skip
         dv = torch.empty_like(v)
-        _bwd_dv_kernel[(NV, ch.NT, H)](
-            k, g_cum, A, do, dh, dv, ch.cu_seqlens, ch.chunk_indices,
+        _bwd_dv_kernel[(NV, lay.NT, H)](
+            k, g_cum, A, do, dh, dv, lay.cu_seqlens, lay.chunk_indices,
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate, DOT_PREC=prec, **launch_options(),
         )  # fmt: skip
         del A
@@ -1016,8 +978,8 @@ class _ChunkGated(torch.autograd.Function):
         BC, BKI = (min(_BC, BT), _BKD) if gate == GATE_CHANNEL else (BT, BK)
         dq_intra = q.new_empty(T_all, H, K, dtype=torch.float32)
         dk_intra = torch.empty_like(dq_intra)
-        _bwd_dqk_intra_kernel[(triton.cdiv(K, BKI), ch.NT * (BT // BC), H)](
-            q, k, g_cum, dA, dq_intra, dk_intra, ch.cu_seqlens, ch.chunk_indices,
+        _bwd_dqk_intra_kernel[(triton.cdiv(K, BKI), lay.NT * (BT // BC), H)](
+            q, k, g_cum, dA, dq_intra, dk_intra, lay.cu_seqlens, lay.chunk_indices,
             H=H, K=K, BT=BT, BC=BC, BK=BKI, GATE=gate, DOT_PREC=prec, **launch_options(),
         )  # fmt: skip
         dq, dk = torch.empty_like(q), torch.empty_like(k)
@@ -1027,9 +989,9 @@ class _ChunkGated(torch.autograd.Function):
             dg_local = q.new_empty(T_all, H, K, dtype=torch.float32)
         else:
             dg_local = None
-        _bwd_dqk_kernel[(NK, ch.NT, H)](
+        _bwd_dqk_kernel[(NK, lay.NT, H)](
             q, k, v, g_cum, h, do, dh, dq_intra, dk_intra, dq, dk, dg_local,
-            ch.cu_seqlens, ch.chunk_indices, scale, T_all,
+            lay.cu_seqlens, lay.chunk_indices, scale, T_all,
             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate, DOT_PREC=prec, **launch_options(),
         )  # fmt: skip
 
@@ -1045,14 +1007,11 @@ class _ChunkGated(torch.autograd.Function):
                 x, H_, D = dg_local, H, K
             dg = torch.empty_like(x)
             BD = block_size(D)
-            _rev_cumsum_kernel[(triton.cdiv(D, BD), ch.N * H_)](
-                x, dg, init, ch.cu_seqlens, ch.chunk_offsets,
+            _rev_cumsum_kernel[(triton.cdiv(D, BD), lay.docs * H_)](
+                x, dg, init, lay.cu_seqlens, lay.chunk_offsets,
                 H=H_, D=D, BT=BT, BD=BD, USE_INIT=init is not None, **launch_options(),
             )  # fmt: skip
-            dg = dg.to(g.dtype)
-        if dh0 is not None:
-            dh0 = dh0.to(ctx.h0_dtype)
-        return dq, dk, dv, dg, dh0, None, None, None
+        return dh0, dq, dk, dv, dg
 
 
 def chunk_gated_triton(
@@ -1063,9 +1022,8 @@ def chunk_gated_triton(
     scale: float,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | Documents | None = None,
     chunk_size: int = CHUNK,
-    offsets: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunkwise gated linear attention with Triton forward and backward kernels. The
     family call (``hylas.kernels.gated``) has checked the shapes; this launches.
@@ -1079,24 +1037,18 @@ def chunk_gated_triton(
         initial_state: [N, H, K, V] fp32 or None (zeros); N = B, or the number of
             documents with ``cu_seqlens``.
         output_final_state: also return the state after each document's last token.
-        cu_seqlens: int32 [N + 1] offsets of packed documents (B must be 1). The state
-            restarts from ``initial_state[n]`` at each document start; chunks never
-            straddle documents.
+        cu_seqlens: int32 [N + 1] offsets of packed documents (B must be 1), or the
+            ``Documents`` read from them once per batch. The state restarts from
+            ``initial_state[n]`` at each document start; chunks never straddle documents.
         chunk_size: BT, a power of two >= 16.
-        offsets: ``cu_seqlens`` as a host list, when the caller has read them already.
 
     Returns:
         o [B, T, H, V] in v's dtype and ht [N, H, K, V] fp32 (or None). Differentiable in
         q, k, v, g and initial_state; the backward recomputes the chunk states.
     """
-    B, T, H, _ = q.shape
-    V = v.shape[-1]
+    B, T = q.shape[:2]
     _gate_kind(g, q)
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
-    ch = Chunks(cu_seqlens, B, T, chunk_size, q.device, offsets)
-    # Fold B into the token axis: B documents of length T (a view for contiguous inputs).
-    flat = [x.reshape(B * T, *x.shape[2:]) for x in (q, k, v)]
-    g_flat = None if g is None else g.reshape(B * T, *g.shape[2:])
-    o, ht = _ChunkGated.apply(*flat, g_flat, initial_state, scale, output_final_state, ch)
-    return o.reshape(B, T, H, V), ht
+    lay = chunk_layout(B, T, Documents.of(cu_seqlens, B, T), q.device, chunk_size)
+    return run(GatedTriton, lay, scale, initial_state, output_final_state, q, k, v, g)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import sys
 
@@ -82,20 +81,6 @@ def check_state(
             f"initial_state must be [N, H, K, V] = {(n, h, k, v)}, got {tuple(initial_state.shape)}"
         )
     return initial_state
-
-
-def check_cu_seqlens(cu_seqlens: torch.Tensor | None, batch: int, total: int) -> list[int] | None:
-    """Validate packed-document offsets and return them as a Python list (or None)."""
-    if cu_seqlens is None:
-        return None
-    if batch != 1:
-        raise ValueError(f"with cu_seqlens the batch size must be 1 (packed), got {batch}")
-    offsets = cu_seqlens.tolist()
-    if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != total:
-        raise ValueError(f"cu_seqlens must run from 0 to T={total}, got {offsets}")
-    if any(b <= a for a, b in itertools.pairwise(offsets)):
-        raise ValueError(f"cu_seqlens must be strictly increasing, got {offsets}")
-    return offsets
 
 
 def default_scale(scale: float | None, k: int) -> float:

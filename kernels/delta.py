@@ -20,14 +20,15 @@ from __future__ import annotations
 import torch
 
 from hylas.kernels import chunk_delta_torch as engine
-from hylas.kernels.chunk_torch import CHUNK, chunk_groups, make_layout, to_chunks
+from hylas.kernels.chunk_torch import chunk_groups, to_chunks
 from hylas.kernels.common import (
-    check_cu_seqlens,
     check_qkv,
     check_state,
     default_scale,
     resolve_backend,
 )
+from hylas.kernels.engine import fold
+from hylas.kernels.layout import Documents, chunk_layout
 from hylas.kernels.naive import naive_delta
 
 __all__ = ["check_beta", "chunk", "entering_state_grad", "naive_delta", "recurrent", "transition"]
@@ -42,18 +43,15 @@ def check_beta(beta: torch.Tensor | None, q: torch.Tensor) -> None:
 
 def chunk(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, backend):
     B, T, H, K, V = check_qkv(q, k, v)
-    offsets = check_cu_seqlens(cu_seqlens, B, T)
-    check_state(initial_state, B if offsets is None else len(offsets) - 1, H, K, V)
+    docs = Documents.of(cu_seqlens, B, T)
+    check_state(initial_state, B if docs is None else len(docs), H, K, V)
     scale = default_scale(scale, K)
     if resolve_backend(backend, q) == "triton":
         from hylas.kernels.chunk_delta_triton import chunk_delta_triton
 
-        return chunk_delta_triton(
-            q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, offsets
-        )
-    return engine.chunk_delta_torch(
-        q, k, v, g, beta, scale, initial_state, output_final_state, offsets
-    )
+        return chunk_delta_triton(q, k, v, g, beta, scale, initial_state, output_final_state, docs)
+    lay = chunk_layout(B, T, docs, q.device)
+    return engine.chunk_delta_torch(q, k, v, g, beta, scale, initial_state, output_final_state, lay)
 
 
 def recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, backend):
@@ -70,9 +68,8 @@ def recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, backen
 def _chunks(q, k, v, g, beta, scale, cu_seqlens):
     """The layout and a per-group generator of the engine's chunk quantities."""
     B, T, H, K, V = check_qkv(q, k, v)
-    offsets = check_cu_seqlens(cu_seqlens, B, T)
-    lay = make_layout(B, T, CHUNK, offsets)
-    qc, kc, vc, gc, beta_c = engine.prepare_chunks(q, k, v, g, beta, lay)
+    lay = chunk_layout(B, T, Documents.of(cu_seqlens, B, T), q.device)
+    qc, kc, vc, gc, beta_c = engine.prepare_chunks(*(fold(x) for x in (q, k, v, g, beta)), lay)
     scale = default_scale(scale, K)
 
     def group(grp):
@@ -109,7 +106,7 @@ def entering_state_grad(q, k, v, g, beta, do, scale=None, cu_seqlens=None, start
     G_chunk = (scale q exp(g_cum) - QK w)^T dO + A_chunk^T G_next.
     """
     lay, group, _ = _chunks(q, k, v, g, beta, scale, cu_seqlens)
-    doc = engine.heads_first(to_chunks(do.float(), lay))
+    doc = engine.heads_first(to_chunks(fold(do.float()), lay))
     first_doc_chunks = lay.doc_last[0] + 1 if lay.packed else lay.N
     grad = None  # w.r.t. the state leaving the current chunk
     for grp in reversed(chunk_groups(first_doc_chunks, lay.C)):

@@ -18,12 +18,13 @@ import torch
 
 from hylas.kernels import chunk_torch
 from hylas.kernels.common import (
-    check_cu_seqlens,
     check_qkv,
     check_state,
     default_scale,
     resolve_backend,
 )
+from hylas.kernels.engine import fold
+from hylas.kernels.layout import Documents, chunk_layout
 from hylas.kernels.naive import naive_gated
 
 __all__ = ["chunk", "entering_state_grad", "naive_gated", "recurrent", "transition"]
@@ -31,18 +32,15 @@ __all__ = ["chunk", "entering_state_grad", "naive_gated", "recurrent", "transiti
 
 def chunk(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, backend):
     B, T, H, K, V = check_qkv(q, k, v)
-    offsets = check_cu_seqlens(cu_seqlens, B, T)
-    check_state(initial_state, B if offsets is None else len(offsets) - 1, H, K, V)
+    docs = Documents.of(cu_seqlens, B, T)
+    check_state(initial_state, B if docs is None else len(docs), H, K, V)
     scale = default_scale(scale, K)
     if resolve_backend(backend, q) == "triton":
         from hylas.kernels.chunk_triton import chunk_gated_triton
 
-        return chunk_gated_triton(
-            q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, offsets=offsets
-        )
-    return chunk_torch.chunk_gated_torch(
-        q, k, v, g, scale, initial_state, output_final_state, offsets
-    )
+        return chunk_gated_triton(q, k, v, g, scale, initial_state, output_final_state, docs)
+    lay = chunk_layout(B, T, docs, q.device)
+    return chunk_torch.chunk_gated_torch(q, k, v, g, scale, initial_state, output_final_state, lay)
 
 
 def recurrent(q, k, v, g, scale, initial_state, output_final_state, backend):
@@ -58,9 +56,8 @@ def recurrent(q, k, v, g, scale, initial_state, output_final_state, backend):
 
 def _segment(q, k, v, g, cu_seqlens):
     B, T, H, K, V = check_qkv(q, k, v)
-    offsets = check_cu_seqlens(cu_seqlens, B, T)
-    lay = chunk_torch.make_layout(B, T, chunk_torch.CHUNK, offsets)
-    g_cum = chunk_torch.gate_cumsum(g, lay, K, q)
+    lay = chunk_layout(B, T, Documents.of(cu_seqlens, B, T), q.device)
+    g_cum = chunk_torch.gate_cumsum(fold(g), lay, K, q)
     return lay, g_cum, q.new_zeros(lay.docs, H, K, V, dtype=torch.float32)
 
 
@@ -68,7 +65,7 @@ def _segment(q, k, v, g, cu_seqlens):
 def transition(q, k, v, g, scale=None, cu_seqlens=None, starts_document=False):
     """(A, B) of the segment; see the module docstring. fp32."""
     lay, g_cum, zeros = _segment(q, k, v, g, cu_seqlens)
-    kc, vc = chunk_torch.to_chunks(k, lay), chunk_torch.to_chunks(v, lay)
+    kc, vc = (chunk_torch.to_chunks(fold(x), lay) for x in (k, v))
     state, finals = None, []
     for grp in chunk_torch.chunk_groups(lay.N, lay.C):
         _, writes, decay = chunk_torch.chunk_writes(kc[:, grp], vc[:, grp], g_cum[:, grp])
@@ -87,7 +84,7 @@ def entering_state_grad(q, k, v, g, do, scale=None, cu_seqlens=None, starts_docu
     """G [N, H, K, V] fp32 (N = B, or 1 when packed): d(own outputs)/d(entering state)."""
     lay, g_cum, zeros = _segment(q, k, v, g, cu_seqlens)
     scale = default_scale(scale, q.shape[-1])
-    qc, doc = chunk_torch.to_chunks(q, lay), chunk_torch.to_chunks(do, lay)
+    qc, doc = (chunk_torch.to_chunks(fold(x), lay) for x in (q, do))
     grad, dh0 = None, []
     for grp in reversed(chunk_torch.chunk_groups(lay.N, lay.C)):
         bg = g_cum[:, grp]

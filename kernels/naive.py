@@ -19,7 +19,8 @@ import itertools
 
 import torch
 
-from hylas.kernels.common import check_cu_seqlens, check_qkv, check_state, default_scale
+from hylas.kernels.common import check_qkv, check_state, default_scale
+from hylas.kernels.layout import Documents
 
 
 def _recurrence(q, k, v, g, scale, state):
@@ -40,11 +41,11 @@ def _run_documents(
     """
     B, T, H, K, V = check_qkv(q, k, v)
     scale = default_scale(scale, K)
-    offsets = check_cu_seqlens(cu_seqlens, B, T)
-    if offsets is None:
+    docs = Documents.of(cu_seqlens, B, T)
+    if docs is None:
         spans = [(b, 0, T) for b in range(B)]
     else:
-        spans = [(0, s, e) for s, e in itertools.pairwise(offsets)]
+        spans = [(0, s, e) for s, e in itertools.pairwise(docs.offsets)]
     check_state(initial_state, len(spans), H, K, V)
     out_dtype = v.dtype
     q, k, v, *gates = (x.float() for x in (q, k, v, *gates))

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from hylas.kernels.layout import Documents
 from hylas.model.config import ModelConfig
 from hylas.model.layers import RMSNorm, SwiGLU, init_normal
 from hylas.model.moe import MoE, RouterStats
@@ -53,19 +54,20 @@ class HybridCache:
 class Packing:
     """Where the documents of a batch start, as every layer needs it.
 
-    cu_seqlens: int32 [N + 1] offsets into the flattened B * T tokens (every document
-    start and every sample start); seg_id [B, T]: each token's document (global index);
+    docs: the documents over the flattened B * T tokens (every document start and every
+    sample start), read from ``cu_seqlens`` once per batch and handed to every linear layer
+    (``hylas.kernels.layout``); seg_id [B, T]: each token's document (global index);
     seg_pos [B, T]: its offset from its document's start. segment: under sequence
     parallelism, where these T tokens sit in the whole samples (``hylas.parallel.sp``);
     the layers pass it through untouched, the sequence-parallel wrappers read it.
 
-    A padded batch (``from_attention_mask``) has no cu_seqlens: ``keep`` [B, T] is False at
+    A padded batch (``from_attention_mask``) has no documents: ``keep`` [B, T] is False at
     pad tokens, seg_id is 0 at pads and 1 at real tokens, and ``key_id`` [B, past + T] the
     same over the cached keys too, so a softmax layer never attends to a pad and a linear
     layer skips them (docs/architecture.md, "Padding").
     """
 
-    cu_seqlens: torch.Tensor | None
+    docs: Documents | None
     seg_id: torch.Tensor
     seg_pos: torch.Tensor
     segment: object | None = None
@@ -83,22 +85,28 @@ class Packing:
 
     @classmethod
     def from_cu_seqlens(
-        cls, cu_seqlens: torch.Tensor, B: int, T: int, segment: object | None = None
+        cls,
+        cu_seqlens: torch.Tensor,
+        B: int,
+        T: int,
+        segment: object | None = None,
+        device: torch.device | None = None,
     ) -> Packing:
-        cu = cu_seqlens.to(torch.long)
-        total = B * T
-        if cu.dim() != 1 or len(cu) < 2 or cu[0] != 0 or cu[-1] != total:
-            raise ValueError(f"cu_seqlens must run from 0 to B * T = {total}, got {cu.tolist()}")
-        if (cu[1:] <= cu[:-1]).any():
-            raise ValueError(f"cu_seqlens must be strictly increasing, got {cu.tolist()}")
-        row_starts = torch.arange(0, total, T, device=cu.device)
-        if not torch.isin(row_starts, cu).all():
+        """From ``cu_seqlens`` over the B * T tokens, for tokens on ``device`` (default:
+        cu_seqlens's): read to the host once, with no device sync when it is given on the
+        host, as the loader makes it."""
+        docs = Documents.of(cu_seqlens.view(-1), 1, B * T)
+        assert docs is not None
+        if not set(range(0, B * T, T)) <= set(docs.offsets):
             raise ValueError("cu_seqlens must include every sample start (multiples of T)")
-        starts = torch.zeros(total, dtype=torch.long, device=cu.device)
+        device = cu_seqlens.device if device is None else device
+        docs = docs.to(device)
+        cu = docs.cu_seqlens.long()
+        starts = torch.zeros(B * T, dtype=torch.long, device=device)
         starts[cu[:-1]] = 1
         seg_id = starts.cumsum(0) - 1
-        seg_pos = torch.arange(total, device=cu.device) - cu[seg_id]
-        return cls(cu_seqlens.to(torch.int32), seg_id.view(B, T), seg_pos.view(B, T), segment)
+        seg_pos = torch.arange(B * T, device=device) - cu[seg_id]
+        return cls(docs, seg_id.view(B, T), seg_pos.view(B, T), segment)
 
 
 @dataclass
@@ -241,7 +249,7 @@ class HylasLM(nn.Module):
                 raise ValueError("decoding caches are for unpacked batches; drop cu_seqlens")
             if attention_mask is not None:
                 raise ValueError("packed batches (cu_seqlens) take no attention_mask")
-            seq = Packing.from_cu_seqlens(cu_seqlens.to(input_ids.device), B, T, segment)
+            seq = Packing.from_cu_seqlens(cu_seqlens, B, T, segment, input_ids.device)
         elif segment is not None:
             raise ValueError("a sequence-parallel segment needs its cu_seqlens")
         elif attention_mask is not None:

@@ -217,12 +217,12 @@ class LinearMixer(nn.Module):
             return family.recurrent(
                 q, k, v, *gates, scale=self.scale, initial_state=state, backend=self.kernel_backend
             )
-        if seq is not None and seq.cu_seqlens is not None:  # packed: one row, states restart
+        if seq is not None and seq.docs is not None:  # packed: one row, states restart
             if use_cache:
                 raise ValueError("decoding caches are for unpacked batches; drop cu_seqlens")
             flat = [x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v, *gates)]
             o, _ = family.chunk(
-                *flat, scale=self.scale, cu_seqlens=seq.cu_seqlens, backend=self.kernel_backend
+                *flat, scale=self.scale, cu_seqlens=seq.docs, backend=self.kernel_backend
             )
             return o.view(B, T, *o.shape[2:]), None
         return family.chunk(

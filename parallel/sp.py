@@ -159,7 +159,7 @@ class _LinearLayer:
         flat = [x.reshape(1, B * L, *x.shape[2:]) for x in (q, k, v, *gates)]
         h0 = None
         if entering is not None:
-            n_docs = len(self.seq.cu_seqlens) - 1
+            n_docs = len(self.seq.docs)
             h0 = entering.new_zeros(n_docs, *entering.shape[1:])
             h0 = h0.index_copy(0, self.first_doc.long(), entering)
         o, finals = self.family.chunk(
@@ -167,7 +167,7 @@ class _LinearLayer:
             scale=self.scale,
             initial_state=h0,
             output_final_state=final,
-            cu_seqlens=self.seq.cu_seqlens,
+            cu_seqlens=self.seq.docs,
             backend=self.backend,
         )
         return o.view(B, L, *o.shape[2:]), finals

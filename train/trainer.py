@@ -80,10 +80,12 @@ def model_inputs(
 ) -> dict:
     """The loader's batch as model keyword arguments (document boundaries when present);
     an sp rank's segment also gets its place in the whole samples (``parallel.sp``)."""
-    keys = ("input_ids", "labels", "position_ids", "cu_seqlens")
+    keys = ("input_ids", "labels", "position_ids")
     inputs: dict[str, torch.Tensor | sp.Segment] = {
         k: batch[k].to(device) for k in keys if k in batch
     }
+    if "cu_seqlens" in batch:  # stays on the host: the model reads it there once, no sync
+        inputs["cu_seqlens"] = batch["cu_seqlens"]
     if "global_cu_seqlens" in batch:
         assert sp_group is not None, "a sequence-parallel batch needs its sp group"
         B, L = batch["input_ids"].shape

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from hylas.kernels import gated_delta_rule
 from hylas.kernels.common import default_scale
 from hylas.kernels.family import FamilySpec, Gate
+from hylas.kernels.layout import Documents
 
 __all__ = [
     "SPEC",
@@ -73,15 +74,17 @@ def _interleave(q, k, v, g, beta, do=None):
     return out, n
 
 
-def _steps(cu_seqlens, n):
-    return None if cu_seqlens is None else cu_seqlens * n
+def _steps(cu_seqlens, q, n):
+    """The documents over the micro-steps: each offset times n (made once per batch)."""
+    docs = Documents.of(cu_seqlens, q.shape[0], q.shape[1])
+    return None if docs is None else docs.steps(n)
 
 
 def _on_steps(call, q, k, v, g, beta, scale, **kw):
     """``gated_delta_rule``'s ``call`` over the micro-steps, read at each token's last."""
     (qs, ks, vs, gs, bs), n = _interleave(q, k, v, g, beta)
     if kw.get("cu_seqlens") is not None:
-        kw["cu_seqlens"] = kw["cu_seqlens"] * n
+        kw["cu_seqlens"] = _steps(kw["cu_seqlens"], q, n)
     scale = default_scale(scale, q.shape[-1])
     o, ht = call(qs, ks, vs, gs, bs, scale=scale, **kw)
     B, TN, H, V = o.shape
@@ -135,11 +138,11 @@ def naive(
     scale = default_scale(scale, K)
     dtype = v.dtype
     q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
-    if cu_seqlens is None:
+    docs = Documents.of(cu_seqlens, B, T)
+    if docs is None:
         rows = [(b, 0, T) for b in range(B)]
     else:
-        bounds = cu_seqlens.tolist()
-        rows = [(0, s, e) for s, e in itertools.pairwise(bounds)]
+        rows = [(0, s, e) for s, e in itertools.pairwise(docs.offsets)]
     outputs: list[list[torch.Tensor]] = [[] for _ in range(B)]
     finals = []
     for i, (b, start, end) in enumerate(rows):
@@ -169,7 +172,7 @@ def transition(q, k, v, g, beta, scale=None, cu_seqlens=None, starts_document=Fa
         gs,
         bs,
         default_scale(scale, q.shape[-1]),
-        _steps(cu_seqlens, n),
+        _steps(cu_seqlens, q, n),
         starts_document,
     )
 
@@ -185,7 +188,7 @@ def entering_state_grad(q, k, v, g, beta, do, scale=None, cu_seqlens=None, start
         bs,
         dos,
         default_scale(scale, q.shape[-1]),
-        _steps(cu_seqlens, n),
+        _steps(cu_seqlens, q, n),
         starts_document,
     )
 
