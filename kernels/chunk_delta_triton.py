@@ -49,7 +49,7 @@ Kernels (grids in brackets):
     _fwd_wu         [NT, H]            w [T_all, H, K], u [T_all, H, V]
     _delta_fwd_h    [V/BV, N*H]        states entering every chunk (+ final) and delta: a scan
     _fwd_A          [NT, 1, H]         scale q k^T * Gam, causal (chunk_triton)
-    _fwd_o          [V/BV, NT, H]      o = scale (q exp(g_cum)) h + A delta (chunk_triton)
+    chunk_out       [V/BV, NT, H]      o = scale (q exp(g_cum)) h + A delta (chunk_triton)
     _delta_bwd_dh   [V/BV, N*H]        reverse scan: dh' of every chunk (+ dh0) and ddelta
     _bwd_dqkwg      [K/BK, NT, H]      dq, the first line of dk, dw = -ddelta h^T, and the
                                        g_cum terms of dq and dk per K block
@@ -76,11 +76,12 @@ from hylas.kernels.chunk_triton import (
     GATE_NONE,
     GATE_SCALAR,
     block_size,
+    chunk_out_kernel,
     chunk_scores,
     chunk_span,
     document_span,
     dot_precision,
-    fwd_o_kernel,
+    gram,
     load_cols,
     load_rows,
     local_cumsum,
@@ -120,21 +121,7 @@ def _fwd_kkt_kernel(
     o_t = tl.arange(0, BT)
     m_t = o_t < L
 
-    b_A = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        b_k = tl.load(
-            k + (t0 + o_t)[:, None] * (H * K) + i_h * K + o_k[None, :],
-            mask=m_t[:, None] & m_k[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        b_kt = tl.load(
-            k + (t0 + o_t)[None, :] * (H * K) + i_h * K + o_k[:, None],
-            mask=m_k[:, None] & m_t[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        b_A += tl.dot(b_k, b_kt, input_precision=DOT_PREC)
+    b_A = gram(k, k, t0, o_t, m_t, o_t, m_t, i_h, H, K, BT, BK, DOT_PREC)
 
     m_lt = o_t[:, None] > o_t[None, :]
     b_beta = tl.load(beta + (t0 + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
@@ -346,6 +333,20 @@ def _key_cols(i_kb: tl.constexpr, K):
 
 
 @triton.jit
+def _first_states(
+    s_in, i_nh, USE_IN: tl.constexpr, NKB: tl.constexpr, BV: tl.constexpr, o_v, m_v, K, V
+):
+    """A scan's starting state as four [64, BV] blocks (NKB of them used): document i_nh's
+    row of ``s_in``, or zeros."""
+    if USE_IN:
+        b_1, b_2, b_3, b_4 = _load_states(s_in + i_nh.to(tl.int64) * K * V, NKB, o_v, m_v, K, V)
+    else:
+        b_1 = tl.zeros([64, BV], dtype=tl.float32)
+        b_2, b_3, b_4 = tl.zeros_like(b_1), tl.zeros_like(b_1), tl.zeros_like(b_1)
+    return b_1, b_2, b_3, b_4
+
+
+@triton.jit
 def _delta_fwd_h_kernel(
     k,
     u,
@@ -383,11 +384,7 @@ def _delta_fwd_h_kernel(
     o_k3, m_k3 = _key_cols(2, K)
     o_k4, m_k4 = _key_cols(3, K)
 
-    if USE_H0:
-        b_h1, b_h2, b_h3, b_h4 = _load_states(h0 + i_nh.to(tl.int64) * K * V, NKB, o_v, m_v, K, V)
-    else:
-        b_h1 = tl.zeros([64, BV], dtype=tl.float32)
-        b_h2, b_h3, b_h4 = tl.zeros_like(b_h1), tl.zeros_like(b_h1), tl.zeros_like(b_h1)
+    b_h1, b_h2, b_h3, b_h4 = _first_states(h0, i_nh, USE_H0, NKB, BV, o_v, m_v, K, V)
 
     for i_t in range(NT):
         t0 = bos + i_t * BT
@@ -499,12 +496,7 @@ def _delta_bwd_dh_kernel(
     o_k3, m_k3 = _key_cols(2, K)
     o_k4, m_k4 = _key_cols(3, K)
 
-    if USE_DHT:
-        p_dht = dht + i_nh.to(tl.int64) * K * V
-        b_dh1, b_dh2, b_dh3, b_dh4 = _load_states(p_dht, NKB, o_v, m_v, K, V)
-    else:
-        b_dh1 = tl.zeros([64, BV], dtype=tl.float32)
-        b_dh2, b_dh3, b_dh4 = tl.zeros_like(b_dh1), tl.zeros_like(b_dh1), tl.zeros_like(b_dh1)
+    b_dh1, b_dh2, b_dh3, b_dh4 = _first_states(dht, i_nh, USE_DHT, NKB, BV, o_v, m_v, K, V)
 
     for it in range(NT):
         i_t = NT - 1 - it
@@ -625,11 +617,7 @@ def _bwd_dqkwg_kernel(
         b_do = tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32)
         b_d = tl.load(delta + p_v, mask=m_tv, other=0.0)
         b_dd = tl.load(ddelta + p_v, mask=m_tv, other=0.0)
-        b_dt = tl.load(
-            delta + (t0 + o_t)[None, :] * (H * V) + i_h * V + o_v[:, None],
-            mask=m_v[:, None] & m_t[None, :],
-            other=0.0,
-        )
+        b_dt = load_cols(delta, t0, o_t, m_t, i_h, H, V, o_v, m_v)
         # h^T, dh'^T [BV, BK] read transposed from the [K, V] states.
         p_t = p_hh + o_k[None, :] * V + o_v[:, None]
         m_vk = m_v[:, None] & m_k[None, :]
@@ -729,11 +717,7 @@ def _bwd_wy_kernel(
         m_tv = m_t[:, None] & m_v[None, :]
         b_dd = tl.load(ddelta + p_v, mask=m_tv, other=0.0)
         b_v = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
-        b_ut = tl.load(
-            u + (t0 + o_t)[None, :] * (H * V) + i_h * V + o_v[:, None],
-            mask=m_v[:, None] & m_t[None, :],
-            other=0.0,
-        )
+        b_ut = load_cols(u, t0, o_t, m_t, i_h, H, V, o_v, m_v)
         b_dxu = tl.dot(b_Ait, b_dd, input_precision=DOT_PREC)
         tl.store(dv + p_v, (b_dxu * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
         b_db += tl.sum(b_v * b_dxu, 1)
@@ -860,10 +844,10 @@ class DeltaTriton:
         del w, u
         A = chunk_scores(q, k, g_cum, gate, scale, lay, prec)
         o = torch.empty_like(v)
-        fwd_o_kernel[(triton.cdiv(V, BV), lay.NT, H)](
+        chunk_out_kernel[(triton.cdiv(V, BV), lay.NT, H)](
             q, delta, g_cum, h, A, o, lay.cu_seqlens, lay.chunk_indices, scale,
-            H=H, K=K, V=V, BT=lay.C, BK=block_size(K), BV=BV, GATE=gate, DOT_PREC=prec,
-            **launch_options(),
+            H=H, K=K, V=V, BT=lay.C, BK=block_size(K), BV=BV, GATE=gate, REVERSE=False,
+            DOT_PREC=prec, **launch_options(),
         )  # fmt: skip
 
         # Only the inputs are kept: the UT transform and the states are recomputed.

@@ -37,12 +37,13 @@ document) serves both. Tensors are indexed in their [T_all, H, *] layout directl
 
 Kernels (grids in brackets):
     local_cumsum    [D/BD, NT, H]   g_cum = cumsum of g inside each chunk
-    _fwd_h           [K/BK, V/BV, N*H] states entering every chunk (+ final): a scan
+    _state_scan      [K/BK, V/BV, N*H] states entering every chunk (+ final): a scan
     _fwd_A           [NT, NC*NC, H]  intra-chunk scores A [T_all, H, BT], scale included
-    _fwd_o           [V/BV, NT, H]   o = scale (q exp(g_cum)) h + A v
-    _bwd_dh          [K/BK, V/BV, N*H] gradient of the state leaving every chunk (+ dh0)
+    chunk_out        [V/BV, NT, H]   o = scale (q exp(g_cum)) h + A v
+    _state_scan      [K/BK, V/BV, N*H] gradient of the state leaving every chunk (+ dh0),
+                                    the same scan run backward (REVERSE)
     _bwd_dA          [NT, H]         dA = scale dO v^T, causal
-    _bwd_dv          [V/BV, NT, H]   dv = A^T dO + (k exp(g_L - g_cum)) dh
+    chunk_out        [V/BV, NT, H]   dv = A^T dO + (k exp(g_L - g_cum)) dh (REVERSE)
     _bwd_dqk_intra   [K/BK, NT*NC, H] intra-chunk parts of dq, dk (BK = 16 for per-channel)
     _bwd_dqk         [K/BK, NT, H]   inter-chunk parts, totals, and q dq - k dk for the gate
     _rev_cumsum      [D/BD, N*H]     per-document reverse cumsum: the gate gradient
@@ -70,7 +71,7 @@ of 128 run the same compiled kernel.
 
 The names without a leading underscore (``GATE_*``, ``block_size``, ``chunk_span``,
 ``document_span``, ``load_rows``, ``load_cols``, ``local_cumsum``,
-``chunk_scores``, ``dot_precision``, ``fwd_o_kernel``) are the building blocks
+``chunk_scores``, ``dot_precision``, ``gram``, ``chunk_out_kernel``) are the building blocks
 ``chunk_delta_triton`` shares with this module.
 """
 
@@ -143,6 +144,34 @@ def load_cols(x, t0, o_t, m_t, i_h, H, D, o_d, m_d):
 
 
 @triton.jit
+def gram(
+    x,
+    y,
+    t0,
+    o_i,
+    m_i,
+    o_j,
+    m_j,
+    i_h,
+    H,
+    D,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """[BT, BT] fp32: x_i . y_j over all D columns, for tokens t0 + o_i (rows, where m_i)
+    and t0 + o_j (columns, where m_j) of x, y [T_all, H, D], BD columns at a time."""
+    b = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_d in range(tl.cdiv(D, BD)):
+        o_d = i_d * BD + tl.arange(0, BD)
+        m_d = o_d < D
+        b_x = load_rows(x, t0, o_i, m_i, i_h, H, D, o_d, m_d)
+        b_yt = load_cols(y, t0, o_j, m_j, i_h, H, D, o_d, m_d)
+        b += tl.dot(b_x, b_yt, input_precision=DOT_PREC)
+    return b
+
+
+@triton.jit
 def _local_cumsum_kernel(
     g,
     g_cum,
@@ -201,15 +230,16 @@ def _rev_cumsum_kernel(
 
 
 @triton.jit
-def _fwd_h_kernel(
-    k,
-    v,
+def _state_scan_kernel(
+    x,
+    y,
     g_cum,
-    h,
-    h0,
-    ht,
+    s,
+    s_in,
+    s_out,
     cu_seqlens,
     chunk_offsets,
+    scale,
     H,
     K,
     V,
@@ -217,14 +247,21 @@ def _fwd_h_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     GATE: tl.constexpr,
-    USE_H0: tl.constexpr,
-    STORE_HT: tl.constexpr,
+    REVERSE: tl.constexpr,
+    USE_IN: tl.constexpr,
+    STORE_OUT: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """k [T_all, H, K], v [T_all, H, V], g_cum log-decay cumsum -> h [NT, H, K, V] entering
-    states, ht [N, H, K, V]. Sequential over one document's chunks; the state block stays
-    in registers (K and V split across programs: every update acts on rows and columns
-    independently)."""
+    """A scan over one document's chunks, s = Diag(exp(g_L)) s + scale X^T Y, storing s
+    [NT, H, K, V] at every chunk before its update:
+
+    - forward (REVERSE = 0): the states entering every chunk, X = k exp(g_L - g_cum), Y = v,
+      from h0 (``s_in``) to the final state (``s_out``), scale = 1;
+    - backward (REVERSE = 1), last chunk first: the gradients of the states leaving every
+      chunk, X = q exp(g_cum), Y = dO, from dht to dh0.
+
+    The state block stays in registers (K and V split across programs: every update acts
+    on rows and columns independently)."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_h, bos, eos, NT, boh = document_span(cu_seqlens, chunk_offsets, i_nh, H, BT)
 
@@ -235,33 +272,28 @@ def _fwd_h_kernel(
     p_kv = o_k[:, None] * V + o_v[None, :]
     m_kv = m_k[:, None] & m_v[None, :]
 
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_H0:
-        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0)
+    b_s = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_IN:
+        b_s += tl.load(s_in + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0)
 
-    for i_t in range(NT):
+    for it in range(NT):
+        i_t = NT - 1 - it if REVERSE else it
         t0 = bos + i_t * BT
         L = tl.minimum(eos - t0, BT)
-        tl.store(h + ((boh + i_t) * H + i_h) * K * V + p_kv, b_h, mask=m_kv)
+        tl.store(s + ((boh + i_t) * H + i_h) * K * V + p_kv, b_s, mask=m_kv)
         m_t = o_t < L
         o_tc = tl.minimum(o_t, L - 1)  # padded rows read the last token's decay
-        # k^T [BK, BT] straight from memory: the update is k^T v.
-        b_kt = tl.load(
-            k + (t0 + o_t)[None, :] * (H * K) + i_h * K + o_k[:, None],
-            mask=m_k[:, None] & m_t[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        b_v = tl.load(
-            v + (t0 + o_t)[:, None] * (H * V) + i_h * V + o_v[None, :],
-            mask=m_t[:, None] & m_v[None, :],
-            other=0.0,
-        ).to(tl.float32)
+        # X^T [BK, BT] straight from memory.
+        b_xt = load_cols(x, t0, o_t, m_t, i_h, H, K, o_k, m_k)
+        b_y = load_rows(y, t0, o_t, m_t, i_h, H, V, o_v, m_v)
         if GATE == 1:
             b_gl = tl.load(g_cum + (t0 + L - 1) * H + i_h)
             b_g = tl.load(g_cum + (t0 + o_tc) * H + i_h)
-            b_h *= tl.exp(b_gl)
-            # The scalar decay is per token: fold it into v (BT x BV) rather than k.
-            b_v *= tl.exp(b_gl - b_g)[:, None]
+            b_s *= tl.exp(b_gl)
+            if REVERSE:
+                b_xt *= tl.exp(b_g)[None, :]
+            else:  # the scalar decay is per token: fold it into v (BT x BV) rather than k
+                b_y *= tl.exp(b_gl - b_g)[:, None]
         if GATE == 2:
             b_gl = tl.load(g_cum + (t0 + L - 1) * (H * K) + i_h * K + o_k, mask=m_k, other=0.0)
             b_gt = tl.load(
@@ -269,12 +301,15 @@ def _fwd_h_kernel(
                 mask=m_k[:, None],
                 other=0.0,
             )
-            b_h *= tl.exp(b_gl)[:, None]
-            b_kt *= tl.exp(b_gl[:, None] - b_gt)
-        b_h += tl.dot(b_kt, b_v, input_precision=DOT_PREC)
+            b_s *= tl.exp(b_gl)[:, None]
+            if REVERSE:
+                b_xt *= tl.exp(b_gt)
+            else:
+                b_xt *= tl.exp(b_gl[:, None] - b_gt)
+        b_s += tl.dot(b_xt, b_y, input_precision=DOT_PREC) * scale
 
-    if STORE_HT:
-        tl.store(ht + i_nh.to(tl.int64) * K * V + p_kv, b_h, mask=m_kv)
+    if STORE_OUT:
+        tl.store(s_out + i_nh.to(tl.int64) * K * V + p_kv, b_s, mask=m_kv)
 
 
 @triton.jit
@@ -322,11 +357,7 @@ def _fwd_A_kernel(
                 b_gr = tl.load(
                     g_cum + (t0 + i_i * BC) * (H * K) + i_h * K + o_k, mask=m_k, other=0.0
                 )
-                b_q = tl.load(
-                    q + (t0 + o_i)[:, None] * (H * K) + i_h * K + o_k[None, :],
-                    mask=m_i[:, None] & m_k[None, :],
-                    other=0.0,
-                ).to(tl.float32)
+                b_q = load_rows(q, t0, o_i, m_i, i_h, H, K, o_k, m_k)
                 b_kt = tl.load(
                     k + (t0 + o_j)[None, :] * (H * K) + i_h * K + o_k[:, None],
                     mask=m_k[:, None],
@@ -360,21 +391,7 @@ def _fwd_A_kernel(
                 b_A += tl.sum(b_q[:, None, :] * b_k[None, :, :] * b_e, 2)
     else:
         # One block per chunk (BC == BT): scores are a single dot, the decay a rank-1 mask.
-        m_j = o_j < L
-        for i_k in range(tl.cdiv(K, BK)):
-            o_k = i_k * BK + tl.arange(0, BK)
-            m_k = o_k < K
-            b_q = tl.load(
-                q + (t0 + o_i)[:, None] * (H * K) + i_h * K + o_k[None, :],
-                mask=m_i[:, None] & m_k[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            b_kt = tl.load(
-                k + (t0 + o_j)[None, :] * (H * K) + i_h * K + o_k[:, None],
-                mask=m_k[:, None] & m_j[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            b_A += tl.dot(b_q, b_kt, input_precision=DOT_PREC)
+        b_A += gram(q, k, t0, o_i, m_i, o_j, o_j < L, i_h, H, K, BT, BK, DOT_PREC)
         if GATE == 1:
             b_g = tl.load(g_cum + (t0 + o_ic) * H + i_h)
             m_ge = o_i[:, None] >= o_j[None, :]
@@ -386,13 +403,13 @@ def _fwd_A_kernel(
 
 
 @triton.jit
-def fwd_o_kernel(
-    q,
-    v,
+def chunk_out_kernel(
+    x,
+    y,
     g_cum,
     h,
     A,
-    o,
+    out,
     cu_seqlens,
     chunk_indices,
     scale,
@@ -403,9 +420,17 @@ def fwd_o_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     GATE: tl.constexpr,
+    REVERSE: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """o [T_all, H, V] = scale (q exp(g_cum)) h + A v, one [BT, BV] block per program."""
+    """A chunk's state term plus its intra-chunk mix, one [BT, BV] block of out [T_all, H, V]
+    per program:
+
+    - forward (REVERSE = 0): o = scale (q exp(g_cum)) h + A v, with x = q, y = v (or the
+      delta rule's corrected writes) and h the states entering the chunks;
+    - backward (REVERSE = 1): dv = (k exp(g_L - g_cum)) dh + A^T dO, with x = k, y = dO,
+      h the gradients of the states leaving the chunks and scale = 1.
+    """
     i_v, i_tg, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _, t0, L = chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
     o_t = tl.arange(0, BT)
@@ -415,119 +440,55 @@ def fwd_o_kernel(
     m_v = o_v < V
     p_h = h + (i_tg.to(tl.int64) * H + i_h) * K * V
 
-    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    b_out = tl.zeros([BT, BV], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
-        b_q = tl.load(
-            q + (t0 + o_t)[:, None] * (H * K) + i_h * K + o_k[None, :],
-            mask=m_t[:, None] & m_k[None, :],
-            other=0.0,
-        ).to(tl.float32)
+        b_x = load_rows(x, t0, o_t, m_t, i_h, H, K, o_k, m_k)
         if GATE == 2:
             b_g = tl.load(
                 g_cum + (t0 + o_tc)[:, None] * (H * K) + i_h * K + o_k[None, :],
                 mask=m_k[None, :],
                 other=0.0,
             )
-            b_q *= tl.exp(b_g)
+            if REVERSE:
+                b_gl = tl.load(g_cum + (t0 + L - 1) * (H * K) + i_h * K + o_k, mask=m_k, other=0.0)
+                b_x *= tl.exp(b_gl[None, :] - b_g)
+            else:
+                b_x *= tl.exp(b_g)
         b_h = tl.load(
             p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0
         )
-        b_o += tl.dot(b_q, b_h, input_precision=DOT_PREC)
+        b_out += tl.dot(b_x, b_h, input_precision=DOT_PREC)
     if GATE == 1:
-        b_o *= tl.exp(tl.load(g_cum + (t0 + o_tc) * H + i_h))[:, None]
-    b_o *= scale
+        b_g = tl.load(g_cum + (t0 + o_tc) * H + i_h)
+        if REVERSE:
+            b_out *= tl.exp(tl.load(g_cum + (t0 + L - 1) * H + i_h) - b_g)[:, None]
+        else:
+            b_out *= tl.exp(b_g)[:, None]
+    b_out *= scale
 
-    b_A = tl.load(
-        A + (t0 + o_t)[:, None] * (H * BT) + i_h * BT + o_t[None, :],
-        mask=m_t[:, None],
-        other=0.0,
-    )
+    if REVERSE:  # A^T [BT, BT] read transposed from memory
+        b_A = tl.load(
+            A + (t0 + o_t)[None, :] * (H * BT) + i_h * BT + o_t[:, None],
+            mask=m_t[None, :],
+            other=0.0,
+        )
+    else:
+        b_A = tl.load(
+            A + (t0 + o_t)[:, None] * (H * BT) + i_h * BT + o_t[None, :],
+            mask=m_t[:, None],
+            other=0.0,
+        )
     p_v = (t0 + o_t)[:, None] * (H * V) + i_h * V + o_v[None, :]
     m_tv = m_t[:, None] & m_v[None, :]
-    b_v = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
-    b_o += tl.dot(b_A, b_v, input_precision=DOT_PREC)
-    tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_tv)
+    b_y = tl.load(y + p_v, mask=m_tv, other=0.0).to(tl.float32)
+    b_out += tl.dot(b_A, b_y, input_precision=DOT_PREC)
+    tl.store(out + p_v, b_out.to(out.dtype.element_ty), mask=m_tv)
 
 
 # ----------------------------------------------------------------------------------------
 # Backward
-
-
-@triton.jit
-def _bwd_dh_kernel(
-    q,
-    do,
-    g_cum,
-    dh,
-    dht,
-    dh0,
-    cu_seqlens,
-    chunk_offsets,
-    scale,
-    H,
-    K,
-    V,
-    BT: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    GATE: tl.constexpr,
-    USE_DHT: tl.constexpr,
-    STORE_DH0: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-):
-    """dh [NT, H, K, V]: gradient of the state LEAVING every chunk; dh0 [N, H, K, V] that of
-    the initial state. Reverse scan: dh_in = Diag(exp(g_L)) dh_out + scale (q exp(g_cum))^T dO."""
-    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_h, bos, eos, NT, boh = document_span(cu_seqlens, chunk_offsets, i_nh, H, BT)
-
-    o_t = tl.arange(0, BT)
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    p_kv = o_k[:, None] * V + o_v[None, :]
-    m_kv = m_k[:, None] & m_v[None, :]
-
-    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_DHT:
-        b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + p_kv, mask=m_kv, other=0.0)
-
-    for it in range(NT):
-        i_t = NT - 1 - it
-        t0 = bos + i_t * BT
-        L = tl.minimum(eos - t0, BT)
-        tl.store(dh + ((boh + i_t) * H + i_h) * K * V + p_kv, b_dh, mask=m_kv)
-        m_t = o_t < L
-        o_tc = tl.minimum(o_t, L - 1)
-        b_qt = tl.load(
-            q + (t0 + o_t)[None, :] * (H * K) + i_h * K + o_k[:, None],
-            mask=m_k[:, None] & m_t[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        b_do = tl.load(
-            do + (t0 + o_t)[:, None] * (H * V) + i_h * V + o_v[None, :],
-            mask=m_t[:, None] & m_v[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        if GATE == 1:
-            b_gl = tl.load(g_cum + (t0 + L - 1) * H + i_h)
-            b_g = tl.load(g_cum + (t0 + o_tc) * H + i_h)
-            b_dh *= tl.exp(b_gl)
-            b_qt *= tl.exp(b_g)[None, :]
-        if GATE == 2:
-            b_gl = tl.load(g_cum + (t0 + L - 1) * (H * K) + i_h * K + o_k, mask=m_k, other=0.0)
-            b_gt = tl.load(
-                g_cum + (t0 + o_tc)[None, :] * (H * K) + i_h * K + o_k[:, None],
-                mask=m_k[:, None],
-                other=0.0,
-            )
-            b_dh *= tl.exp(b_gl)[:, None]
-            b_qt *= tl.exp(b_gt)
-        b_dh += tl.dot(b_qt, b_do, input_precision=DOT_PREC) * scale
-
-    if STORE_DH0:
-        tl.store(dh0 + i_nh.to(tl.int64) * K * V + p_kv, b_dh, mask=m_kv)
 
 
 @triton.jit
@@ -549,91 +510,10 @@ def _bwd_dA_kernel(
     _, t0, L = chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
     o_t = tl.arange(0, BT)
     m_t = o_t < L
-    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_v in range(tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < V
-        b_do = tl.load(
-            do + (t0 + o_t)[:, None] * (H * V) + i_h * V + o_v[None, :],
-            mask=m_t[:, None] & m_v[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        b_vt = tl.load(
-            v + (t0 + o_t)[None, :] * (H * V) + i_h * V + o_v[:, None],
-            mask=m_v[:, None] & m_t[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        b_dA += tl.dot(b_do, b_vt, input_precision=DOT_PREC)
+    b_dA = gram(do, v, t0, o_t, m_t, o_t, m_t, i_h, H, V, BT, BV, DOT_PREC)
     b_dA = tl.where(o_t[:, None] >= o_t[None, :], b_dA * scale, 0.0)
     p_dA = dA + (t0 + o_t)[:, None] * (H * BT) + i_h * BT + o_t[None, :]
     tl.store(p_dA, b_dA, mask=m_t[:, None])
-
-
-@triton.jit
-def _bwd_dv_kernel(
-    k,
-    g_cum,
-    A,
-    do,
-    dh,
-    dv,
-    cu_seqlens,
-    chunk_indices,
-    H,
-    K,
-    V,
-    BT: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    GATE: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-):
-    """dv [T_all, H, V] = A^T dO + (k exp(g_L - g_cum)) dh_out."""
-    i_v, i_tg, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    _, t0, L = chunk_span(cu_seqlens, chunk_indices, i_tg, BT)
-    o_t = tl.arange(0, BT)
-    m_t = o_t < L
-    o_tc = tl.minimum(o_t, L - 1)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    p_dh = dh + (i_tg.to(tl.int64) * H + i_h) * K * V
-
-    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        b_k = tl.load(
-            k + (t0 + o_t)[:, None] * (H * K) + i_h * K + o_k[None, :],
-            mask=m_t[:, None] & m_k[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        if GATE == 2:
-            b_gl = tl.load(g_cum + (t0 + L - 1) * (H * K) + i_h * K + o_k, mask=m_k, other=0.0)
-            b_g = tl.load(
-                g_cum + (t0 + o_tc)[:, None] * (H * K) + i_h * K + o_k[None, :],
-                mask=m_k[None, :],
-                other=0.0,
-            )
-            b_k *= tl.exp(b_gl[None, :] - b_g)
-        b_dh = tl.load(
-            p_dh + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0
-        )
-        b_dv += tl.dot(b_k, b_dh, input_precision=DOT_PREC)
-    if GATE == 1:
-        b_gl = tl.load(g_cum + (t0 + L - 1) * H + i_h)
-        b_dv *= tl.exp(b_gl - tl.load(g_cum + (t0 + o_tc) * H + i_h))[:, None]
-
-    # A^T [BT, BT] read transposed from memory.
-    b_At = tl.load(
-        A + (t0 + o_t)[None, :] * (H * BT) + i_h * BT + o_t[:, None],
-        mask=m_t[None, :],
-        other=0.0,
-    )
-    p_v = (t0 + o_t)[:, None] * (H * V) + i_h * V + o_v[None, :]
-    m_tv = m_t[:, None] & m_v[None, :]
-    b_do = tl.load(do + p_v, mask=m_tv, other=0.0).to(tl.float32)
-    b_dv += tl.dot(b_At, b_do, input_precision=DOT_PREC)
-    tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty), mask=m_tv)
 
 
 @triton.jit
@@ -709,11 +589,7 @@ def _bwd_dqk_intra_kernel(
             o_j = i_j * BC + tl.arange(0, BC)
             m_j = o_j < L
             o_jc = tl.minimum(o_j, L - 1)
-            b_qj = tl.load(
-                q + (t0 + o_j)[:, None] * (H * K) + i_h * K + o_k[None, :],
-                mask=m_j[:, None] & m_k[None, :],
-                other=0.0,
-            ).to(tl.float32)
+            b_qj = load_rows(q, t0, o_j, m_j, i_h, H, K, o_k, m_k)
             b_gj = tl.load(
                 g_cum + (t0 + o_jc)[:, None] * (H * K) + i_h * K + o_k[None, :],
                 mask=m_k[None, :],
@@ -885,10 +761,10 @@ def _states(k, v, g_cum, gate, h0, store_ht, lay, prec):
     h = k.new_empty(lay.NT, H, K, V, dtype=torch.float32)
     ht = k.new_empty(lay.docs, H, K, V, dtype=torch.float32) if store_ht else None
     grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), lay.docs * H)
-    _fwd_h_kernel[grid](
-        k, v, g_cum, h, h0, ht, lay.cu_seqlens, lay.chunk_offsets,
-        H=H, K=K, V=V, BT=lay.C, BK=BK, BV=BV, GATE=gate,
-        USE_H0=h0 is not None, STORE_HT=store_ht, DOT_PREC=prec, **launch_options(),
+    _state_scan_kernel[grid](
+        k, v, g_cum, h, h0, ht, lay.cu_seqlens, lay.chunk_offsets, 1.0,
+        H=H, K=K, V=V, BT=lay.C, BK=BK, BV=BV, GATE=gate, REVERSE=False,
+        USE_IN=h0 is not None, STORE_OUT=store_ht, DOT_PREC=prec, **launch_options(),
     )  # fmt: skip
     return h, ht
 
@@ -929,9 +805,10 @@ class GatedTriton:
         h, ht = _states(k, v, g_cum, gate, h0, output_final_state, lay, prec)
         A = chunk_scores(q, k, g_cum, gate, scale, lay, prec)
         o = torch.empty_like(v)
-        fwd_o_kernel[(triton.cdiv(V, BV), lay.NT, H)](
+        chunk_out_kernel[(triton.cdiv(V, BV), lay.NT, H)](
             q, v, g_cum, h, A, o, lay.cu_seqlens, lay.chunk_indices, scale,
-            H=H, K=K, V=V, BT=lay.C, BK=block_size(K), BV=BV, GATE=gate, DOT_PREC=prec, **launch_options(),
+            H=H, K=K, V=V, BT=lay.C, BK=block_size(K), BV=BV, GATE=gate, REVERSE=False,
+            DOT_PREC=prec, **launch_options(),
         )  # fmt: skip
 
         # Only the inputs are kept: g_cum, the states and A are recomputed in the backward.
@@ -957,10 +834,10 @@ class GatedTriton:
 
         dh = q.new_empty(lay.NT, H, K, V, dtype=torch.float32)
         dh0 = None if h0 is None else torch.empty_like(h0)
-        _bwd_dh_kernel[(NK, NV, lay.docs * H)](
+        _state_scan_kernel[(NK, NV, lay.docs * H)](
             q, do, g_cum, dh, dht, dh0, lay.cu_seqlens, lay.chunk_offsets, scale,
-            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate,
-            USE_DHT=dht is not None, STORE_DH0=h0 is not None, DOT_PREC=prec, **launch_options(),
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate, REVERSE=True,
+            USE_IN=dht is not None, STORE_OUT=h0 is not None, DOT_PREC=prec, **launch_options(),
         )  # fmt: skip
         dA = q.new_empty(T_all, H, BT, dtype=torch.float32)
         _bwd_dA_kernel[(lay.NT, H)](
@@ -968,9 +845,10 @@ class GatedTriton:
             H=H, V=V, BT=BT, BV=BV, DOT_PREC=prec, **launch_options(),
         )  # fmt: skip
         dv = torch.empty_like(v)
-        _bwd_dv_kernel[(NV, lay.NT, H)](
-            k, g_cum, A, do, dh, dv, lay.cu_seqlens, lay.chunk_indices,
-            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate, DOT_PREC=prec, **launch_options(),
+        chunk_out_kernel[(NV, lay.NT, H)](
+            k, do, g_cum, dh, A, dv, lay.cu_seqlens, lay.chunk_indices, 1.0,
+            H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, GATE=gate, REVERSE=True, DOT_PREC=prec,
+            **launch_options(),
         )  # fmt: skip
         del A
 
