@@ -9,10 +9,10 @@ tracking): then every transition has norm <= 1. Unnormalised keys are not refuse
 would cost a pass over k) but can make the state grow without bound. States are
 [N, H, K, V] fp32 (N = B, or the number of documents with ``cu_seqlens``, where B == 1);
 outputs are in v's dtype; ``scale=None`` means K ** -0.5. The chunkwise form is the WY / UT
-transform (``hylas.kernels.chunk_delta_torch``), solved in fp32.
+transform (``hylas.kernels.engines.delta.chunk_torch``), solved in fp32.
 """
 
-from hylas.kernels import delta
+from hylas.kernels.engines import delta
 from hylas.kernels.family import FamilySpec, Gate
 
 # LASP-2 (docs/architecture.md, "Sequence parallelism"): the entering state changes every

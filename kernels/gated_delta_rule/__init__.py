@@ -10,8 +10,8 @@ documents with ``cu_seqlens``, where B == 1); outputs are in v's dtype; ``scale=
 K ** -0.5.
 """
 
-from hylas.kernels import delta
 from hylas.kernels.common import check_gate
+from hylas.kernels.engines import delta
 from hylas.kernels.family import FamilySpec, Gate
 
 # LASP-2 (docs/architecture.md, "Sequence parallelism"): the entering state changes every

@@ -8,8 +8,8 @@ Shapes: q, k [B, T, H, K]; v [B, T, H, V]; gk [B, T, H, K] log decay, <= 0 (e.g.
 Outputs are in v's dtype; ``scale=None`` means K ** -0.5.
 """
 
-from hylas.kernels import gated
 from hylas.kernels.common import check_gate
+from hylas.kernels.engines import gated
 from hylas.kernels.family import FamilySpec, Gate
 
 # LASP-2 (docs/architecture.md, "Sequence parallelism"): the output from an entering state

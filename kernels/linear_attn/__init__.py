@@ -8,7 +8,7 @@ K ** -0.5. Without decay the state grows with T: keep q and k normalised (featur
 L2 or sum normalisation) for long sequences.
 """
 
-from hylas.kernels import gated
+from hylas.kernels.engines import gated
 from hylas.kernels.family import FamilySpec
 
 # LASP-2 (docs/architecture.md, "Sequence parallelism"): the output from an entering state

@@ -9,8 +9,8 @@ States are [N, H, K, V] fp32 (N = B, or the number of documents with ``cu_seqlen
 Outputs are in v's dtype; ``scale=None`` means K ** -0.5.
 """
 
-from hylas.kernels import gated
 from hylas.kernels.common import check_gate
+from hylas.kernels.engines import gated
 from hylas.kernels.family import FamilySpec, Gate
 
 # LASP-2 (docs/architecture.md, "Sequence parallelism"): the output from an entering state

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hylas.kernels.chunk_delta_triton import chunk_delta_triton
-from hylas.kernels.naive import naive_delta
+from hylas.kernels.engines.delta.chunk_triton import chunk_delta_triton
+from hylas.kernels.engines.delta.naive import naive_delta
 from tests.helpers import assert_close
 
 B, H, K, V = 2, 2, 16, 24  # K != V on purpose, and V is not a power of two

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from hylas.kernels import gla
-from hylas.kernels.chunk_triton import chunk_gated_triton
+from hylas.kernels.engines.gated.chunk_triton import chunk_gated_triton
 from hylas.kernels.gla import naive
 from tests.helpers import assert_close
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hylas.kernels import layout, registry
-from hylas.kernels.chunk_torch import from_chunks, to_chunks
+from hylas.kernels.engines.gated.chunk_torch import from_chunks, to_chunks
 from hylas.kernels.layout import ChunkLayout, Documents, chunk_layout
 from hylas.model.config import ModelConfig
 from hylas.model.decoder import HylasLM

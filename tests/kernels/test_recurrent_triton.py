@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from hylas.kernels import gated_delta_rule, simple_gla
-from hylas.kernels.chunk_delta_triton import chunk_delta_triton
+from hylas.kernels.engines.delta.chunk_triton import chunk_delta_triton
+from hylas.kernels.engines.delta.naive import naive_delta
+from hylas.kernels.engines.recurrent_triton import fused_recurrent_delta, fused_recurrent_gated
 from hylas.kernels.gla import naive
-from hylas.kernels.naive import naive_delta
-from hylas.kernels.recurrent_triton import fused_recurrent_delta, fused_recurrent_gated
 from tests.helpers import assert_close
 
 B, H, K, V = 2, 2, 16, 24  # K != V on purpose, and V is not a power of two
@@ -214,7 +214,7 @@ def test_public_recurrent_follows_the_backend_rule(family, monkeypatch):
     """``recurrent(backend=...)`` goes through resolve_backend like ``chunk``: "triton" runs
     the fused kernel (here in the interpreter), "torch" and "auto" on CPU the recurrence."""
     from hylas import kernels
-    from hylas.kernels import recurrent_triton
+    from hylas.kernels.engines import recurrent_triton
 
     mod = getattr(kernels, family)
     fused = "fused_recurrent_gated" if family == "gla" else "fused_recurrent_delta"

@@ -72,7 +72,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hylas.kernels.chunk_triton import (
+from hylas.kernels.engines.autograd import run
+from hylas.kernels.engines.triton_blocks import (
     GATE_NONE,
     GATE_SCALAR,
     block_size,
@@ -86,7 +87,6 @@ from hylas.kernels.chunk_triton import (
     load_rows,
     local_cumsum,
 )
-from hylas.kernels.engine import run
 from hylas.kernels.gpu_limits import launch_options
 from hylas.kernels.layout import ChunkLayout, Documents, chunk_layout
 
@@ -828,7 +828,7 @@ def _states(k, u, w, g_cum, h0, store_ht, lay, prec):
 
 class DeltaTriton:
     """The delta engine's Triton kernels, in the engines' autograd pattern
-    (``hylas.kernels.engine``): [T_all, H, *] tensors, B folded into documents."""
+    (``hylas.kernels.engines.autograd``): [T_all, H, *] tensors, B folded into documents."""
 
     @staticmethod
     def forward(ctx, lay: ChunkLayout, scale, output_final_state, h0, q, k, v, g, beta):
@@ -919,7 +919,7 @@ def chunk_delta_triton(
     cu_seqlens: torch.Tensor | Documents | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The chunkwise delta rule (DeltaNet, Gated DeltaNet) with Triton forward and backward.
-    The family call (``hylas.kernels.delta``) has checked the shapes; this launches.
+    The family call (``hylas.kernels.engines.delta``) has checked the shapes; this launches.
 
     Args:
         q, k: [B, T, H, K]; v: [B, T, H, V] (K != V allowed, neither need be a power of two).

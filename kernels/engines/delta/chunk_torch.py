@@ -60,7 +60,8 @@ from __future__ import annotations
 
 import torch
 
-from hylas.kernels.chunk_torch import (
+from hylas.kernels.engines.autograd import run
+from hylas.kernels.engines.gated.chunk_torch import (
     chunk_groups,
     from_chunks,
     heads_first,
@@ -68,7 +69,6 @@ from hylas.kernels.chunk_torch import (
     stack_states,
     to_chunks,
 )
-from hylas.kernels.engine import run
 from hylas.kernels.layout import ChunkLayout
 
 
@@ -153,7 +153,7 @@ def _forward(q, k, v, g, beta, scale, h0, lay: ChunkLayout):
 
 
 class DeltaTorch:
-    """The delta engine in torch, in the engines' autograd pattern (``hylas.kernels.engine``)."""
+    """The delta engine in torch, in the engines' autograd pattern (``hylas.kernels.engines.autograd``)."""
 
     @staticmethod
     def forward(ctx, lay: ChunkLayout, scale, output_final_state, h0, q, k, v, g, beta):

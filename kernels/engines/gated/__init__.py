@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import torch
 
-from hylas.kernels import chunk_torch
 from hylas.kernels.common import (
     check_qkv,
     check_state,
     default_scale,
     resolve_backend,
 )
-from hylas.kernels.engine import fold
+from hylas.kernels.engines.autograd import fold
+from hylas.kernels.engines.gated import chunk_torch
+from hylas.kernels.engines.gated.naive import naive_gated
 from hylas.kernels.layout import Documents, chunk_layout
-from hylas.kernels.naive import naive_gated
 
 __all__ = ["chunk", "entering_state_grad", "naive_gated", "recurrent", "transition"]
 
@@ -36,7 +36,7 @@ def chunk(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, back
     check_state(initial_state, B if docs is None else len(docs), H, K, V)
     scale = default_scale(scale, K)
     if resolve_backend(backend, q) == "triton":
-        from hylas.kernels.chunk_triton import chunk_gated_triton
+        from hylas.kernels.engines.gated.chunk_triton import chunk_gated_triton
 
         return chunk_gated_triton(q, k, v, g, scale, initial_state, output_final_state, docs)
     lay = chunk_layout(B, T, docs, q.device)
@@ -48,7 +48,7 @@ def recurrent(q, k, v, g, scale, initial_state, output_final_state, backend):
     check_state(initial_state, B, H, K, V)
     scale = default_scale(scale, K)
     if resolve_backend(backend, q) == "triton":
-        from hylas.kernels.recurrent_triton import fused_recurrent_gated
+        from hylas.kernels.engines.recurrent_triton import fused_recurrent_gated
 
         return fused_recurrent_gated(q, k, v, g, scale, initial_state, output_final_state)
     return naive_gated(q, k, v, g, scale, initial_state, output_final_state)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hylas.kernels.engine import run
+from hylas.kernels.engines.autograd import run
 from hylas.kernels.layout import ChunkLayout
 
 SUB_CHUNK = 8
@@ -247,7 +247,7 @@ def _output_group(qs, kc, vc, g_cum, h, sub):
 
 
 class GatedTorch:
-    """The gated engine in torch, in the engines' autograd pattern (``hylas.kernels.engine``)."""
+    """The gated engine in torch, in the engines' autograd pattern (``hylas.kernels.engines.autograd``)."""
 
     @staticmethod
     def forward(ctx, lay: ChunkLayout, scale, output_final_state, h0, q, k, v, g):

@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import torch
 
-from hylas.kernels import chunk_delta_torch as engine
-from hylas.kernels.chunk_torch import chunk_groups, to_chunks
 from hylas.kernels.common import (
     check_qkv,
     check_state,
     default_scale,
     resolve_backend,
 )
-from hylas.kernels.engine import fold
+from hylas.kernels.engines.autograd import fold
+from hylas.kernels.engines.delta import chunk_torch as engine
+from hylas.kernels.engines.delta.naive import naive_delta
+from hylas.kernels.engines.gated.chunk_torch import chunk_groups, to_chunks
 from hylas.kernels.layout import Documents, chunk_layout
-from hylas.kernels.naive import naive_delta
 
 __all__ = ["check_beta", "chunk", "entering_state_grad", "naive_delta", "recurrent", "transition"]
 
@@ -47,7 +47,7 @@ def chunk(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens
     check_state(initial_state, B if docs is None else len(docs), H, K, V)
     scale = default_scale(scale, K)
     if resolve_backend(backend, q) == "triton":
-        from hylas.kernels.chunk_delta_triton import chunk_delta_triton
+        from hylas.kernels.engines.delta.chunk_triton import chunk_delta_triton
 
         return chunk_delta_triton(q, k, v, g, beta, scale, initial_state, output_final_state, docs)
     lay = chunk_layout(B, T, docs, q.device)
@@ -59,7 +59,7 @@ def recurrent(q, k, v, g, beta, scale, initial_state, output_final_state, backen
     check_state(initial_state, B, H, K, V)
     scale = default_scale(scale, K)
     if resolve_backend(backend, q) == "triton":
-        from hylas.kernels.recurrent_triton import fused_recurrent_delta
+        from hylas.kernels.engines.recurrent_triton import fused_recurrent_delta
 
         return fused_recurrent_delta(q, k, v, g, beta, scale, initial_state, output_final_state)
     return naive_delta(q, k, v, g, beta, scale, initial_state, output_final_state)
