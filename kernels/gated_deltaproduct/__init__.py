@@ -165,31 +165,18 @@ def naive(
 def transition(q, k, v, g, beta, scale=None, cu_seqlens=None, starts_document=False):
     """LASP-2: (A [N, H, K, K], B [N, H, K, V]) with S_out = A @ S_in + B."""
     (qs, ks, vs, gs, bs), n = _interleave(q, k, v, g, beta)
-    return gated_delta_rule.transition(
-        qs,
-        ks,
-        vs,
-        gs,
-        bs,
-        default_scale(scale, q.shape[-1]),
-        _steps(cu_seqlens, q, n),
-        starts_document,
-    )
+    steps = _steps(cu_seqlens, q, n)
+    scale = default_scale(scale, q.shape[-1])
+    return gated_delta_rule.transition(qs, ks, vs, gs, bs, scale, steps, starts_document)
 
 
 def entering_state_grad(q, k, v, g, beta, do, scale=None, cu_seqlens=None, starts_document=False):
     """LASP-2: G [N, H, K, V], the gradient of the segment's outputs on its entering state."""
     (qs, ks, vs, gs, bs, dos), n = _interleave(q, k, v, g, beta, do)
+    steps = _steps(cu_seqlens, q, n)
+    scale = default_scale(scale, q.shape[-1])
     return gated_delta_rule.entering_state_grad(
-        qs,
-        ks,
-        vs,
-        gs,
-        bs,
-        dos,
-        default_scale(scale, q.shape[-1]),
-        _steps(cu_seqlens, q, n),
-        starts_document,
+        qs, ks, vs, gs, bs, dos, scale, steps, starts_document
     )
 
 
