@@ -1,5 +1,5 @@
-"""What an op family declares about itself: its gates, which gate is its decay, its FLOPs
-and how to make inputs for it (docs/architecture.md, "Op families").
+"""What an op family declares about itself: its gates, which gate is its decay, its FLOPs,
+the head sizes it serves and how to make inputs for it (docs/architecture.md, "Op families").
 
 Every family module (``hylas.kernels.<family>``) holds a ``SPEC``; ``hylas.kernels.registry``
 lists the families. The mixers, sequence parallelism, the compile gate, the benchmarks and
@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from hylas.kernels.common import CHUNK
+from hylas.kernels.gpu_limits import MAX_HEAD_SIZE
 
 # A gate's kind: a log decay per head ([B, T, H]), a log decay per key channel
 # ([B, T, H, K]), or a write strength per head (beta, [B, T, H]).
@@ -38,6 +39,8 @@ class FamilySpec:
     delta: whether the chunk holds the delta rule's extra work (the WY solves).
     make_inputs: a family's own input maker where its layout is not q, k, v [B, T, H, *]
       with these gates (see ``standard_inputs``).
+    max_head_size: the largest K and V its Triton kernels serve: mixers refuse bigger heads
+      when the model is built, and the compile gate checks every kernel up to it.
     """
 
     name: str
@@ -45,6 +48,7 @@ class FamilySpec:
     split_output: bool
     delta: bool = False
     make_inputs: Callable[..., list[torch.Tensor]] | None = None
+    max_head_size: int = MAX_HEAD_SIZE
 
     @property
     def decay_index(self) -> int | None:

@@ -21,18 +21,19 @@ import functools
 
 from hylas.kernels.common import triton_interpreted
 
-# Head sizes the kernels serve and the gate checks. The delta-rule scans hold a state
-# column block of all of K in registers, as at most four 64-row blocks.
+# Head sizes both engines' kernels serve (a family's ``SPEC.max_head_size`` by default).
+# The delta-rule scans hold a state column block of all of K in registers, as at most
+# four 64-row blocks.
 MAX_HEAD_SIZE = 256
 # Shared memory per block at or above which loops are pipelined two deep (sm_80, sm_90).
 _TWO_STAGES_FROM = 160 * 1024
 
 
-def check_head_sizes(family: str, k: int, v: int) -> None:
+def check_head_sizes(family: str, k: int, v: int, limit: int = MAX_HEAD_SIZE) -> None:
     """Refuse, with one sentence, head sizes the Triton kernels do not serve."""
-    if k > MAX_HEAD_SIZE or v > MAX_HEAD_SIZE:
+    if k > limit or v > limit:
         raise ValueError(
-            f"{family}: head sizes K={k}, V={v} are over the {MAX_HEAD_SIZE} the GPU kernels "
+            f"{family}: head sizes K={k}, V={v} are over the {limit} the GPU kernels "
             f"serve; use more heads (a smaller head size)"
         )
 

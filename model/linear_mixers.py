@@ -35,7 +35,7 @@ from hylas.kernels import (
     linear_attn,
     simple_gla,
 )
-from hylas.kernels.gpu_limits import check_head_sizes
+from hylas.kernels.gpu_limits import MAX_HEAD_SIZE, check_head_sizes
 from hylas.model.config import ConfigError, ModelConfig
 from hylas.model.conv import ShortConv
 from hylas.model.layers import RMSNorm, init_normal, init_value
@@ -108,7 +108,8 @@ class LinearMixer(nn.Module):
                 f"{cfg.n_heads} q/k heads and {hv} value heads"
             )
         try:  # refused here, not at the first backward on a GPU
-            check_head_sizes(cls.name, key_dim // cfg.n_heads, value_dim // hv)
+            limit = cls.family.SPEC.max_head_size if cls.family else MAX_HEAD_SIZE
+            check_head_sizes(cls.name, key_dim // cfg.n_heads, value_dim // hv, limit)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 

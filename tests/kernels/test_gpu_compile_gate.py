@@ -21,6 +21,8 @@ from tests.gpu_compile_gate import FAMILIES, HEAD_SIZES, TARGETS
 pytestmark = pytest.mark.integration  # compiler subprocesses
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
 def launched_kernels() -> set[str]:
     """Every ``@triton.jit`` kernel (a function named ``*_kernel``) in any module of
     ``kernels/``."""

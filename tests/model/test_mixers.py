@@ -2,6 +2,7 @@
 documents equal per-document runs, cached decoding equals the full forward; softmax
 attention's window and QK-norm; parameter counts and FLOPs."""
 
+import dataclasses
 import itertools
 
 import pytest
@@ -261,6 +262,16 @@ def test_bad_mixer_settings_are_refused_at_load_time():
     # One head of K = 384 and V = 768: over what the GPU kernels serve.
     with pytest.raises(ConfigError, match=r"gated_deltanet: head sizes K=384, V=768 are over"):
         config("gated_deltanet", d_model=512, n_heads=1)
+
+
+def test_a_familys_served_head_size_bounds_its_mixers(monkeypatch):
+    """The limit is the family's SPEC.max_head_size: GLA's heads here are K = 16, V = 32."""
+    from hylas.kernels import gla
+
+    config("gla")  # served
+    monkeypatch.setattr(gla, "SPEC", dataclasses.replace(gla.SPEC, max_head_size=24))
+    with pytest.raises(ConfigError, match=r"gla: head sizes K=16, V=32 are over the 24"):
+        config("gla")
 
 
 def test_flops_per_token_counts_matmuls_and_attention_by_hand():
