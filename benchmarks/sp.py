@@ -101,7 +101,7 @@ class _Ring(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, layer, q, k, v, *gates):
-        from hylas.parallel.sp import _times_state
+        from hylas.parallel.sp import times_state
 
         seg = layer.segment
         A, B = layer.protocol(layer.family.transition, q, k, v, gates)
@@ -109,7 +109,7 @@ class _Ring(torch.autograd.Function):
         if seg.rank > 0:
             dist.recv(S_in, seg.peer(-1), seg.group)
         if seg.rank < seg.size - 1:
-            dist.send((_times_state(A, S_in) + B).contiguous(), seg.peer(1), seg.group)
+            dist.send((times_state(A, S_in) + B).contiguous(), seg.peer(1), seg.group)
         o = layer.chunk(q, k, v, gates, entering=S_in)[0]
         ctx.layer, ctx.A = layer, A
         ctx.save_for_backward(q, k, v, *gates, S_in)
@@ -117,7 +117,7 @@ class _Ring(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        from hylas.parallel.sp import _times_state
+        from hylas.parallel.sp import times_state
 
         layer = ctx.layer
         seg = layer.segment
@@ -127,7 +127,7 @@ class _Ring(torch.autograd.Function):
         if seg.rank < seg.size - 1:
             dist.recv(dS_out, seg.peer(1), seg.group)
         if seg.rank > 0:
-            dist.send((_times_state(ctx.A, dS_out, transpose=True) + G).contiguous(), seg.peer(-1))
+            dist.send((times_state(ctx.A, dS_out, transpose=True) + G).contiguous(), seg.peer(-1))
         needs = ctx.needs_input_grad[1:]
         local = layer.recompute([q, k, v, *gates], needs, S_in)
         return None, *layer.local_grads(local, needs, do, dS_out)
@@ -135,10 +135,10 @@ class _Ring(torch.autograd.Function):
 
 def _ring_kernel(self, q, k, v, gates, state, use_cache, seq):
     from hylas.kernels.common import default_scale
-    from hylas.parallel.sp import _LinearLayer
+    from hylas.parallel.sp import LinearSegment
 
     scale = default_scale(self.scale, q.shape[-1])
-    layer = _LinearLayer(self, seq, seq.segment, scale, states_from_kernel=False)
+    layer = LinearSegment(self, seq, seq.segment, scale, states_from_kernel=False)
     return _Ring.apply(layer, q, k, v, *gates), None
 
 

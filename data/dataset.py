@@ -16,9 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from hylas.data.prepare import FORMAT_VERSION, MANIFEST, TOKENIZER_DIR
 from hylas.data.sources import DataError
 from hylas.data.tokenizer import Tokenizer, file_sha256
+
+# The prepared directory's format (written by ``hylas.data.prepare``, read here).
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENIZER_DIR = "tokenizer"
 
 
 @dataclass

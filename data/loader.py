@@ -38,10 +38,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hylas.configs.base import IGNORE_INDEX
 from hylas.data.dataset import Split
 from hylas.data.sources import DataError
 
-IGNORE_INDEX = -100
 STATE_VERSION = 1
 
 

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hylas.model.config import ConfigError
+from hylas.configs.base import IGNORE_INDEX, ConfigError
 
-IGNORE_INDEX = -100
 FILL_TOKEN = 0  # never a key or a value
 
 

@@ -56,14 +56,12 @@ import numpy as np
 from tqdm import tqdm
 
 from hylas.data.corpus import corpus_fingerprint, load_corpus, split_corpus
+from hylas.data.dataset import FORMAT_VERSION, MANIFEST, TOKENIZER_DIR, PreparedData
 from hylas.data.sources import DataError, RawParagraphs, Source, split_paragraphs
 from hylas.data.tokenizer import Tokenizer, file_sha256, train_tokenizer
 
 log = logging.getLogger("hylas")
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-TOKENIZER_DIR = "tokenizer"
 SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 1 << 28  # 512 MB of uint16 tokens
 JOB_CHARACTERS = 1 << 20  # text per worker task: large enough to amortise the hand-off
@@ -564,7 +562,6 @@ def merge_prepared(parts: list[str | os.PathLike], out: str | os.PathLike) -> di
     dtype, format and held-out rule, and when made with ``--part``, be all N parts of one
     count, each once. Shards are hard-linked (copied across filesystems) in part order and
     numbered again; their sha256 carry over."""
-    from hylas.data.dataset import PreparedData
 
     out = Path(out)
     if out.exists():

@@ -54,6 +54,8 @@ from typing import BinaryIO, Literal, overload
 
 import zstandard
 
+from hylas.configs.base import DataError
+
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet",)
@@ -81,10 +83,6 @@ _PARAGRAPH_BLOCK = 4 << 20  # bytes read at a time in paragraph mode
 # (256 KiB: 1 MiB blocks left a worker idle at the end of a 20 MB file, 1.85x against 1.94x).
 _BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")
 _RAW_BLOCK = 1 << 18
-
-
-class DataError(ValueError):
-    """Input that cannot be used; the message names the file and the problem."""
 
 
 @dataclass

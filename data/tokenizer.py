@@ -31,7 +31,6 @@ hash. ``encode`` adds no special tokens; Hylas ends every document with ``eos_id
 from __future__ import annotations
 
 import abc
-import hashlib
 import io
 import json
 import os
@@ -41,6 +40,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import sentencepiece as spm
+
+from hylas.configs.base import file_sha256
 
 MODEL_FILE = "tokenizer.model"
 META_FILE = "hylas_tokenizer.json"
@@ -67,14 +68,6 @@ HF_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Tokenizer(abc.ABC):

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hylas.model.config import ModelConfig
 from hylas.model.layers import RMSNorm, RotaryEmbedding, init_normal
 
 if TYPE_CHECKING:
+    from hylas.model.config import ModelConfig
     from hylas.model.decoder import Packing
 
 BLOCK = 512  # query rows per SDPA call: its mask is [B, 1, BLOCK, span of visible keys]

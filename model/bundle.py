@@ -33,6 +33,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from hylas.configs.base import BundleError
+
 # Where the closure starts: the Hugging Face wrapper and its configuration.
 ROOTS = ("hylas.model.hf_model", "hylas.model.hf_config")
 # What a bundled file may import at module level besides the standard library.
@@ -42,10 +44,6 @@ EXPORT_NAMES = {
     "hylas.model.hf_model": "modeling_hylas",
     "hylas.model.hf_config": "configuration_hylas",
 }
-
-
-class BundleError(RuntimeError):
-    """A module Hylas would bundle imports something an export cannot carry."""
 
 
 def file_name(module: str) -> str:

@@ -6,12 +6,19 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING
 
+from hylas.configs.base import ConfigError
+
+__all__ = [
+    "AttentionConfig",
+    "ConfigError",
+    "MoEConfig",
+    "ModelConfig",
+    "expand_ratio",
+    "ratio_pattern",
+]
+
 if TYPE_CHECKING:
     from hylas.model.linear_mixers import LinearMixer
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message is one sentence for the user."""
 
 
 def expand_ratio(ratio: str) -> str:

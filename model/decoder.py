@@ -7,19 +7,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from hylas.configs.base import IGNORE_INDEX
 from hylas.kernels.layout import Documents
-from hylas.model.config import ModelConfig
 from hylas.model.layers import RMSNorm, SwiGLU, init_normal
 from hylas.model.moe import MoE, RouterStats
 from hylas.model.registry import mixer_class
 
-IGNORE_INDEX = -100
+if TYPE_CHECKING:
+    from hylas.model.config import ModelConfig
+
 # Target tokens per LM-head chunk when a loss is asked for without the logits: longer
 # inputs run the head and the cross-entropy chunk by chunk, each recomputed in the
 # backward, so the [tokens, vocabulary] logits never exist at once.

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import math
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hylas.configs.base import ConfigError
 from hylas.kernels import (
     delta_rule,
     gated_delta_rule,
@@ -36,10 +38,11 @@ from hylas.kernels import (
     simple_gla,
 )
 from hylas.kernels.gpu_limits import MAX_HEAD_SIZE, check_head_sizes
-from hylas.model.config import ConfigError, ModelConfig
 from hylas.model.conv import ShortConv
 from hylas.model.layers import RMSNorm, init_normal, init_value
-from hylas.model.registry import register_linear_mixer
+
+if TYPE_CHECKING:
+    from hylas.model.config import ModelConfig
 
 # Decoding steps of at most this many tokens run the per-token recurrence.
 RECURRENT_MAX_TOKENS = 16
@@ -238,10 +241,15 @@ class LinearMixer(nn.Module):
         )
 
 
+# Name -> class of every linear mixer (``hylas.model.registry`` reads it).
+LINEAR_MIXERS: dict[str, type[LinearMixer]] = {}
+
+
 def _register(name):
     def add(cls):
         cls.name = name
-        return register_linear_mixer(name)(cls)
+        LINEAR_MIXERS[name] = cls
+        return cls
 
     return add
 

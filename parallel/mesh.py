@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from hylas.model.config import ConfigError
+from hylas.configs.base import ConfigError
 
 
 @dataclass(frozen=True)

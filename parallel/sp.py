@@ -135,14 +135,15 @@ def _linear_kernel(local, states_from_kernel: bool | None):
         if from_kernel is None:
             from_kernel = resolve_backend(self.kernel_backend, q) == "triton"
         scale = default_scale(self.scale, q.shape[-1])
-        layer = _LinearLayer(self, seq, segment, scale, from_kernel)
+        layer = LinearSegment(self, seq, segment, scale, from_kernel)
         return _Lasp2.apply(layer, q, k, v, *gates), None
 
     return kernel
 
 
-class _LinearLayer:
-    """What ``_Lasp2`` needs of one mixer call besides its tensors."""
+class LinearSegment:
+    """One linear mixer call on a segment: what the LASP-2 protocol needs of it besides its
+    tensors (the family, the packing, the segment, the scale)."""
 
     def __init__(self, mixer, seq, segment: Segment, scale: float, states_from_kernel: bool):
         self.family, self.backend = mixer.family, mixer.kernel_backend
@@ -257,7 +258,7 @@ class _LinearLayer:
         return work, out.view(seg.size, *payload.shape)
 
 
-def _times_state(A: torch.Tensor, S: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+def times_state(A: torch.Tensor, S: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     """A S for a scalar [B, H], diagonal [B, H, K] or dense [B, H, K, K] transition."""
     if A.dim() == 2:
         return A[..., None, None] * S
@@ -298,7 +299,7 @@ class _Lasp2(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, layer: _LinearLayer, q, k, v, *gates):
+    def forward(ctx, layer: LinearSegment, q, k, v, *gates):
         seg, family = layer.segment, layer.family
         saved = seg.saved.get(layer.key)
         o = None
@@ -320,7 +321,7 @@ class _Lasp2(torch.autograd.Function):
         A_all, B_all = _split(gathered, A.shape, B_state.shape)
         S_in = torch.zeros_like(B_state)
         for j in range(seg.rank):
-            S_in = _times_state(A_all[j], S_in) + B_all[j]
+            S_in = times_state(A_all[j], S_in) + B_all[j]
         S_in = S_in * seg.continues.view(-1, 1, 1, 1).to(S_in.dtype)
         if family.SPEC.split_output:
             assert o is not None  # the local output from zero, computed above
@@ -348,13 +349,13 @@ class _Lasp2(torch.autograd.Function):
         G_all = G_all.view(seg.size, *G.shape)
         dS_out = torch.zeros_like(S_in)
         for j in range(seg.size - 1, seg.rank, -1):
-            dS_out = _times_state(ctx.A_all[j], dS_out, transpose=True) + G_all[j]
+            dS_out = times_state(ctx.A_all[j], dS_out, transpose=True) + G_all[j]
         if layer.states_from_kernel:
             return None, *layer.kernel_leaving_grads(local, needs, dS_out, grads)
         return None, *layer.local_grads(local, needs, do, dS_out)
 
 
-def _entering_read(layer: _LinearLayer, q, gates, S_in) -> torch.Tensor:
+def _entering_read(layer: LinearSegment, q, gates, S_in) -> torch.Tensor:
     """What the entering state adds to a split-output family's output (the family's
     ``entering_read``), for the tokens of each sample's first document (zero elsewhere)."""
     seq = layer.seq

@@ -37,6 +37,7 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 
+from hylas.configs.base import CheckpointError
 from hylas.data.tokenizer import Tokenizer, file_sha256
 from hylas.parallel import comm
 from hylas.train.config import Config, config_from_dict
@@ -47,10 +48,6 @@ MODEL_FILE = "model.safetensors"
 TRAINER_FILE = "trainer.json"
 TOKENIZER_DIR = "tokenizer"
 PARTIAL = ".partial"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read; the message says which and why."""
 
 
 def atomic_write_text(path: Path, text: str) -> None:

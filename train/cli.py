@@ -601,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():  # DeepSpeed would warn on every rank while it finds out
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from hylas.model.config import ConfigError
+    from hylas.configs.base import ConfigError
     from hylas.train.checkpoint import CheckpointError
     from hylas.train.trainer import TrainError
 

@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from hylas.model.config import ConfigError, ModelConfig
+from hylas.configs.base import ConfigError
+from hylas.model.config import ModelConfig
 
 # The shipped recipes: hylas.configs sits beside hylas.train, in the checkout and in an
 # installed wheel alike (pyproject's package-dir). A path, not importlib.resources: the

@@ -35,7 +35,7 @@ from deepspeed.utils import (
     safe_set_full_optimizer_state,
 )
 
-from hylas.model.config import ConfigError
+from hylas.configs.base import ConfigError
 from hylas.parallel.mesh import Layout
 from hylas.train.checkpoint import Moments
 from hylas.train.config import Config

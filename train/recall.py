@@ -28,8 +28,9 @@ from dataclasses import replace
 
 import torch
 
+from hylas.configs.base import ConfigError
 from hylas.data.mqar import IGNORE_INDEX, MQARConfig, mqar_batch
-from hylas.model.config import ConfigError, ModelConfig
+from hylas.model.config import ModelConfig
 from hylas.model.decoder import HylasLM
 from hylas.train.config import TrainConfig
 from hylas.train.optim import lr_at, param_groups

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from hylas.model.config import ConfigError, ModelConfig, expand_ratio, ratio_pattern
+from hylas.configs.base import ConfigError
+from hylas.model.config import ModelConfig, expand_ratio, ratio_pattern
 from hylas.train.checkpoint import atomic_write_text
 from hylas.train.config import load_config
 

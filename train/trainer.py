@@ -19,6 +19,7 @@ import torch.distributed as dist
 import yaml
 from filelock import FileLock
 
+from hylas.configs.base import IGNORE_INDEX, TrainError
 from hylas.data.dataset import PreparedData
 from hylas.data.loader import PackedLoader, eval_batches, select_rows
 from hylas.data.prepare import cache_root, prepare_embedded_corpus
@@ -45,10 +46,6 @@ from hylas.train.metrics import MetricsFile, Progress, WandbLogger, mfu, peak_fl
 from hylas.train.optim import lr_at
 
 log = logging.getLogger("hylas")
-
-
-class TrainError(RuntimeError):
-    """A run that cannot start or go on; the message says why in one sentence."""
 
 
 @dataclass
@@ -388,7 +385,9 @@ class Trainer:
     ) -> tuple[StepStats, float, float]:
         world, accumulation = self.layout.world, len(micro_batches)
         # The step's target count over every rank, before the first backward.
-        targets = torch.tensor([sum(int((b["labels"] != -100).sum()) for b in micro_batches)])
+        targets = torch.tensor(
+            [sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)]
+        )
         comm.all_reduce(targets)
         n_targets = int(targets.item())
         lm_sum, aux_sum, bad = 0.0, 0.0, False
@@ -476,9 +475,9 @@ class Trainer:
                     batch, rows[lo : lo + micro] or [0], self.layout.sp_rank, self.layout.sp
                 )
                 if not rows[lo : lo + micro]:  # nothing left here: a forward that counts nothing
-                    part["labels"] = torch.full_like(part["labels"], -100)
+                    part["labels"] = torch.full_like(part["labels"], IGNORE_INDEX)
                 out = self.engine(**self.inputs(part), logits=False)
-                targets = int((part["labels"] != -100).sum())
+                targets = int((part["labels"] != IGNORE_INDEX).sum())
                 if targets:
                     sums[source, 0] += out.lm_loss_sum.item()
                     sums[source, 1] += targets
