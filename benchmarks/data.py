@@ -36,6 +36,7 @@ from hylas.data.sources import open_sources
 from hylas.data.tokenizer import Tokenizer
 from hylas.model.decoder import HylasLM
 from hylas.train.config import load_config
+from hylas.train.loss import lm_loss
 from hylas.train.optim import param_groups
 from hylas.train.trainer import keep_freed_memory, model_inputs
 
@@ -96,7 +97,7 @@ def loader_vs_step(steps: int, batches: int) -> tuple[float, float, str]:
         batch = loader.next_batch()
         t0 = time.perf_counter()
         out = model(**model_inputs(batch, torch.device("cpu")), logits=False)
-        out.loss.backward()
+        lm_loss(model, out, batch["labels"]).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         step_times.append(time.perf_counter() - t0)

@@ -61,6 +61,7 @@ def engine_steps(trainer, steps: int, warmup: int) -> tuple[float, float]:
 
 def bare_steps(cfg, loader, steps: int, warmup: int) -> float:
     """Seconds per step of the loop the engine replaced: forward, backward, clip, AdamW."""
+    from hylas.train.loss import lm_loss
     from hylas.train.optim import lr_at, param_groups
     from hylas.train.trainer import build_model, model_inputs
 
@@ -73,7 +74,7 @@ def bare_steps(cfg, loader, steps: int, warmup: int) -> float:
     def step(i: int) -> None:
         batch = loader.next_batch()
         out = model(**model_inputs(batch, torch.device("cpu")), logits=False)
-        out.loss.backward()
+        lm_loss(model, out, batch["labels"]).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
         for group in opt.param_groups:
             group["lr"] = lr_at(i, tc)

@@ -24,6 +24,7 @@ from machine import describe
 
 from hylas.model.config import ModelConfig
 from hylas.model.decoder import HylasLM
+from hylas.train.loss import lm_loss
 
 
 def hylas_model(pattern: str, mixer: str) -> HylasLM:
@@ -109,8 +110,11 @@ def train_tokens_per_s(model, T: int, tokens: int, steps: int, dtype: str) -> fl
 
     def step():
         with autocast(dtype):
-            out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
+            if isinstance(model, HylasLM):  # the loss is Hylas's trainer's
+                loss = lm_loss(model, model(ids), ids.roll(-1, 1))
+            else:  # transformers shifts the labels itself
+                loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
         model.zero_grad(set_to_none=True)
 
     step()  # warm-up

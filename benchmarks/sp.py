@@ -81,6 +81,14 @@ def model_config(mixer: str = "gla", **kw):
     return ModelConfig(**{**base, **kw}).validate()
 
 
+def train_loss(model, inputs: dict) -> torch.Tensor:
+    """The summed next-token loss of one sample's segment, the LM head in chunks."""
+    from hylas.train.loss import cross_entropy_sum
+
+    out = model(**inputs, logits=False)
+    return cross_entropy_sum(model, out, inputs["input_ids"].roll(-1, 1))
+
+
 def one_sample_segment(T: int, rank: int, world: int, device="cpu"):
     """One sample of T tokens, one document: this rank's Packing with its Segment."""
     from hylas.model.decoder import Packing
@@ -229,20 +237,19 @@ def memory_rank(rank: int, world: int, T: int) -> dict:
         seq = one_sample_segment(T, rank, world)
         return dict(
             input_ids=ids,
-            labels=ids.roll(-1, 1),
-            cu_seqlens=seq.cu_seqlens,
+            cu_seqlens=seq.docs.cu_seqlens,
             position_ids=torch.arange(rank * L, (rank + 1) * L).unsqueeze(0),
             segment=seq.segment if world > 1 else None,
         )
 
     # set-up ends with a short step: what the first step allocates once is not per token
-    model(**inputs(256 * world), logits=False).lm_loss_sum.backward()
+    train_loss(model, inputs(256 * world)).backward()
     model.zero_grad()
     batch = inputs(T)
     base = resident_bytes()
     Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from here
     t0 = time.perf_counter()
-    model(**batch, logits=False).lm_loss_sum.backward()
+    train_loss(model, batch).backward()
     return {
         "sp": world,
         "T": T,

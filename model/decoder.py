@@ -10,11 +10,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from hylas.configs.base import IGNORE_INDEX
 from hylas.kernels.layout import Documents
 from hylas.model.layers import RMSNorm, SwiGLU, init_normal
 from hylas.model.moe import MoE, RouterStats
@@ -22,11 +19,6 @@ from hylas.model.registry import mixer_class
 
 if TYPE_CHECKING:
     from hylas.model.config import ModelConfig
-
-# Target tokens per LM-head chunk when a loss is asked for without the logits: longer
-# inputs run the head and the cross-entropy chunk by chunk, each recomputed in the
-# backward, so the [tokens, vocabulary] logits never exist at once.
-LOSS_CHUNK = 4096
 
 
 @dataclass
@@ -114,16 +106,14 @@ class Packing:
 
 @dataclass
 class LMOutput:
+    """What a forward returns: the logits [B, T, vocab] or, with ``logits=False``, the final
+    hidden states [B, T, D] (for a loss that runs the LM head in chunks,
+    ``hylas.train.loss``); the cache when asked for; each MoE layer's router statistics."""
+
     logits: torch.Tensor | None
-    loss: torch.Tensor | None = None  # cross-entropy, plus the MoE auxiliary losses
+    hidden: torch.Tensor | None = None
     cache: HybridCache | None = None
     moe_stats: list[RouterStats] = field(default_factory=list)  # one per MoE layer
-    aux_loss: torch.Tensor | None = None  # the weighted MoE auxiliary losses in ``loss``
-    lm_loss: torch.Tensor | None = None  # the cross-entropy alone (mean over targets)
-    # The summed token cross-entropy and the number of targets, for a trainer that
-    # normalises by the targets of a whole global batch (docs/architecture.md).
-    lm_loss_sum: torch.Tensor | None = None
-    targets: int = 0
 
 
 class Block(nn.Module):
@@ -218,7 +208,7 @@ class HylasLM(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        labels: torch.Tensor | None = None,
+        *,
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         cache: HybridCache | None = None,
@@ -227,14 +217,14 @@ class HylasLM(nn.Module):
         segment: object | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> LMOutput:
-        """input_ids, labels, position_ids: [B, T] int64; labels hold the next token or -100.
+        """input_ids, position_ids: [B, T] int64. The model computes; the loss is the
+        trainer's (``hylas.train.loss``).
 
         cu_seqlens (int32 [N + 1] over the flattened B * T tokens, every document and
         sample start) keeps packed documents apart in every layer; position_ids then default
-        to each token's offset in its document. The loss is the mean cross-entropy over the
-        tokens whose label is not -100. With ``use_cache`` the returned cache continues
-        from ``cache`` (or from empty); caches are for unpacked batches. With ``logits``
-        False the loss is computed in chunks of the LM head (``LOSS_CHUNK``).
+        to each token's offset in its document. With ``use_cache`` the returned cache
+        continues from ``cache`` (or from empty); caches are for unpacked batches. With
+        ``logits`` False the output holds the final hidden states instead of the logits.
 
         segment: this rank's place in sequence-parallel samples (``hylas.parallel.sp``,
         which also wraps the layers); it needs ``cu_seqlens``.
@@ -271,74 +261,23 @@ class HylasLM(nn.Module):
         x = self.embed(input_ids)
         states = cache.states if cache is not None else [None] * len(self.blocks)
         new_states = []
-        recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block, state in zip(self.blocks, states, strict=True):
-            if recompute:
-                x, state = checkpoint(
-                    block, x, position_ids, state, use_cache, seq, use_reentrant=False
-                )
-            else:
-                x, state = block(x, position_ids, state, use_cache, seq)
+            x, state = block(x, position_ids, state, use_cache, seq)
             new_states.append(state)
         x = self.norm(x)
-        out = LMOutput(logits=None)
+        out = LMOutput(logits=self.logits(x) if logits else None, hidden=None if logits else x)
         if use_cache:
             out.cache = HybridCache(new_states, past + T)
-        if logits:  # the LM head runs once for the logits and the loss
-            out.logits = self.lm_head(x)[..., : self.cfg.vocab_size]
-        if labels is not None:
-            if out.logits is not None:  # set just above when ``logits``
-                out.lm_loss_sum = self.loss(out.logits, labels, reduction="sum")
-            else:
-                out.lm_loss_sum = self.chunked_loss_sum(x, labels)
-            out.targets = int((labels != IGNORE_INDEX).sum())
-            out.loss = out.lm_loss = out.lm_loss_sum / out.targets
-        moe = [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
-        if moe:
-            for m in moe:
-                assert m.last_stats is not None  # set by the forward just run
-                out.moe_stats.append(m.last_stats)
-            c = self.cfg.moe
-            aux_loss = sum(
-                c.aux_loss_coef * s.aux_loss() + c.z_loss_coef * s.z_loss() for s in out.moe_stats
-            )
-            assert isinstance(aux_loss, torch.Tensor)  # a sum of at least one tensor
-            out.aux_loss = aux_loss
-            if out.loss is not None:
-                out.loss = out.loss + aux_loss
-        if not logits:
-            out.logits = None
+        for block in self.blocks:
+            if isinstance(block.ffn, MoE):
+                assert block.ffn.last_stats is not None  # set by the forward just run
+                out.moe_stats.append(block.ffn.last_stats)
         return out
 
-    def loss(
-        self, logits: torch.Tensor, labels_BT: torch.Tensor, reduction: str = "mean"
-    ) -> torch.Tensor:
-        """Cross-entropy (fp32) over the tokens whose label is not -100: their mean or sum."""
-        return F.cross_entropy(
-            logits.float().flatten(0, 1),
-            labels_BT.flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction=reduction,
-        )
-
-    def chunked_loss_sum(self, x_BTD: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-        """The summed cross-entropy of the LM head over the target tokens, ``LOSS_CHUNK``
-        targets at a time; beyond one chunk each chunk's logits are recomputed in the
-        backward instead of kept."""
-        keep = (labels_BT.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
-        x = x_BTD.flatten(0, 1).index_select(0, keep)
-        y = labels_BT.flatten().index_select(0, keep)
-        if len(y) <= LOSS_CHUNK:
-            return self._head_loss_sum(x, y)
-        total = x.new_zeros((), dtype=torch.float32)
-        for lo in range(0, len(y), LOSS_CHUNK):
-            part = (x[lo : lo + LOSS_CHUNK], y[lo : lo + LOSS_CHUNK])
-            total = total + checkpoint(self._head_loss_sum, *part, use_reentrant=False)
-        return total
-
-    def _head_loss_sum(self, x_ND: torch.Tensor, labels_N: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(x_ND)[..., : self.cfg.vocab_size]
-        return F.cross_entropy(logits.float(), labels_N, reduction="sum")
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on final hidden states [..., D] -> [..., vocab] (the padded rows of the
+        embedding dropped)."""
+        return self.lm_head(hidden)[..., : self.cfg.vocab_size]
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Exact parameter count (a tied LM head counted once)."""

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from hylas.configs.base import IGNORE_INDEX
 from hylas.model.config import ModelConfig
-from hylas.model.decoder import IGNORE_INDEX, HylasLM
+from hylas.model.decoder import HylasLM
 from hylas.model.hf_config import HylasConfig
 
 # -- the bundled modules --
@@ -92,23 +93,29 @@ class HylasForCausalLM(PreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """labels, as transformers gives them, are the inputs (shifted here; -100 ignored);
-        the loss is the mean next-token cross-entropy, without MoE auxiliary losses."""
+        the loss is the mean next-token cross-entropy, without MoE auxiliary losses.
+
+        These few lines are the export's own loss, transformers' convention: an exported
+        model cannot ship ``hylas.train``, where the training objective lives
+        (``hylas.train.loss``, which adds MoE terms and runs the head in chunks)."""
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("Hylas models take input_ids (inputs_embeds is not supported)")
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        targets = None
-        if labels is not None:
-            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         out = self.model(
             input_ids,
-            labels=targets,
             position_ids=position_ids,
             cache=cache,
             use_cache=use_cache,
             attention_mask=attention_mask,
         )
+        loss = None
+        if labels is not None:
+            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+            loss = F.cross_entropy(
+                out.logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX
+            )
         return CausalLMOutputWithPast(
-            loss=out.lm_loss, logits=out.logits, cache=out.cache if use_cache else None
+            loss=loss, logits=out.logits, cache=out.cache if use_cache else None
         )
 
     def _reorder_cache(self, cache, beam_idx: torch.Tensor):

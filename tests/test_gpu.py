@@ -333,6 +333,7 @@ def _lasp_worker(rank: int, port: int, out_dir: str) -> None:
     from hylas.data.loader import _segment
     from hylas.model.decoder import HylasLM
     from hylas.parallel import comm, sp
+    from hylas.train.loss import cross_entropy_sum
     from hylas.train.trainer import model_inputs
     from tests.parallel.test_sp import config, samples
 
@@ -346,7 +347,7 @@ def _lasp_worker(rank: int, port: int, out_dir: str) -> None:
     def run(model, batch, group):
         model.zero_grad()
         out = model(**model_inputs(batch, device, group))
-        out.lm_loss_sum.backward()
+        cross_entropy_sum(model, out, batch["labels"].to(device)).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         return out.logits.detach(), grads
 

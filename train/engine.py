@@ -168,6 +168,7 @@ class Engine:
     ):
         tc = cfg.train
         self.stage, self.grad_clip = cfg.parallel.zero_stage, tc.grad_clip
+        self.device, self.dtype = device, dtype
         os.environ.setdefault("LOCAL_RANK", str(layout.local_rank))  # DeepSpeed asserts on it
         if device.type == "cpu":
             avoid_cpu_comm_build()
@@ -191,6 +192,12 @@ class Engine:
 
     def __call__(self, **kwargs):
         return self.ds(**kwargs)
+
+    def autocast(self) -> torch.autocast:
+        """The forward's autocast (``train.dtype``), for what the trainer computes from the
+        forward's output: the loss's LM head runs as it would inside the forward."""
+        enabled = self.dtype == "bfloat16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         self.ds.set_gradient_accumulation_boundary(last)

@@ -33,6 +33,7 @@ from hylas.data.mqar import IGNORE_INDEX, MQARConfig, mqar_batch
 from hylas.model.config import ModelConfig
 from hylas.model.decoder import HylasLM
 from hylas.train.config import TrainConfig
+from hylas.train.loss import lm_loss
 from hylas.train.optim import lr_at, param_groups
 
 log = logging.getLogger("hylas")
@@ -158,12 +159,13 @@ def recall_accuracy(
             input_ids, labels = mqar_batch(mqar, batch_size, train_gen)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, schedule)
-            out = net(input_ids.to(device), labels=labels.to(device))
+            out = net(input_ids.to(device))
+            step_loss = lm_loss(net, out, labels.to(device))
             opt.zero_grad(set_to_none=True)
-            out.loss.backward()
+            step_loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), GRAD_CLIP)
             opt.step()
-            loss = out.loss.item()
+            loss = step_loss.item()
             if (step + 1) % LOG_EVERY == 0 or step + 1 == steps:
                 log.info(
                     "recall: step %d/%d, loss %.3f, %.0f s",

@@ -29,6 +29,7 @@ from hylas.model.decoder import HylasLM
 from hylas.model.moe import RouterStats
 from hylas.parallel import comm, sp
 from hylas.parallel.mesh import Layout, device_for, init_groups, layout_from_env, shutdown
+from hylas.train.ac import apply_activation_checkpointing
 from hylas.train.checkpoint import (
     Checkpoint,
     SaveRequest,
@@ -42,6 +43,7 @@ from hylas.train.checkpoint import (
 )
 from hylas.train.config import Config
 from hylas.train.engine import BatchLayout, Engine, batch_layout
+from hylas.train.loss import count_targets, cross_entropy_sum, moe_aux, pooled_moe_aux
 from hylas.train.metrics import MetricsFile, Progress, WandbLogger, mfu, peak_flops
 from hylas.train.optim import lr_at
 
@@ -77,7 +79,7 @@ def model_inputs(
 ) -> dict:
     """The loader's batch as model keyword arguments (document boundaries when present);
     an sp rank's segment also gets its place in the whole samples (``parallel.sp``)."""
-    keys = ("input_ids", "labels", "position_ids")
+    keys = ("input_ids", "position_ids")  # the labels are the loss's (train.loss)
     inputs: dict[str, torch.Tensor | sp.Segment] = {
         k: batch[k].to(device) for k in keys if k in batch
     }
@@ -263,6 +265,8 @@ def build_model(cfg: Config, device: torch.device) -> HylasLM:
         model = HylasLM(cfg.model, cfg.kernels.backend, seed=cfg.train.seed)
     model.to_empty(device=device)
     model.init_weights(cfg.train.seed)
+    if cfg.model.activation_checkpointing:
+        apply_activation_checkpointing(model)
     return model
 
 
@@ -385,25 +389,26 @@ class Trainer:
     ) -> tuple[StepStats, float, float]:
         world, accumulation = self.layout.world, len(micro_batches)
         # The step's target count over every rank, before the first backward.
-        targets = torch.tensor(
-            [sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)]
-        )
+        targets = torch.tensor([sum(count_targets(b["labels"]) for b in micro_batches)])
         comm.all_reduce(targets)
         n_targets = int(targets.item())
         lm_sum, aux_sum, bad = 0.0, 0.0, False
         pooled: list[RouterStats] = []
         for m, batch in enumerate(micro_batches):
             out = self.engine(**self.inputs(batch), logits=False)
-            # out.lm_loss_sum: summed token cross-entropy; DeepSpeed averages over ranks.
-            loss = out.lm_loss_sum * (world / n_targets)
+            # The summed token cross-entropy; DeepSpeed averages the gradients over ranks.
+            with self.engine.autocast():
+                lm = cross_entropy_sum(self.engine.module, out, batch["labels"].to(self.device))
+            loss = lm * (world / n_targets)
             if out.moe_stats:
-                aux, stats = self.moe_aux_loss(out.moe_stats)
+                moe = self.cfg.model.moe
+                aux, stats = pooled_moe_aux(out.moe_stats, moe, comm.all_reduce)
                 loss = loss + aux * (world / accumulation)
-                aux_sum += sum(self.moe_weighted(s).item() for s in stats) / accumulation
+                aux_sum += sum(moe_aux(s, moe).item() for s in stats) / accumulation
                 pooled = (
                     stats if not pooled else [a + b for a, b in zip(pooled, stats, strict=True)]
                 )
-            value = out.lm_loss_sum.item()
+            value = lm.item()
             bad |= not math.isfinite(value)
             lm_sum += value
             self.engine.backward(loss, last=m == accumulation - 1)
@@ -415,45 +420,6 @@ class Trainer:
         applied, grad_norm = self.engine.step(lr, skip=bad)
         step_stats = StepStats(lm_loss + aux_sum, lm_loss, n_targets, not applied, stopping, pooled)
         return step_stats, lr, grad_norm
-
-    def moe_aux_loss(self, stats: list[RouterStats]) -> tuple[torch.Tensor, list[RouterStats]]:
-        """This rank's share of the MoE auxiliary losses of the micro-batch pooled over ranks.
-
-        Expert counts and token totals are summed over every rank first, so that the load
-        balance term (E sum_e f_e P_e) uses the global batch's f_e, as one process would; a
-        rank's term over its own probabilities then sums over ranks to the pooled loss.
-        """
-        counts = torch.stack([s.counts.float() for s in stats])
-        sums = torch.stack([s.prob_sum.detach() for s in stats])
-        extra = torch.tensor(
-            [[s.tokens, s.dropped, s.z_sum.item()] for s in stats], device=counts.device
-        )
-        pooled = torch.cat([counts, sums, extra], dim=1)
-        comm.all_reduce(pooled)
-        E = counts.shape[1]
-        result = []
-        total: torch.Tensor | float = 0.0
-        for i, s in enumerate(stats):
-            tokens = pooled[i, 2 * E].item()
-            g = RouterStats(
-                pooled[i, :E],
-                pooled[i, E : 2 * E],
-                pooled[i, 2 * E + 2],
-                int(tokens),
-                s.top_k,
-                int(pooled[i, 2 * E + 1].item()),
-            )
-            f = g.counts / (tokens * s.top_k)
-            c = self.cfg.model.moe
-            total = total + c.aux_loss_coef * E * (f * s.prob_sum).sum() / tokens
-            total = total + c.z_loss_coef * s.z_sum / tokens
-            result.append(g)
-        assert isinstance(total, torch.Tensor)  # stats is never empty
-        return total, result
-
-    def moe_weighted(self, s: RouterStats) -> torch.Tensor:
-        c = self.cfg.model.moe
-        return c.aux_loss_coef * s.aux_loss() + c.z_loss_coef * s.z_loss()
 
     # -- evaluation ---------------------------------------------------------------------------
 
@@ -477,9 +443,12 @@ class Trainer:
                 if not rows[lo : lo + micro]:  # nothing left here: a forward that counts nothing
                     part["labels"] = torch.full_like(part["labels"], IGNORE_INDEX)
                 out = self.engine(**self.inputs(part), logits=False)
-                targets = int((part["labels"] != IGNORE_INDEX).sum())
+                labels = part["labels"].to(self.device)
+                targets = count_targets(labels)
                 if targets:
-                    sums[source, 0] += out.lm_loss_sum.item()
+                    with self.engine.autocast():
+                        lm = cross_entropy_sum(self.engine.module, out, labels)
+                    sums[source, 0] += lm.item()
                     sums[source, 1] += targets
         self.engine.ds.train()
         comm.all_reduce(sums)

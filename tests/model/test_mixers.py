@@ -13,6 +13,8 @@ from hylas.model.config import AttentionConfig, ConfigError, ModelConfig
 from hylas.model.decoder import HylasLM
 from hylas.model.linear_mixers import LinearMixer
 from hylas.model.registry import LINEAR_MIXERS, check_linear_mixer, mixer_registry
+from hylas.train.ac import apply_activation_checkpointing
+from hylas.train.loss import lm_loss
 from tests.helpers import assert_close
 
 check_linear_mixer("gla")  # fills the registry
@@ -78,7 +80,7 @@ def test_each_linear_mixer_trains_in_a_hybrid(mixer):
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for step in range(10):
-        loss = model(ids[:, :-1], labels=ids[:, 1:]).loss
+        loss = lm_loss(model, model(ids[:, :-1]), ids[:, 1:])
         loss.backward()
         if step == 0:
             for name, p in model.named_parameters():
@@ -236,17 +238,28 @@ def test_qk_norm_adds_per_head_norms():
     attn = model.blocks[3].mixer
     assert attn.q_norm.weight.shape == (attn.head_dim,)
     ids = torch.randint(0, VOCAB, (1, 20))
-    model(ids, labels=ids).loss.backward()
+    lm_loss(model, model(ids), ids).backward()
     assert attn.q_norm.weight.grad is not None
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
-    grads = []
+def test_activation_checkpointing_recomputes_and_gives_the_same_gradients():
+    """Applied from outside (``train.ac``): each block's forward runs again in the backward,
+    the gradients and the parameter names are those of the plain model."""
+    grads, calls, names = [], [], []
     for ckpt in (False, True):
-        model = build("gated_deltanet", activation_checkpointing=ckpt)
+        model = build("gated_deltanet")
+        if ckpt:
+            apply_activation_checkpointing(model)
+        runs: list[int] = []
+        for block in model.blocks:
+            block.mixer.register_forward_hook(lambda *_, runs=runs: runs.append(1))
         ids = torch.randint(0, VOCAB, (2, 50), generator=torch.Generator().manual_seed(0))
-        model(ids, labels=ids.roll(-1, 1)).loss.backward()
+        lm_loss(model, model(ids), ids.roll(-1, 1)).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        calls.append(len(runs))
+        names.append(list(model.state_dict()))
+    assert calls == [4, 8]  # 4 blocks, each forward once more in the backward
+    assert names[0] == names[1]
     assert_close(grads[1], grads[0], 1e-6, "gradients")
 
 

@@ -23,6 +23,8 @@ from hylas.model.decoder import HylasLM
 from hylas.model.registry import LINEAR_MIXERS, check_linear_mixer
 from hylas.parallel import sp
 from hylas.parallel.trace import trace_collectives
+from hylas.train.ac import apply_activation_checkpointing
+from hylas.train.loss import cross_entropy_sum
 from hylas.train.trainer import model_inputs
 from tests.helpers import rel_rms_error, spawn_ranks
 
@@ -74,6 +76,8 @@ def build(cfg: ModelConfig) -> HylasLM:
         for p in model.parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    if cfg.activation_checkpointing:  # as the trainer's build_model applies it
+        apply_activation_checkpointing(model)
     return model.train()
 
 
@@ -101,14 +105,14 @@ def run(
     its tests compare those losses.)"""
     model.zero_grad()
     out = model(**inputs_of(batch, group))
-    loss = out.lm_loss_sum
+    loss = cross_entropy_sum(model, out, batch["labels"])
     # the logits enter the loss too, so their gradient path is checked beyond the labels;
     # ``cols``: this rank's columns of one fixed random weighting of the whole samples
     V = out.logits.shape[-1]
     w = torch.randn(2, T, V, generator=torch.Generator().manual_seed(3))[:, cols]
     (loss + (out.logits * w.reshape(out.logits.shape)).sum() * 1e-3).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.logits.detach(), out.lm_loss_sum.detach(), grads
+    return out.logits.detach(), loss.detach(), grads
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -169,8 +173,11 @@ def _collectives(world: int, group) -> dict:
         inputs = inputs_of(_segment(ids, labels, is_start, group.rank(), world), group)
         with trace_collectives() as forward:
             out = model(**inputs, logits=False)
+            loss = cross_entropy_sum(
+                model, out, _segment(ids, labels, is_start, group.rank(), world)["labels"]
+            )
         with trace_collectives() as backward:
-            out.lm_loss_sum.backward()
+            loss.backward()
         result[f"T={seq_len} checkpointing={recompute}"] = {
             phase: [[r.kind, r.bytes, r.async_op] for r in tracer.records]
             for phase, tracer in (("forward", forward), ("backward", backward))

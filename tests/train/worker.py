@@ -25,8 +25,8 @@ def inject_nan(steps: set[int], ranks: set[int] | None) -> None:
 
     def poisoned_forward(self, *args, **kwargs):
         out = forward(self, *args, **kwargs)
-        if poison and out.lm_loss_sum is not None:
-            out.lm_loss_sum = out.lm_loss_sum * float("nan")
+        if poison and out.hidden is not None:  # the training forward's output: the loss is NaN
+            out.hidden = out.hidden * float("nan")
         return out
 
     def marked_train_step(self, *args, **kwargs):
