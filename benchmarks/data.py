@@ -36,9 +36,10 @@ from hylas.data.sources import open_sources
 from hylas.data.tokenizer import Tokenizer
 from hylas.model.decoder import HylasLM
 from hylas.train.config import load_config
+from hylas.train.inputs import model_inputs
 from hylas.train.loss import lm_loss
+from hylas.train.memory import keep_freed_memory
 from hylas.train.optim import param_groups
-from hylas.train.trainer import keep_freed_memory, model_inputs
 
 
 def corpus_jsonl(path: Path, copies: int) -> list[str]:

@@ -61,9 +61,10 @@ def engine_steps(trainer, steps: int, warmup: int) -> tuple[float, float]:
 
 def bare_steps(cfg, loader, steps: int, warmup: int) -> float:
     """Seconds per step of the loop the engine replaced: forward, backward, clip, AdamW."""
+    from hylas.train.inputs import model_inputs
     from hylas.train.loss import lm_loss
     from hylas.train.optim import lr_at, param_groups
-    from hylas.train.trainer import build_model, model_inputs
+    from hylas.train.trainer import build_model
 
     tc = cfg.train
     model = build_model(cfg, torch.device("cpu"))
@@ -92,7 +93,8 @@ def bare_steps(cfg, loader, steps: int, warmup: int) -> float:
 def worker(args) -> None:
     """One rank: build the trainer for a stage and time its steps; rank 0 prints JSON."""
     from hylas.train.config import load_config
-    from hylas.train.trainer import Trainer, keep_freed_memory
+    from hylas.train.memory import keep_freed_memory
+    from hylas.train.trainer import Trainer
 
     keep_freed_memory()
     cfg = load_config("tiny", recipe(args.out, args.stage, args.threads))

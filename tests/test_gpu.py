@@ -333,8 +333,8 @@ def _lasp_worker(rank: int, port: int, out_dir: str) -> None:
     from hylas.data.loader import _segment
     from hylas.model.decoder import HylasLM
     from hylas.parallel import comm, sp
+    from hylas.train.inputs import model_inputs
     from hylas.train.loss import cross_entropy_sum
-    from hylas.train.trainer import model_inputs
     from tests.parallel.test_sp import config, samples
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")

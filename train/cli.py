@@ -601,9 +601,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():  # DeepSpeed would warn on every rank while it finds out
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from hylas.configs.base import ConfigError
+    from hylas.configs.base import ConfigError, TrainError
     from hylas.train.checkpoint import CheckpointError
-    from hylas.train.trainer import TrainError
 
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()

@@ -4,12 +4,10 @@ dimensions", "Checkpoints and export") describes what it keeps equal across layo
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import resource
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,21 +15,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
-from filelock import FileLock
 
 from hylas.configs.base import IGNORE_INDEX, TrainError
-from hylas.data.dataset import PreparedData
-from hylas.data.loader import PackedLoader, eval_batches, select_rows
-from hylas.data.prepare import cache_root, prepare_embedded_corpus
-from hylas.data.tokenizer import Tokenizer
+from hylas.data.loader import select_rows
 from hylas.kernels.common import resolve_backend
 from hylas.model.decoder import HylasLM
 from hylas.model.moe import RouterStats
 from hylas.parallel import comm, sp
-from hylas.parallel.mesh import Layout, device_for, init_groups, layout_from_env, shutdown
+from hylas.parallel.mesh import device_for, init_groups, layout_from_env, shutdown
 from hylas.train.ac import apply_activation_checkpointing
 from hylas.train.checkpoint import (
-    Checkpoint,
     SaveRequest,
     atomic_write_text,
     complete_checkpoints,
@@ -42,8 +35,10 @@ from hylas.train.checkpoint import (
     save_checkpoint,
 )
 from hylas.train.config import Config
-from hylas.train.engine import BatchLayout, Engine, batch_layout
+from hylas.train.engine import Engine, batch_layout
+from hylas.train.inputs import check_same_tokenizer, model_inputs, open_data
 from hylas.train.loss import count_targets, cross_entropy_sum, moe_aux, pooled_moe_aux
+from hylas.train.memory import keep_freed_memory
 from hylas.train.metrics import MetricsFile, Progress, WandbLogger, mfu, peak_flops
 from hylas.train.optim import lr_at
 
@@ -71,156 +66,6 @@ def compute_dtype(requested: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
     return "bfloat16" if torch.cpu._is_amx_tile_supported() else "float32"
-
-
-@torch.no_grad()
-def model_inputs(
-    batch: dict[str, torch.Tensor], device: torch.device, sp_group: dist.ProcessGroup | None = None
-) -> dict:
-    """The loader's batch as model keyword arguments (document boundaries when present);
-    an sp rank's segment also gets its place in the whole samples (``parallel.sp``)."""
-    keys = ("input_ids", "position_ids")  # the labels are the loss's (train.loss)
-    inputs: dict[str, torch.Tensor | sp.Segment] = {
-        k: batch[k].to(device) for k in keys if k in batch
-    }
-    if "cu_seqlens" in batch:  # stays on the host: the model reads it there once, no sync
-        inputs["cu_seqlens"] = batch["cu_seqlens"]
-    if "global_cu_seqlens" in batch:
-        assert sp_group is not None, "a sequence-parallel batch needs its sp group"
-        B, L = batch["input_ids"].shape
-        start = int(batch["segment_start"])
-        inputs["segment"] = sp.Segment(sp_group, batch["global_cu_seqlens"], start, B, L, device)
-    return inputs
-
-
-@dataclass
-class Data:
-    tokenizer: Tokenizer
-    loader: PackedLoader
-    held_out: list
-    names: list[str]
-    description: str
-
-    @property
-    def held_out_windows(self) -> int:
-        return sum(len(b["input_ids"]) for _, b in self.held_out)
-
-
-def check_same_tokenizer(start: Checkpoint, tokenizer: Tokenizer) -> None:
-    """train.init_from: the data must be tokenized as the starting model was trained."""
-    theirs = start.tokenizer()
-    if (theirs.sha256, theirs.eos_id) != (tokenizer.sha256, tokenizer.eos_id):
-        raise TrainError(
-            f"{start.path} was trained with another tokenizer than the data's "
-            f"({theirs.file.name} sha256 {theirs.sha256[:12]}... vs {tokenizer.sha256[:12]}...); "
-            f"prepare the data with: hylas data prepare --tokenizer {start.path / 'tokenizer'} ..."
-        )
-
-
-def open_data(cfg: Config, layout: Layout, batches: BatchLayout) -> Data:
-    """The tokenizer, this rank's training loader and the held-out batches of ``cfg.data``."""
-    tc, dc = cfg.train, cfg.data
-    if not dc.sources:
-        # One process per node prepares the cache; the others wait for it, then reuse it.
-        cache_root().mkdir(parents=True, exist_ok=True)
-        with FileLock(cache_root() / ".prepare.lock"):
-            tok_dir, data_dir = prepare_embedded_corpus(cfg.model.vocab_size)
-        paths, weights, names = [data_dir], [1.0], ["shakespeare"]
-        tokenizer_dir: Path | None = Path(dc.tokenizer) if dc.tokenizer else tok_dir
-    else:
-        paths = [Path(s.path) for s in dc.sources]
-        weights = [s.weight for s in dc.sources]
-        names = [p.name or str(p) for p in paths]
-        names = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
-        tokenizer_dir = None if not dc.tokenizer else Path(dc.tokenizer)
-    if dc.verify:
-        log.info(
-            "checking %d prepared data director%s (sha256 of every shard)",
-            len(paths),
-            "y" if len(paths) == 1 else "ies",
-        )
-    prepared = [PreparedData(p, verify=dc.verify) for p in paths]
-    tokenizer = Tokenizer.load(tokenizer_dir or prepared[0].tokenizer_dir)
-    for p in prepared:
-        p.check_tokenizer(tokenizer)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise TrainError(
-            f"the tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size is "
-            f"{cfg.model.vocab_size}; set model.vocab_size to at least {tokenizer.vocab_size}"
-        )
-    loader = PackedLoader(
-        [p.split("train") for p in prepared],
-        tc.seq_len,
-        batches.per_rank,
-        tc.seed,
-        pad_id=tokenizer.pad_id,
-        weights=weights,
-        names=names,
-        dp_rank=layout.dp_rank,
-        dp_size=layout.dp,
-        sp_rank=layout.sp_rank,
-        sp_size=layout.sp,
-    )
-    with_val = [
-        i for i, p in enumerate(prepared) if p.splits.get("val") and p.splits["val"].num_documents
-    ]
-    if tc.eval_batches == 0:  # no evaluation: the held-out split is not read
-        with_val = []
-    elif not with_val:
-        raise TrainError(
-            f"no held-out documents in {', '.join(map(str, paths))} (prepared with --val-fraction 0?); "
-            "prepare it again with hylas data prepare --input ... --tokenizer ... --out NEW "
-            "--val-fraction 0.005"
-        )
-    held_out = []
-    if with_val:
-        held_out = eval_batches(
-            [prepared[i].split("val") for i in with_val],
-            tc.seq_len,
-            tc.batch_size,
-            tc.eval_batches,
-            pad_id=tokenizer.pad_id,
-            weights=[weights[i] for i in with_val],
-        )
-        held_out = [(with_val[i], b) for i, b in held_out]
-    tokens = [s.stream_tokens for s in loader.sources]
-    mix = ", ".join(
-        f"{n} {w:.0%} ({t / 1e6:.2f}M tokens)"
-        for n, w, t in zip(names, loader.weights, tokens, strict=True)
-    )
-    return Data(tokenizer, loader, held_out, names, mix)
-
-
-# Tokens per forward on one rank above which a CPU run returns large freed blocks to the
-# OS (see ``keep_freed_memory``).
-LEAN_MEMORY_TOKENS = 1 << 14
-
-
-def keep_freed_memory(tokens_per_forward: int = 0) -> None:
-    """On glibc, keep freed memory in the process instead of returning it to the OS.
-
-    Otherwise every large tensor is mmap'd and unmapped again each step, and the fresh
-    pages fault in on first touch: on 2 CPU cores that cost the tiny recipe about 40% of
-    its step time (a third of it in the kernel). Freed memory is reused, never leaked.
-
-    Past ``LEAN_MEMORY_TOKENS`` tokens per forward (long sequences, sequence parallelism)
-    memory wins over speed: a kept heap fragments to about 2.3x the tensors alive at the
-    peak (measured on the pure-linear tiny model at 16k tokens), so blocks of 128 KiB
-    and more are mapped and unmapped on their own and the resident peak stays with the
-    live tensors, at about twice the step time.
-    """
-    if sys.platform != "linux":
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return
-    m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4
-    if tokens_per_forward > LEAN_MEMORY_TOKENS:
-        libc.mallopt(m_mmap_threshold, 128 * 1024)
-        return
-    libc.mallopt(m_mmap_max, 0)
-    libc.mallopt(m_trim_threshold, 2**31 - 1)
 
 
 class StopSignal:

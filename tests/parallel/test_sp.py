@@ -24,8 +24,8 @@ from hylas.model.registry import LINEAR_MIXERS, check_linear_mixer
 from hylas.parallel import sp
 from hylas.parallel.trace import trace_collectives
 from hylas.train.ac import apply_activation_checkpointing
+from hylas.train.inputs import model_inputs
 from hylas.train.loss import cross_entropy_sum
-from hylas.train.trainer import model_inputs
 from tests.helpers import rel_rms_error, spawn_ranks
 
 pytestmark = pytest.mark.integration  # spawned ranks
