@@ -103,7 +103,12 @@ def _read_offline_run(run_dir: Path) -> tuple[dict, list[dict]]:
         kind = record.WhichOneof("record_type")
         if kind in ("run", "config"):
             items = record.run.config.update if kind == "run" else record.config.update
-            config.update({i.key: json.loads(i.value_json) for i in items})
+            for i in items:  # a top-level key, or a path into nested dicts
+                *outer, last = [i.key] if i.key else list(i.nested_key)
+                node = config
+                for part in outer:
+                    node = node.setdefault(part, {})
+                node[last] = json.loads(i.value_json)
         elif kind == "history":
             history.append(
                 {
