@@ -44,6 +44,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -234,7 +235,14 @@ class _Pool:
     dies (killed, out of memory) stops the run with an error instead of a hang."""
 
     def __init__(self, workers: int, tokenizer_dir: Path, dtype: np.dtype, eos_id: int):
-        ctx = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
+        # Fork is the fast start, but forking a process that runs other threads (a metrics
+        # exporter, say) can copy a held lock into the child, which then aborts: such a
+        # process starts its workers from a fresh server process instead.
+        if sys.platform == "darwin":
+            method = "spawn"
+        else:
+            method = "fork" if threading.active_count() == 1 else "forkserver"
+        ctx = multiprocessing.get_context(method)
         initargs = (str(tokenizer_dir), dtype.name, eos_id)  # each worker opens the tokenizer
         self.pool = ProcessPoolExecutor(workers, ctx, initializer=_init_worker, initargs=initargs)
         self.limit = 2 * workers

@@ -91,6 +91,35 @@ def test_worker_count_and_shard_size_do_not_change_the_token_stream(tmp_path, to
     assert np.array_equal(stream(one), stream(small))
 
 
+def test_workers_start_safely_beside_other_threads(tmp_path, tokenizer, texts, monkeypatch):
+    """A process running other threads (wandb's exporters, say) starts its workers from a
+    fresh server process, not by fork; the shards are byte-identical to a forked pool's."""
+    import threading
+
+    from hylas.data import prepare as prepare_module
+
+    methods = []
+    get_context = prepare_module.multiprocessing.get_context
+
+    def recording(method):
+        methods.append(method)
+        return get_context(method)
+
+    monkeypatch.setattr(prepare_module.multiprocessing, "get_context", recording)
+    src = str(write_jsonl(tmp_path / "a.jsonl", texts))
+    release = threading.Event()
+    outs = []
+    for busy in (False, True):
+        if busy:
+            threading.Thread(target=release.wait, daemon=True).start()
+        out = tmp_path / f"busy{busy}"
+        prepare(open_sources([src]), tokenizer, out, workers=2, val_fraction=0.05, progress=False)
+        outs.append(PreparedData(out))
+    release.set()
+    assert methods[-1] == "forkserver"  # the first run forks unless other tests left threads
+    assert outs[0].manifest["splits"] == outs[1].manifest["splits"]
+
+
 def test_every_input_format_gives_the_same_documents(tmp_path, tokenizer, texts):
     import datasets
 
