@@ -90,13 +90,13 @@ def train_loss(model, inputs: dict) -> torch.Tensor:
 
 
 def one_sample_segment(T: int, rank: int, world: int, device="cpu"):
-    """One sample of T tokens, one document: this rank's Packing with its Segment."""
+    """One sample of T tokens, one document: this rank's (Packing, Segment)."""
     from hylas.model.decoder import Packing
     from hylas.parallel.sp import Segment
 
     L = T // world
     segment = Segment(dist.group.WORLD, torch.tensor([0, T]), rank * L, 1, L, device)
-    return Packing.from_cu_seqlens(torch.tensor([0, L]), 1, L, segment)
+    return Packing.from_cu_seqlens(torch.tensor([0, L]), 1, L), segment
 
 
 # -- comm: one layer under LASP-2, a ring and LASP-2H ------------------------------------
@@ -141,18 +141,19 @@ class _Ring(torch.autograd.Function):
         return None, *layer.local_grads(local, needs, do, dS_out)
 
 
-def _ring_kernel(self, q, k, v, gates, state, use_cache, seq):
-    from hylas.kernels.common import default_scale
-    from hylas.parallel.sp import LinearSegment
+def ring(layer):
+    """``layer`` (sequence-parallel already) with LASP-1's ring in place of LASP-2."""
+    from hylas.parallel import sp
 
-    scale = default_scale(self.scale, q.shape[-1])
-    layer = LinearSegment(self, seq, seq.segment, scale, states_from_kernel=False)
-    return _Ring.apply(layer, q, k, v, *gates), None
+    class Ring(sp.SequenceParallelLinear):
+        def exchange(self, layer, q, k, v, gates):
+            return _Ring.apply(layer, q, k, v, *gates)
+
+    sp.swap(layer, Ring)  # Ring[SequenceParallelLinear[GLA]]: Ring's exchange comes first
+    return layer
 
 
 def comm_rank(rank: int, world: int, repeats: int) -> list[dict]:
-    import types
-
     from hylas.model.attention import SoftmaxAttention
     from hylas.model.registry import LINEAR_MIXERS, check_linear_mixer
     from hylas.parallel import sp
@@ -167,10 +168,9 @@ def comm_rank(rank: int, world: int, repeats: int) -> list[dict]:
         layer = LINEAR_MIXERS[mixer](cfg, "torch")
         layer.init_weights(torch.Generator().manual_seed(0), 0.02, 0.01)
         layers[f"{mixer}, LASP-2"] = sp.apply(layer)
-        ring = sp.apply(LINEAR_MIXERS[mixer](cfg, "torch"))  # the convs' halos as LASP-2's
-        ring.load_state_dict(layer.state_dict())
-        ring._kernel = types.MethodType(_ring_kernel, ring)
-        layers[f"{mixer}, ring"] = ring
+        twin = sp.apply(LINEAR_MIXERS[mixer](cfg, "torch"))  # the convs' halos as LASP-2's
+        twin.load_state_dict(layer.state_dict())
+        layers[f"{mixer}, ring"] = ring(twin)
     attention = SoftmaxAttention(model_config(n_kv_heads=1), "torch")
     attention.init_weights(torch.Generator().manual_seed(0), 0.02, 0.01)
     layers["softmax (GQA 4:1), LASP-2H"] = sp.apply(attention)
@@ -182,11 +182,11 @@ def comm_rank(rank: int, world: int, repeats: int) -> list[dict]:
         for name, layer in layers.items():
             times = []
             for i in range(repeats + 1):
-                seq = one_sample_segment(T, rank, world)
+                seq, segment = one_sample_segment(T, rank, world)
                 dist.barrier()
                 t0 = time.perf_counter()
                 with trace_collectives() as tracer:
-                    out, _ = layer(x, pos, None, False, seq)
+                    out, _ = layer(x, pos, None, False, seq, segment=segment)
                     out.float().pow(2).mean().backward()
                 dist.barrier()
                 if i:  # the first is a warm-up
@@ -217,6 +217,7 @@ def memory_rank(rank: int, world: int, T: int) -> dict:
 
     from hylas.model.decoder import HylasLM
     from hylas.parallel import sp
+    from hylas.train.ac import apply_activation_checkpointing
 
     # Every allocation of 128 KiB or more is mapped and unmapped on its own (glibc's
     # threshold would otherwise grow and keep freed tensors in the heap), so the resident
@@ -224,9 +225,8 @@ def memory_rank(rank: int, world: int, T: int) -> dict:
     m_mmap_threshold = -3
     ctypes.CDLL("libc.so.6").mallopt(m_mmap_threshold, 128 * 1024)
 
-    model = HylasLM(
-        model_config(linear_to_full="1:0", activation_checkpointing=True), "torch", seed=0
-    ).train()
+    model = HylasLM(model_config(linear_to_full="1:0"), "torch", seed=0).train()
+    apply_activation_checkpointing(model)
     if world > 1:
         sp.apply(model)
 
@@ -234,13 +234,13 @@ def memory_rank(rank: int, world: int, T: int) -> dict:
         L = T // world
         ids = torch.randint(0, 4096, (1, T), generator=torch.Generator().manual_seed(0))
         ids = ids[:, rank * L : (rank + 1) * L]
-        seq = one_sample_segment(T, rank, world)
-        return dict(
+        seq, segment = one_sample_segment(T, rank, world)
+        inputs = dict(
             input_ids=ids,
             cu_seqlens=seq.docs.cu_seqlens,
             position_ids=torch.arange(rank * L, (rank + 1) * L).unsqueeze(0),
-            segment=seq.segment if world > 1 else None,
         )
+        return {**inputs, "segment": segment} if world > 1 else inputs
 
     # set-up ends with a short step: what the first step allocates once is not per token
     train_loss(model, inputs(256 * world)).backward()

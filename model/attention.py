@@ -162,7 +162,8 @@ class SoftmaxAttention(nn.Module):
     ) -> torch.Tensor:
         """Attention of q [B, H, T, D] at positions past .. past + T - 1 over k, v
         [B, H_kv, past + T, D] (the cached past first): causal, windowed, documents apart
-        (packed batches have no past), pad tokens of a padded batch never seen. A sequence-parallel wrapper replaces this call."""
+        (packed batches have no past), pad tokens of a padded batch never seen. The seam sequence parallelism overrides
+        (``hylas.parallel.sp``)."""
         k_index = torch.arange(past + q.shape[2], device=q.device)
         q_doc = k_doc = None if seq is None else seq.seg_id
         if seq is not None and seq.key_id is not None:  # padded: pads are a document apart

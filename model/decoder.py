@@ -52,9 +52,7 @@ class Packing:
     docs: the documents over the flattened B * T tokens (every document start and every
     sample start), read from ``cu_seqlens`` once per batch and handed to every linear layer
     (``hylas.kernels.layout``); seg_id [B, T]: each token's document (global index);
-    seg_pos [B, T]: its offset from its document's start. segment: under sequence
-    parallelism, where these T tokens sit in the whole samples (``hylas.parallel.sp``);
-    the layers pass it through untouched, the sequence-parallel wrappers read it.
+    seg_pos [B, T]: its offset from its document's start.
 
     A padded batch (``from_attention_mask``) has no documents: ``keep`` [B, T] is False at
     pad tokens, seg_id is 0 at pads and 1 at real tokens, and ``key_id`` [B, past + T] the
@@ -65,7 +63,6 @@ class Packing:
     docs: Documents | None
     seg_id: torch.Tensor
     seg_pos: torch.Tensor
-    segment: object | None = None
     keep: torch.Tensor | None = None
     key_id: torch.Tensor | None = None
 
@@ -84,7 +81,6 @@ class Packing:
         cu_seqlens: torch.Tensor,
         B: int,
         T: int,
-        segment: object | None = None,
         device: torch.device | None = None,
     ) -> Packing:
         """From ``cu_seqlens`` over the B * T tokens, for tokens on ``device`` (default:
@@ -101,7 +97,7 @@ class Packing:
         starts[cu[:-1]] = 1
         seg_id = starts.cumsum(0) - 1
         seg_pos = torch.arange(B * T, device=device) - cu[seg_id]
-        return cls(docs, seg_id.view(B, T), seg_pos.view(B, T), segment)
+        return cls(docs, seg_id.view(B, T), seg_pos.view(B, T))
 
 
 @dataclass
@@ -214,7 +210,6 @@ class HylasLM(nn.Module):
         cache: HybridCache | None = None,
         use_cache: bool = False,
         logits: bool = True,
-        segment: object | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> LMOutput:
         """input_ids, position_ids: [B, T] int64. The model computes; the loss is the
@@ -225,9 +220,6 @@ class HylasLM(nn.Module):
         to each token's offset in its document. With ``use_cache`` the returned cache
         continues from ``cache`` (or from empty); caches are for unpacked batches. With
         ``logits`` False the output holds the final hidden states instead of the logits.
-
-        segment: this rank's place in sequence-parallel samples (``hylas.parallel.sp``,
-        which also wraps the layers); it needs ``cu_seqlens``.
 
         attention_mask [B, past + T] (1 = token, 0 = pad; past = the cached tokens): pad
         tokens change no layer's state and are never attended to, and position_ids then
@@ -242,9 +234,7 @@ class HylasLM(nn.Module):
                 raise ValueError("decoding caches are for unpacked batches; drop cu_seqlens")
             if attention_mask is not None:
                 raise ValueError("packed batches (cu_seqlens) take no attention_mask")
-            seq = Packing.from_cu_seqlens(cu_seqlens, B, T, segment, input_ids.device)
-        elif segment is not None:
-            raise ValueError("a sequence-parallel segment needs its cu_seqlens")
+            seq = Packing.from_cu_seqlens(cu_seqlens, B, T, input_ids.device)
         elif attention_mask is not None:
             if tuple(attention_mask.shape) != (B, past + T):
                 raise ValueError(

@@ -176,7 +176,7 @@ class LinearMixer(nn.Module):
         gates, q, k, v = self.gates(x_BTD, q, k, v)
         if seq is not None and seq.keep is not None:  # padded: a pad writes and forgets nothing
             k, gates = self.skip_pads(seq.keep, k, gates)
-        o, new_state = self._kernel(q, k, v, gates, rec_state, use_cache, seq)
+        o, new_state = self.kernel(q, k, v, gates, rec_state, use_cache, seq)
         o = self.extra_output(o, v)
         gate = F.silu(self.g_proj(x_BTD).view(B, T, self.n_v_heads, self.head_v))
         if self.norm_before_gate:
@@ -213,7 +213,9 @@ class LinearMixer(nn.Module):
             conv = 2 * self.q_conv.width * width
         return float(self.n_v_heads * per_head + conv)
 
-    def _kernel(self, q, k, v, gates, state, use_cache, seq):
+    def kernel(self, q, k, v, gates, state, use_cache, seq):
+        """The family's kernel on q, k, v [B, T, H, K|V] and the gates: (o, the new state
+        when ``use_cache``). The seam sequence parallelism overrides (``hylas.parallel.sp``)."""
         B, T = q.shape[:2]
         family = self.family
         assert family is not None, f"{type(self).__name__} names no kernel family"

@@ -3,12 +3,14 @@ of an sp group, applied to a single-device model from outside (docs/architecture
 "Sequence parallelism").
 
 The trainer builds one ``Segment`` per forward (where this rank's L = T / sp columns sit in
-the samples, and where the samples' documents start) and hands it to the model, whose
-``Packing`` carries it to every layer untouched. ``apply(model)`` wraps three boundaries of
-the single-device layers, which take the sequence-parallel path only when a segment is
-present:
+the samples, and where the samples' documents start). ``apply(model)`` swaps the class of
+every layer that exchanges across the sequence for a sequence-parallel subclass, which
+overrides the seam the layer declares, and lets the model's forward take ``segment=``: a
+forward pre-hook takes it off the arguments and hands it to those layers, for this forward
+and its backward (an activation-checkpointing recompute included). The model itself knows
+nothing of segments. The seams:
 
-* ``LinearMixer._kernel``: LASP-2 (``_Lasp2``), written once against the op families'
+* ``LinearMixer.kernel``: LASP-2 (``_Lasp2``), written once against the op families'
   protocol (``transition``, ``entering_state_grad``): ONE all-gather of each rank's
   (A, B) forward and ONE of its G backward, per linear layer, whatever T;
 * ``SoftmaxAttention.core``: LASP-2H, the local queries against K and V all-gathered over
@@ -16,10 +18,10 @@ present:
   segment, against a halo of the window's reach from the previous rank;
 * ``ShortConv.forward``: the previous rank's last W - 1 inputs as a point-to-point halo.
 
-A new mixer on an existing family gets all of this for free, and a new family through its
-module: ``transition`` and ``entering_state_grad``, ``local_transition`` (A from the local
-kernel), ``entering_read`` (the split-output form) and ``SPEC.split_output``. Nothing here
-knows which gate is a decay.
+A forward without ``segment=`` is the single-device one. A new mixer on an existing family
+gets all of this for free, and a new family through its module: ``transition`` and
+``entering_state_grad``, ``local_transition`` (A from the local kernel), ``entering_read``
+(the split-output form) and ``SPEC.split_output``. Nothing here knows which gate is a decay.
 
 Legend: B samples, L tokens of this segment, T = L * sp, H heads, K / V head sizes, R the
 sp group's size, r this rank in it.
@@ -27,7 +29,7 @@ sp group's size, r this rank in it.
 
 from __future__ import annotations
 
-import types
+import functools
 
 import torch
 import torch.distributed as dist
@@ -90,9 +92,20 @@ class Segment:
         return dist.get_global_rank(self.group, self.rank + offset)
 
 
+class SegmentSlot:
+    """The segment of the forward in flight, shared by the sequence-parallel layers of one
+    model. It stays set until the next forward, so that an activation-checkpointing
+    recompute in the backward (which may run on another thread) reads the same one."""
+
+    def __init__(self):
+        self.segment: Segment | None = None
+
+
 def apply(model: nn.Module, states_from_kernel: bool | None = None) -> nn.Module:
-    """Make every linear mixer, softmax attention and short convolution of ``model`` take
-    the sequence-parallel path when its input's ``Packing`` holds a ``Segment``.
+    """Make ``model`` sequence-parallel, in place: its linear mixers, softmax attentions and
+    short convolutions take the sequence-parallel path in a forward given ``segment=``
+    (this rank's ``Segment``; the batch must then be packed, with its local ``cu_seqlens``).
+    Parameter names and values are unchanged.
 
     states_from_kernel: where LASP-2 takes each segment's (A, B) and G (see ``_Lasp2``):
     the local kernel (its final states from a zero start, its initial-state gradient) or
@@ -102,43 +115,76 @@ def apply(model: nn.Module, states_from_kernel: bool | None = None) -> nn.Module
     from hylas.model.conv import ShortConv
     from hylas.model.linear_mixers import LinearMixer
 
-    # (class, method, wrapper of the bound method): the wrapped method is set on the
-    # instance, where it shadows the class's own.
-    wrappers = (
-        (LinearMixer, "_kernel", lambda local: _linear_kernel(local, states_from_kernel)),
-        (SoftmaxAttention, "core", _attention_core),
-        (ShortConv, "forward", _conv_forward),
-    )
+    if any(isinstance(m, _SequenceParallel) for m in model.modules()):
+        raise ValueError(f"{type(model).__name__} is already sequence-parallel")
+    slot = SegmentSlot()
     for module in model.modules():
-        for cls, method, wrap in wrappers:
-            if isinstance(module, cls):
-                setattr(module, method, types.MethodType(wrap(getattr(module, method)), module))
+        for base, layer in (
+            (LinearMixer, SequenceParallelLinear),
+            (SoftmaxAttention, SequenceParallelAttention),
+            (ShortConv, SequenceParallelConv),
+        ):
+            if isinstance(module, base):
+                swap(module, layer)
+                module.sp_slot = slot
+                module.states_from_kernel = states_from_kernel
                 break
+
+    def take_segment(module, args, kwargs):
+        slot.segment = kwargs.pop("segment", None)
+        return args, kwargs
+
+    model.register_forward_pre_hook(take_segment, with_kwargs=True)
     return model
 
 
-def _segment_of(seq):
-    return None if seq is None else seq.segment
+def swap(module: nn.Module, layer: type) -> None:
+    """Give ``module`` the class ``layer`` + its own class (``layer`` first in the MRO, so its
+    seam overrides the layer's and reaches the original through ``super()``)."""
+    module.__class__ = _combined(layer, type(module))
+
+
+@functools.cache
+def _combined(layer: type, cls: type) -> type:
+    return type(f"{layer.__name__}[{cls.__name__}]", (layer, cls), {"__module__": __name__})
+
+
+class _SequenceParallel:
+    """What the sequence-parallel layers share: the slot ``apply`` gives them."""
+
+    sp_slot: SegmentSlot
+    states_from_kernel: bool | None
+
+    def segment(self, seq) -> Segment | None:
+        """This forward's segment, or None for a single-device forward."""
+        segment = self.sp_slot.segment
+        if segment is not None and (seq is None or seq.docs is None):
+            raise ValueError("a sequence-parallel segment needs its cu_seqlens")
+        return segment
 
 
 # -- LASP-2 for the linear mixers ----------------------------------------------------------
 
 
-def _linear_kernel(local, states_from_kernel: bool | None):
+class SequenceParallelLinear(_SequenceParallel):
+    """A linear mixer whose ``kernel`` exchanges the segments' states by LASP-2."""
+
     def kernel(self, q, k, v, gates, state, use_cache, seq):
-        segment = _segment_of(seq)
+        segment = self.segment(seq)
         if segment is None:
-            return local(q, k, v, gates, state, use_cache, seq)
+            return super().kernel(q, k, v, gates, state, use_cache, seq)
         if state is not None or use_cache:
             raise ValueError("decoding caches are for single-device forwards, not sp segments")
-        from_kernel = states_from_kernel
+        from_kernel = self.states_from_kernel
         if from_kernel is None:
             from_kernel = resolve_backend(self.kernel_backend, q) == "triton"
         scale = default_scale(self.scale, q.shape[-1])
         layer = LinearSegment(self, seq, segment, scale, from_kernel)
-        return _Lasp2.apply(layer, q, k, v, *gates), None
+        return self.exchange(layer, q, k, v, gates), None
 
-    return kernel
+    def exchange(self, layer: LinearSegment, q, k, v, gates) -> torch.Tensor:
+        """The output of this rank's segment, exact for the whole sequence."""
+        return _Lasp2.apply(layer, q, k, v, *gates)
 
 
 class LinearSegment:
@@ -401,11 +447,13 @@ def _exchange(seg: Segment, send: torch.Tensor, to: int, recv: torch.Tensor) -> 
     comm.exchange(sends, recvs, seg.group)
 
 
-def _conv_forward(local):
+class SequenceParallelConv(_SequenceParallel):
+    """A short convolution that reads the previous rank's last W - 1 inputs as a halo."""
+
     def forward(self, x_BTC, seq=None, tail=None):
-        segment = _segment_of(seq)
+        segment = self.segment(seq)
         if segment is None:
-            return local(x_BTC, seq, tail)
+            return super().forward(x_BTC, seq, tail)
         n = self.width - 1
         if segment.length < n:
             raise ValueError(
@@ -415,8 +463,6 @@ def _conv_forward(local):
         halo = _Halo.apply(x_BTC, n, segment, ("conv", id(self)))
         y, _ = self.mix(x_BTC, segment.doc_pos, halo)
         return y, None
-
-    return forward
 
 
 # -- LASP-2H for softmax attention ---------------------------------------------------------
@@ -444,11 +490,14 @@ class _GatherSequence(torch.autograd.Function):
         return out, None
 
 
-def _attention_core(local):
+class SequenceParallelAttention(_SequenceParallel):
+    """Softmax attention whose ``core`` attends over the keys and values of the whole
+    samples (LASP-2H)."""
+
     def core(self, q, k, v, seq, past):
-        segment = _segment_of(seq)
+        segment = self.segment(seq)
         if segment is None:
-            return local(q, k, v, seq, past)
+            return super().core(q, k, v, seq, past)
         from hylas.model.attention import attend
 
         start, L, Hkv = segment.start, segment.length, k.shape[1]
@@ -480,5 +529,3 @@ def _attention_core(local):
             doc_id,
             window=self.window or 0,
         )
-
-    return core

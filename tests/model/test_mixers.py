@@ -163,7 +163,7 @@ def test_the_mixing_check_catches_a_zero_output_and_a_fresh_state():
     """The check above, shown failing on two deliberately broken mixers."""
     for mixer in ("gla", "gated_deltanet"):
         zero = build(mixer).blocks[0].mixer
-        zero._kernel = lambda *args, real=zero._kernel: (torch.zeros_like(real(*args)[0]), None)
+        zero.kernel = lambda *args, real=zero.kernel: (torch.zeros_like(real(*args)[0]), None)
         assert any("token 0 moves" in f for f in mixing_faults(zero)), mixer
 
         fresh = build(mixer).blocks[0].mixer
@@ -177,7 +177,7 @@ def test_the_mixing_check_catches_a_zero_output_and_a_fresh_state():
             ]
             return torch.cat(steps, 1), None
 
-        fresh._kernel = per_token
+        fresh.kernel = per_token
         assert any("token 0 moves" in f for f in mixing_faults(fresh)), mixer
 
 
