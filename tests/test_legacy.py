@@ -32,7 +32,7 @@ from hylas.model.decoder import HylasLM
 from hylas.model.generation import generate
 from hylas.train.checkpoint import load_model_weights, open_checkpoint
 from hylas.train.cli import main
-from hylas.train.hf_import import import_hf
+from hylas.train.hf.importer import import_hf
 from tests.helpers import assert_close
 
 FIXTURE = Path(__file__).with_name("fixtures") / "legacy"

@@ -144,7 +144,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from hylas.train.export import export
+    from hylas.train.hf.export import export
 
     done = export(args.checkpoint, args.out, args.max_shard_size, args.dtype)
     remote = done["architecture"] == "HylasForCausalLM"
@@ -160,7 +160,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import_hf(args: argparse.Namespace) -> int:
-    from hylas.train.hf_import import import_hf
+    from hylas.train.hf.importer import import_hf
 
     done = import_hf(args.hf_dir, args.out, args.overrides)
     print(

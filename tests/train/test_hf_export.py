@@ -28,8 +28,8 @@ from hylas.model.registry import mixer_registry
 from hylas.train.checkpoint import CheckpointError, load_model_weights, open_checkpoint
 from hylas.train.cli import main
 from hylas.train.config import load_config
-from hylas.train.export import export
-from hylas.train.hf_stock import stock_architecture
+from hylas.train.hf.export import export
+from hylas.train.hf.stock import stock_architecture
 from hylas.train.trainer import train
 from tests.helpers import rel_rms_error
 

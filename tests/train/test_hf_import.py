@@ -19,8 +19,8 @@ from hylas.model.decoder import HylasLM
 from hylas.train.checkpoint import load_model_weights, open_checkpoint
 from hylas.train.cli import main
 from hylas.train.config import load_config
-from hylas.train.export import export
-from hylas.train.hf_import import ImportRefused, import_hf
+from hylas.train.hf.export import export
+from hylas.train.hf.importer import ImportRefused, import_hf
 from hylas.train.trainer import TrainError, train
 from tests.helpers import assert_close
 

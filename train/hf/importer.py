@@ -47,7 +47,7 @@ from hylas.model.config import (
 )
 from hylas.train.checkpoint import FORMAT_VERSION, MANIFEST, MODEL_FILE, TOKENIZER_DIR
 from hylas.train.config import Config, apply_overrides
-from hylas.train.hf_stock import from_stock_state
+from hylas.train.hf.stock import from_stock_state
 
 log = logging.getLogger("hylas")
 

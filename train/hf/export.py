@@ -6,7 +6,7 @@ What it writes (docs/architecture.md, "Hugging Face export"):
                               the math is the same (``hf_stock``), else Hylas's own type:
                               model_type "hylas", auto_map, the Hylas model config whole
     model*.safetensors        the weights, sharded above --max-shard-size with an index
-    configuration_hylas.py,   Hylas's own model code, copied (``hylas.model.bundle``): it
+    configuration_hylas.py,   Hylas's own model code, copied (``hylas.train.hf.bundle``): it
     modeling_hylas.py, ...    needs only torch and transformers (Hylas's own type only)
     tokenizer files           the checkpoint's tokenizer, for AutoTokenizer
     generation_config.json    bos, eos and pad ids
@@ -28,7 +28,7 @@ import torch
 
 from hylas.model.config import ModelConfig
 from hylas.train.checkpoint import MODEL_FILE, Checkpoint, CheckpointError, open_checkpoint
-from hylas.train.hf_stock import stock_architecture, stock_config, to_stock_state
+from hylas.train.hf.stock import stock_architecture, stock_config, to_stock_state
 
 log = logging.getLogger("hylas")
 
@@ -96,7 +96,7 @@ def export(
         )
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if not arch:
-            from hylas.model.bundle import write_bundle
+            from hylas.train.hf.bundle import write_bundle
 
             write_bundle(tmp)
         # The tokenizer's own files (Hylas reads them back on import), then what
@@ -141,9 +141,9 @@ def _stock_model(arch: str, cfg: ModelConfig, state, max_positions: int, ids: di
 
 
 def _hylas_model(cfg: ModelConfig, state, max_positions: int, ids: dict):
-    from hylas.model.bundle import source_digest
-    from hylas.model.hf_config import HylasConfig
-    from hylas.model.hf_model import HylasForCausalLM
+    from hylas.train.hf.bundle import source_digest
+    from hylas.train.hf.configuration import HylasConfig
+    from hylas.train.hf.modeling import HylasForCausalLM
 
     config = HylasConfig(
         hylas_model=cfg.to_dict(),

@@ -5,7 +5,7 @@ other tools read (``vocab_size``, ``hidden_size``, ``num_hidden_layers``, ...) a
 from it. The per-layer pattern is ``mixer_pattern`` (``L`` linear, ``F`` softmax) and
 ``ffn_pattern`` (``M`` MoE, ``D`` dense): transformers reserves ``layer_types`` for its own
 layer kinds. ``hylas export`` copies this module into the export as configuration_hylas.py
-(``hylas.model.bundle``).
+(``hylas.train.hf.bundle``).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ layer's keys and values), which ``generate()`` carries from step to step under t
 what it gives alone.
 
 ``hylas export`` copies this module into the export as modeling_hylas.py, with the model
-code it imports (``hylas.model.bundle``). When the exported code runs where Hylas itself
+code it imports (``hylas.train.hf.bundle``). When the exported code runs where Hylas itself
 is installed, with the very sources the export was made from (the same
 ``hylas_source_digest``), it uses the installed Hylas instead, whose kernels run on Triton
 on CUDA; otherwise the bundled copy, with the torch chunkwise kernels.
@@ -23,7 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from hylas.configs.base import IGNORE_INDEX
 from hylas.model.config import ModelConfig
 from hylas.model.decoder import HylasLM
-from hylas.model.hf_config import HylasConfig
+from hylas.train.hf.configuration import HylasConfig
 
 # -- the bundled modules --
 
@@ -33,7 +33,7 @@ def installed_hylas(digest: str):
     None. Imports sit in a ``try`` block: transformers' import check skips them, and an
     export loads where Hylas is not installed."""
     try:
-        from hylas.model.bundle import source_digest
+        from hylas.train.hf.bundle import source_digest
         from hylas.model.config import ModelConfig as InstalledConfig
         from hylas.model.decoder import HylasLM as InstalledLM
     except ImportError:

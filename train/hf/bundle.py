@@ -36,13 +36,13 @@ from pathlib import Path
 from hylas.configs.base import BundleError
 
 # Where the closure starts: the Hugging Face wrapper and its configuration.
-ROOTS = ("hylas.model.hf_model", "hylas.model.hf_config")
+ROOTS = ("hylas.train.hf.modeling", "hylas.train.hf.configuration")
 # What a bundled file may import at module level besides the standard library.
 ALLOWED_TOP_LEVEL = {"torch", "transformers", "safetensors", "__future__"}
 # The wrapper and its configuration keep the names transformers users expect.
 EXPORT_NAMES = {
-    "hylas.model.hf_model": "modeling_hylas",
-    "hylas.model.hf_config": "configuration_hylas",
+    "hylas.train.hf.modeling": "modeling_hylas",
+    "hylas.train.hf.configuration": "configuration_hylas",
 }
 
 
