@@ -33,9 +33,9 @@ def installed_hylas(digest: str):
     None. Imports sit in a ``try`` block: transformers' import check skips them, and an
     export loads where Hylas is not installed."""
     try:
-        from hylas.train.hf.bundle import source_digest
         from hylas.model.config import ModelConfig as InstalledConfig
         from hylas.model.decoder import HylasLM as InstalledLM
+        from hylas.train.hf.bundle import source_digest
     except ImportError:
         return None
     return (InstalledLM, InstalledConfig) if digest and source_digest() == digest else None
