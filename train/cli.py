@@ -176,7 +176,7 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from hylas.train.sweep import SweepOptions, sweep
+    from hylas.train.experiments.sweep import SweepOptions, sweep
 
     ratios = [r.strip() for r in args.ratios.split(",") if r.strip()]
     mixers = [m.strip() for m in args.mixers.split(",") if m.strip()]
@@ -211,7 +211,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_recall(args: argparse.Namespace) -> int:
-    from hylas.train.eval_recall import format_report, parse_contexts, recall_probe
+    from hylas.train.experiments.eval_recall import format_report, parse_contexts, recall_probe
 
     report = recall_probe(
         args.checkpoint,

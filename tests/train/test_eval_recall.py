@@ -12,7 +12,7 @@ from hylas.data.prepare import prepare_embedded_corpus, write_prepared
 from hylas.data.tokenizer import Tokenizer, train_tokenizer
 from hylas.train.cli import main
 from hylas.train.config import load_config
-from hylas.train.eval_recall import (
+from hylas.train.experiments.eval_recall import (
     ASK,
     PAIR,
     build_samples,

@@ -1,12 +1,12 @@
-"""The recall measure of ``hylas sweep``: MQAR generation (``hylas.data.mqar``) and the
-probe (``hylas.train.recall``)."""
+"""The recall measure of ``hylas sweep``: MQAR generation (``hylas.train.experiments.mqar``) and the
+probe (``hylas.train.experiments.recall``)."""
 
 import pytest
 import torch
 
-from hylas.data.mqar import IGNORE_INDEX, MQARConfig, mqar_batch
 from hylas.model.config import ConfigError, ModelConfig
-from hylas.train.recall import evaluate_recall, probe_config, recall_accuracy
+from hylas.train.experiments.mqar import IGNORE_INDEX, MQARConfig, mqar_batch
+from hylas.train.experiments.recall import evaluate_recall, probe_config, recall_accuracy
 
 
 def batch(cfg: MQARConfig, seed: int = 0, size: int = 64):

@@ -10,7 +10,7 @@ import pytest
 
 from hylas.model.config import ConfigError, ratio_pattern
 from hylas.train.cli import main
-from hylas.train.sweep import check_ratios, recommend
+from hylas.train.experiments.sweep import check_ratios, recommend
 from tests.train.launch import REPO, VENV_BIN, env, free_port
 
 

@@ -55,11 +55,11 @@ class SweepOptions:
     overrides: list[str] = field(default_factory=list)
     context: int = 32768
     recall_seeds: tuple[int, ...] = (0, 1)
-    recall_steps: int | None = None  # None: the pinned budget of ``hylas.train.recall``
+    recall_steps: int | None = None  # None: the pinned budget of ``hylas.train.experiments.recall``
     recall_pairs: int | None = None  # None: MQARConfig's
     recall_seq_len: int | None = None  # None: MQARConfig's
     recall_vocab: int | None = None  # None: MQARConfig's
-    recall_width: int | None = None  # None: the probe's own (hylas.train.recall.WIDTH)
+    recall_width: int | None = None  # None: the probe's own (hylas.train.experiments.recall.WIDTH)
     recall_tolerance: float = 0.05
     loss_tolerance: float = 0.02
 
@@ -99,7 +99,7 @@ def _fitting(n: int) -> list[tuple[int, int]]:
 def recall_task(opts: SweepOptions):
     """The MQAR task of every run: MQARConfig's pinned defaults and the options' changes,
     refused before anything runs when they do not fit together."""
-    from hylas.data.mqar import MQARConfig
+    from hylas.train.experiments.mqar import MQARConfig
 
     task = MQARConfig()
     for name in ("pairs", "seq_len", "vocab"):
@@ -243,7 +243,7 @@ def measure(cfg, result, opts: SweepOptions, rank=0, world=1, device="cpu", grou
     reads the throughput the run logged."""
 
     from hylas.model.decoder import HylasLM
-    from hylas.train.recall import recall_accuracy
+    from hylas.train.experiments.recall import recall_accuracy
 
     task = recall_task(opts)
     budget = {"steps": opts.recall_steps} if opts.recall_steps else {}

@@ -30,7 +30,7 @@ FILL_TOKEN = 0  # never a key or a value
 @dataclass
 class MQARConfig:
     """One MQAR task. The defaults are the ones ``hylas sweep`` measures recall with, sized
-    for about a minute a run on 2 CPU cores (``hylas.train.recall`` says what they show)."""
+    for about a minute a run on 2 CPU cores (``hylas.train.experiments.recall`` says what they show)."""
 
     vocab_size: int = 16  # keys are [1, vocab/2), values [vocab/2, vocab)
     seq_len: int = 64

@@ -1,5 +1,5 @@
 """The recall measure of ``hylas sweep``: train an architecture from scratch on MQAR
-(``hylas.data.mqar``) for a fixed budget and report its accuracy at the query positions.
+(``hylas.train.experiments.mqar``) for a fixed budget and report its accuracy at the query positions.
 
 One process, plain torch, fp32; everything is drawn from ``seed`` (model init, training
 batches, held-out batches), so the same call gives the same number on every rank.
@@ -29,10 +29,10 @@ from dataclasses import replace
 import torch
 
 from hylas.configs.base import ConfigError
-from hylas.data.mqar import IGNORE_INDEX, MQARConfig, mqar_batch
 from hylas.model.config import ModelConfig
 from hylas.model.decoder import HylasLM
 from hylas.train.config import TrainConfig
+from hylas.train.experiments.mqar import IGNORE_INDEX, MQARConfig, mqar_batch
 from hylas.train.loss import lm_loss
 from hylas.train.optim import lr_at, param_groups
 
