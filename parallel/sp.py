@@ -29,13 +29,14 @@ sp group's size, r this rank in it.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from hylas.kernels.common import default_scale, resolve_backend
+from hylas.model.attention import SoftmaxAttention, attend
+from hylas.model.conv import ShortConv
+from hylas.model.linear_mixers import LinearMixer
 from hylas.parallel import comm
 
 
@@ -111,10 +112,6 @@ def apply(model: nn.Module, states_from_kernel: bool | None = None) -> nn.Module
     the local kernel (its final states from a zero start, its initial-state gradient) or
     the families' protocol passes; None: the kernel where it is Triton (CUDA), else the
     protocol."""
-    from hylas.model.attention import SoftmaxAttention
-    from hylas.model.conv import ShortConv
-    from hylas.model.linear_mixers import LinearMixer
-
     if any(isinstance(m, _SequenceParallel) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} is already sequence-parallel")
     slot = SegmentSlot()
@@ -126,6 +123,7 @@ def apply(model: nn.Module, states_from_kernel: bool | None = None) -> nn.Module
         ):
             if isinstance(module, base):
                 swap(module, layer)
+                assert isinstance(module, _SequenceParallel)
                 module.sp_slot = slot
                 module.states_from_kernel = states_from_kernel
                 break
@@ -140,13 +138,20 @@ def apply(model: nn.Module, states_from_kernel: bool | None = None) -> nn.Module
 
 def swap(module: nn.Module, layer: type) -> None:
     """Give ``module`` the class ``layer`` + its own class (``layer`` first in the MRO, so its
-    seam overrides the layer's and reaches the original through ``super()``)."""
-    module.__class__ = _combined(layer, type(module))
+    seam overrides the layer's and reaches the original through ``super()``): ``layer``
+    itself where the module's class is its base, else a subclass of both (``GLA`` becomes
+    ``SequenceParallelLinear[GLA]``)."""
+    cls = type(module)
+    if issubclass(layer, cls):
+        module.__class__ = layer
+        return
+    key = (layer, cls)
+    if key not in _COMBINED:  # one class per pair, so that every GLA layer shares one
+        _COMBINED[key] = type(f"{layer.__name__}[{cls.__name__}]", (layer, cls), {})
+    module.__class__ = _COMBINED[key]
 
 
-@functools.cache
-def _combined(layer: type, cls: type) -> type:
-    return type(f"{layer.__name__}[{cls.__name__}]", (layer, cls), {"__module__": __name__})
+_COMBINED: dict[tuple[type, type], type] = {}
 
 
 class _SequenceParallel:
@@ -166,7 +171,7 @@ class _SequenceParallel:
 # -- LASP-2 for the linear mixers ----------------------------------------------------------
 
 
-class SequenceParallelLinear(_SequenceParallel):
+class SequenceParallelLinear(_SequenceParallel, LinearMixer):
     """A linear mixer whose ``kernel`` exchanges the segments' states by LASP-2."""
 
     def kernel(self, q, k, v, gates, state, use_cache, seq):
@@ -447,7 +452,7 @@ def _exchange(seg: Segment, send: torch.Tensor, to: int, recv: torch.Tensor) -> 
     comm.exchange(sends, recvs, seg.group)
 
 
-class SequenceParallelConv(_SequenceParallel):
+class SequenceParallelConv(_SequenceParallel, ShortConv):
     """A short convolution that reads the previous rank's last W - 1 inputs as a halo."""
 
     def forward(self, x_BTC, seq=None, tail=None):
@@ -490,7 +495,7 @@ class _GatherSequence(torch.autograd.Function):
         return out, None
 
 
-class SequenceParallelAttention(_SequenceParallel):
+class SequenceParallelAttention(_SequenceParallel, SoftmaxAttention):
     """Softmax attention whose ``core`` attends over the keys and values of the whole
     samples (LASP-2H)."""
 
@@ -498,7 +503,6 @@ class SequenceParallelAttention(_SequenceParallel):
         segment = self.segment(seq)
         if segment is None:
             return super().core(q, k, v, seq, past)
-        from hylas.model.attention import attend
 
         start, L, Hkv = segment.start, segment.length, k.shape[1]
         kv = torch.cat([k, v], dim=1)  # [B, 2 Hkv, L, D]: one collective for both

@@ -5,8 +5,10 @@ model's keyword arguments (``model_inputs``)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -46,17 +48,34 @@ def model_inputs(
     return inputs
 
 
+class BatchSource(Protocol):
+    """What the trainer draws its training batches from: ``PackedLoader``, or a synthetic
+    task's source (``hylas.train.experiments.mqar.MQARSource``)."""
+
+    def next_micro_batches(self, n: int) -> list[dict[str, torch.Tensor]]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 @dataclass
 class Data:
-    tokenizer: Tokenizer
-    loader: PackedLoader
-    held_out: list
+    """What a run trains and evaluates on. ``tokenizer`` is None for a synthetic task,
+    whose run keeps no checkpoints (a checkpoint carries its tokenizer)."""
+
+    tokenizer: Tokenizer | None
+    loader: BatchSource
+    held_out: list  # (source index, batch) pairs
     names: list[str]
     description: str
 
     @property
     def held_out_windows(self) -> int:
         return sum(len(b["input_ids"]) for _, b in self.held_out)
+
+
+# What a trainer gets its data from: ``open_data`` (cfg.data's prepared data) or a
+# synthetic task's (``hylas.train.experiments.recall.mqar_data``).
+DataFactory = Callable[[Config, Layout, BatchLayout], Data]
 
 
 def check_same_tokenizer(start: Checkpoint, tokenizer: Tokenizer) -> None:

@@ -9,6 +9,8 @@ import math
 import resource
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +38,7 @@ from hylas.train.checkpoint import (
 )
 from hylas.train.config import Config
 from hylas.train.engine import Engine, batch_layout
-from hylas.train.inputs import check_same_tokenizer, model_inputs, open_data
+from hylas.train.inputs import DataFactory, check_same_tokenizer, model_inputs, open_data
 from hylas.train.loss import count_targets, cross_entropy_sum, moe_aux, pooled_moe_aux
 from hylas.train.memory import keep_freed_memory
 from hylas.train.metrics import MetricsFile, Progress, WandbLogger, mfu, peak_flops
@@ -48,10 +50,11 @@ log = logging.getLogger("hylas")
 @dataclass
 class RunResult:
     run_dir: Path
-    checkpoint: Path
+    checkpoint: Path | None  # None for a run that keeps no checkpoints
     steps: int  # the step the run stopped at
     first_eval_loss: float | None  # None without evaluation (train.eval_batches=0)
     last_eval_loss: float | None
+    last_loss: float | None  # the training loss of the last step run here (None: none run)
     stopped_by: str | None = None  # the signal that stopped the run early, if one did
 
 
@@ -128,9 +131,20 @@ class StepStats:
 
 
 class Trainer:
-    """One run: the layout, the data, the engine; ``run()`` trains to the end or to a stop."""
+    """One run: the layout, the data, the engine; ``run()`` trains to the end or to a stop.
 
-    def __init__(self, cfg: Config, resume: str | None):
+    data: what the run trains on, from the config, the layout and the batch sizes:
+    ``cfg.data``'s prepared data by default, or a synthetic task (the MQAR probe's);
+    checkpoints: False for a run that saves none (a probe whose model is measured in the
+    same process and thrown away)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        resume: str | None,
+        data: DataFactory = open_data,
+        checkpoints: bool = True,
+    ):
         self.t_start = time.perf_counter()
         self.cfg, tc = cfg, cfg.train
         self.layout = layout_from_env(cfg.parallel.sp)
@@ -138,7 +152,10 @@ class Trainer:
         self.groups = init_groups(self.layout, self.device, cfg.parallel.timeout_s)
         self.batches = batch_layout(cfg, self.layout)
         self.run_dir = Path(tc.out_dir)
+        self.checkpoints = checkpoints
         self.resume_from = _resume_point(self.run_dir, resume)
+        if self.resume_from is not None and not checkpoints:
+            raise TrainError("a run that keeps no checkpoints cannot resume")
         if tc.threads:
             torch.set_num_threads(tc.threads)
         torch.manual_seed(tc.seed)
@@ -146,7 +163,9 @@ class Trainer:
             keep_freed_memory(self.batches.micro_batch * tc.seq_len // self.layout.sp)
         resolve_backend(cfg.kernels.backend, torch.empty(0, device=self.device))
         self.dtype = compute_dtype(tc.dtype, self.device)
-        self.data = open_data(cfg, self.layout, self.batches)
+        self.data = data(cfg, self.layout, self.batches)
+        if self.data.tokenizer is None and checkpoints:
+            raise ValueError("a run on data without a tokenizer keeps no checkpoints")
 
         model = build_model(cfg, self.device)
         if self.layout.sp > 1:
@@ -167,7 +186,8 @@ class Trainer:
             load_model_weights(ckpt, model)
         elif tc.init_from:
             start = open_checkpoint(tc.init_from)
-            check_same_tokenizer(start, self.data.tokenizer)
+            if self.data.tokenizer is not None:
+                check_same_tokenizer(start, self.data.tokenizer)
             load_model_weights(start, model)
             log.info("starting from the weights of %s (step %d there)", start.path, start.step)
         self.flops_per_token = model.flops_per_token(tc.seq_len)
@@ -312,6 +332,7 @@ class Trainer:
 
     def save(self, metrics: dict[str, float]) -> Path:
         tc = self.cfg.train
+        assert self.data.tokenizer is not None  # checked when the trainer was built
         request = SaveRequest(
             step=self.step,
             cfg=self.cfg,
@@ -363,7 +384,7 @@ class Trainer:
                 metrics.write(r)
                 wandb.log(r, r["step"])
 
-        first_eval = last_eval = None
+        first_eval = last_eval = last_loss = None
         evaluating = tc.eval_batches > 0
         if start == 0 and evaluating:
             result = self.evaluate()
@@ -382,6 +403,7 @@ class Trainer:
                 stats, lr, grad_norm = self.train_step(micro_batches, stop)
                 self.step += 1
                 window_steps += 1
+                last_loss = stats.loss
                 if stats.bad:
                     self.skipped += 1
                     self.bad_streak += 1
@@ -440,7 +462,7 @@ class Trainer:
                 if stats.stop:
                     stopped_by = stop.received or "a signal on another rank"
                 at_exit = self.step == tc.exit_at_step
-                if (
+                if self.checkpoints and (
                     (tc.save_every and self.step % tc.save_every == 0)
                     or self.step == tc.steps
                     or at_exit
@@ -470,9 +492,9 @@ class Trainer:
         if last_eval is None and evaluating:
             last_eval = self.evaluate()["eval_loss"]
         # set by the save at the last step or at a stop, or by resuming a run already at its end
-        assert self.checkpoint is not None
+        assert self.checkpoint is not None or not self.checkpoints
         return RunResult(
-            self.run_dir, self.checkpoint, self.step, first_eval, last_eval, stopped_by
+            self.run_dir, self.checkpoint, self.step, first_eval, last_eval, last_loss, stopped_by
         )
 
     def peak_memory(self) -> list[float]:
@@ -492,9 +514,16 @@ def train(cfg: Config, resume: str | None = None) -> RunResult:
 
     torch.distributed is ended at the end of the run unless it was running before the
     call: ``hylas sweep`` keeps one process group, and groups of its own, for all its runs."""
+    with process_group_scope():
+        return Trainer(cfg, resume).run()
+
+
+@contextmanager
+def process_group_scope() -> Iterator[None]:
+    """Ends torch.distributed on the way out if it was not running on the way in."""
     started_here = not dist.is_initialized()
     try:
-        return Trainer(cfg, resume).run()
+        yield
     finally:
         if started_here:
             shutdown()

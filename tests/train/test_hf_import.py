@@ -158,7 +158,7 @@ def test_a_llama_imported_as_a_hybrid_keeps_its_weights_and_trains(tmp_path, lla
     assert main([*prepare, "--out", str(data), "--workers", "1"]) == 0
     overrides = continued_pretraining(out, data, tmp_path / "run")
     cfg = load_config("tiny", overrides)
-    from hylas.train.cli import with_model_of_checkpoint
+    from hylas.train.cli.run import with_model_of_checkpoint
 
     result = train(with_model_of_checkpoint(cfg, overrides))
     assert result.last_eval_loss < result.first_eval_loss - 0.3
@@ -211,7 +211,7 @@ def test_a_checkpoint_of_another_tokenizer_cannot_start_a_run(tmp_path, llama):
     folder, _ = llama
     import_hf(folder, tmp_path / "ckpt")
     overrides = [f"train.init_from={tmp_path / 'ckpt'}", f"train.out_dir={tmp_path / 'run'}"]
-    from hylas.train.cli import with_model_of_checkpoint
+    from hylas.train.cli.run import with_model_of_checkpoint
 
     cfg = with_model_of_checkpoint(load_config("tiny", overrides), overrides)
     with pytest.raises(TrainError, match="trained with another tokenizer than the data's"):

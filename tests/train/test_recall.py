@@ -1,12 +1,12 @@
-"""The recall measure of ``hylas sweep``: MQAR generation (``hylas.train.experiments.mqar``) and the
-probe (``hylas.train.experiments.recall``)."""
+"""The recall measure of ``hylas sweep``: MQAR generation and scoring
+(``hylas.train.experiments.mqar``) and the probe (``hylas.train.experiments.recall``)."""
 
 import pytest
 import torch
 
 from hylas.model.config import ConfigError, ModelConfig
-from hylas.train.experiments.mqar import IGNORE_INDEX, MQARConfig, mqar_batch
-from hylas.train.experiments.recall import evaluate_recall, probe_config, recall_accuracy
+from hylas.train.experiments.mqar import IGNORE_INDEX, MQARConfig, mqar_accuracy, mqar_batch
+from hylas.train.experiments.recall import mqar_recall, probe_config
 
 
 def batch(cfg: MQARConfig, seed: int = 0, size: int = 64):
@@ -106,7 +106,7 @@ def one_hot_logits(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(tokens.clamp(min=0), vocab).float()
 
 
-def test_evaluate_recall_oracle_and_chance():
+def test_mqar_accuracy_oracle_and_chance():
     cfg = MQARConfig(vocab_size=64, seq_len=64, pairs=4)
 
     def oracle(input_ids):
@@ -124,25 +124,25 @@ def test_evaluate_recall_oracle_and_chance():
     def gen():  # the same held-out batches for each stand-in
         return torch.Generator().manual_seed(3)
 
-    assert evaluate_recall(oracle, cfg, 4, 32, gen()) == 1.0
-    assert evaluate_recall(wrong, cfg, 4, 32, gen()) == 0.0
+    assert mqar_accuracy(oracle, cfg, 4, 32, gen()) == 1.0
+    assert mqar_accuracy(wrong, cfg, 4, 32, gen()) == 0.0
     chance = 1 / (cfg.value_range[1] - cfg.value_range[0])  # 1/32; 4096 queries below
-    assert evaluate_recall(guesser, cfg, 32, 32, gen()) == pytest.approx(chance, abs=0.012)
+    assert mqar_accuracy(guesser, cfg, 32, 32, gen()) == pytest.approx(chance, abs=0.012)
 
 
-def test_recall_accuracy_end_to_end():
+def test_mqar_recall_end_to_end():
     model = ModelConfig(d_model=32, n_layers=2, n_heads=2, linear_mixer="gla", layer_pattern="LF")
     mqar = MQARConfig(vocab_size=16, seq_len=16, pairs=2)
     threads = torch.get_num_threads()
     kwargs = dict(steps=3, batch_size=4, lr=1e-3, seed=0, eval_batches=2, threads=1, width=0)
-    first = recall_accuracy(model, mqar, **kwargs)
+    first = mqar_recall(model, mqar, **kwargs)
     assert set(first) == {"recall", "loss", "seconds", "steps"}
     assert 0.0 <= first["recall"] <= 1.0 and first["steps"] == 3 and first["seconds"] > 0
     assert torch.isfinite(torch.tensor(first["loss"]))
     assert torch.get_num_threads() == threads  # restored
-    again = recall_accuracy(model, mqar, **kwargs)  # deterministic given the seed
+    again = mqar_recall(model, mqar, **kwargs)  # deterministic given the seed
     assert (again["recall"], again["loss"]) == (first["recall"], first["loss"])
-    other = recall_accuracy(model, mqar, **{**kwargs, "seed": 1})
+    other = mqar_recall(model, mqar, **{**kwargs, "seed": 1})
     assert other["loss"] != first["loss"]
     assert model.vocab_size == 4096  # the caller's config is left as it was
 
@@ -170,3 +170,55 @@ def test_the_probe_keeps_the_pattern_and_head_size_at_its_own_width():
     assert probe_config(model, 16, width=0).d_model == 512  # 0: the run's own width
     with pytest.raises(ConfigError, match="probe's width must be positive"):
         probe_config(model, 16, width=-64)
+
+
+def test_the_mqar_source_shares_one_global_batch_over_the_ranks_and_resumes():
+    """dp ranks take consecutive rows of the batch one rank would draw alone, in
+    micro-batches; a source restored from a state goes on with the same batches."""
+    from hylas.train.experiments.mqar import MQARSource
+
+    task = MQARConfig()
+    whole = MQARSource(task, 8, torch.Generator().manual_seed(5)).next_micro_batches(1)[0]
+    for world in (2, 4):
+        parts = [
+            MQARSource(task, 8, torch.Generator().manual_seed(5), r, world).next_micro_batches(2)
+            for r in range(world)
+        ]
+        for key in ("input_ids", "labels"):
+            assert torch.equal(torch.cat([m[key] for p in parts for m in p]), whole[key])
+    source = MQARSource(task, 8, torch.Generator().manual_seed(5))
+    source.next_micro_batches(1)
+    state = source.state_dict()
+    later = source.next_micro_batches(1)[0]
+    resumed = MQARSource(task, 8, torch.Generator().manual_seed(99))
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.next_micro_batches(1)[0]["input_ids"], later["input_ids"])
+
+
+def test_the_probe_trains_as_a_plain_torch_loop_would():
+    """The reference: the same model, batches and optimizer settings, stepped by hand with
+    torch's AdamW and the trainer's schedule (fp32, one process). The trainer's run of the
+    probe matches it (the last loss to 1e-6, relative; on this CPU bit for bit)."""
+    from hylas.model.decoder import HylasLM
+    from hylas.train.experiments import recall
+    from hylas.train.loss import lm_loss
+    from hylas.train.optim import lr_at, param_groups
+
+    model = ModelConfig(d_model=32, n_layers=2, n_heads=2, linear_mixer="gla", layer_pattern="LF")
+    task, steps, seed = MQARConfig(vocab_size=16, seq_len=16, pairs=2), 6, 3
+    got = mqar_recall(model, task, steps=steps, batch_size=4, seed=seed, width=0, eval_batches=2)
+
+    run = recall.probe_run(model, task, steps, 4, recall.LR, seed, 0, None, "unused")
+    net = HylasLM(run.model, "auto", seed=seed).train()
+    opt = torch.optim.AdamW(param_groups(net, recall.WEIGHT_DECAY), lr=recall.LR, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(2 * seed)
+    for step in range(steps):
+        input_ids, labels = mqar_batch(task, 4, gen)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, run.train)
+        loss = lm_loss(net, net(input_ids), labels)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), recall.GRAD_CLIP)
+        opt.step()
+    assert got["loss"] == pytest.approx(loss.item(), rel=1e-6)

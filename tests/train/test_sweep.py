@@ -133,9 +133,9 @@ def test_a_two_ratio_sweep_writes_every_output_and_a_rerun_skips_it(one_process_
 def test_a_sweep_under_torchrun_is_data_parallel_and_measures_what_one_process_does(
     one_process_sweep,
 ):
-    """Two gloo ranks, one process group for both runs: each run trains dp = 2 through
-    the engine (the same held-out loss as one process, to summation order), the two recall
-    seeds are trained one per rank (the same numbers), rank 0 writes the outputs."""
+    """Two gloo ranks, one process group for both runs: each run, and each of its two
+    recall probes, trains dp = 2 through the engine (the same held-out loss and recall as
+    one process, to summation order), rank 0 writes the outputs."""
     out = one_process_sweep.parent / "two"
     cmd = [
         str(VENV_BIN / "torchrun"),
@@ -152,7 +152,8 @@ def test_a_sweep_under_torchrun_is_data_parallel_and_measures_what_one_process_d
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-6000:]
-    assert (proc.stdout + proc.stderr).count("layout: 2 processes (dp 2 x sp 1)") == 2
+    # the two runs and their four probes (two recall seeds each)
+    assert (proc.stdout + proc.stderr).count("layout: 2 processes (dp 2 x sp 1)") == 2 + 4
     one, two = read_rows(one_process_sweep), read_rows(out)
     assert [r["name"] for r in two] == [r["name"] for r in one]
     for a, b in zip(one, two, strict=True):

@@ -22,7 +22,7 @@ measure).
 
 The pieces are kept apart so they can be tested with stand-in models:
 :func:`build_samples` (prompts and answers), :func:`probe_accuracy` (scoring any
-``answer_fn``), :func:`held_out_filler` (the filler tokens), :func:`recall_probe` (all of
+``answer_fn``), :func:`held_out_filler` (the filler tokens), :func:`checkpoint_recall` (all of
 it for a checkpoint).
 """
 
@@ -257,7 +257,7 @@ def parse_contexts(text: str) -> list[int]:
     return contexts
 
 
-def recall_probe(
+def checkpoint_recall(
     checkpoint: str | Path,
     contexts: Sequence[int],
     samples: int = 100,

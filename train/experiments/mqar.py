@@ -18,6 +18,7 @@ Legend: B batch, T tokens, P pairs, Q queries, S query slots.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -122,3 +123,61 @@ def mqar_batch(
     labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.int64)
     labels.scatter_(1, pos_BQ, values_BP.gather(1, pair_BQ))
     return input_ids, labels
+
+
+def mqar_accuracy(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    mqar: MQARConfig,
+    batches: int,
+    batch_size: int,
+    generator: torch.Generator,
+) -> float:
+    """The fraction of query positions where ``predict(input_ids [B, T]) -> logits [B, T, V]``
+    puts its argmax on the bound value, over ``batches`` fresh batches from ``generator``."""
+    hits = total = 0
+    with torch.no_grad():
+        for _ in range(batches):
+            input_ids, labels = mqar_batch(mqar, batch_size, generator)
+            guess = predict(input_ids).argmax(dim=-1).to(labels.device)
+            at = labels != IGNORE_INDEX
+            hits += int((guess[at] == labels[at]).sum())
+            total += int(at.sum())
+    return hits / total
+
+
+class MQARSource:
+    """MQAR as the trainer's batch source: each step a global batch of ``batch_size``
+    fresh samples from ``generator``, of which dp rank r takes rows [r b, (r + 1) b) for
+    b = batch_size / dp_size, so every layout trains on the same samples. Its state is the
+    generator's, so a run resumes exactly."""
+
+    def __init__(
+        self,
+        task: MQARConfig,
+        batch_size: int,
+        generator: torch.Generator,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+    ):
+        if batch_size % dp_size:
+            raise ConfigError(f"{batch_size} MQAR samples do not split over {dp_size} ranks")
+        self.task, self.batch_size, self.generator = task.validate(), batch_size, generator
+        self.per_rank, self.dp_rank = batch_size // dp_size, dp_rank
+
+    def next_micro_batches(self, n: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's share of the next step, as ``n`` micro-batches of equal size."""
+        if self.per_rank % n:
+            raise ConfigError(f"{self.per_rank} samples do not split into {n} micro-batches")
+        input_ids, labels = mqar_batch(self.task, self.batch_size, self.generator)
+        mine = slice(self.dp_rank * self.per_rank, (self.dp_rank + 1) * self.per_rank)
+        size = self.per_rank // n
+        return [
+            {"input_ids": input_ids[mine][i : i + size], "labels": labels[mine][i : i + size]}
+            for i in range(0, self.per_rank, size)
+        ]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])

@@ -1,8 +1,12 @@
 """The recall measure of ``hylas sweep``: train an architecture from scratch on MQAR
-(``hylas.train.experiments.mqar``) for a fixed budget and report its accuracy at the query positions.
+(``hylas.train.experiments.mqar``) for a fixed budget and report its accuracy at the query
+positions.
 
-One process, plain torch, fp32; everything is drawn from ``seed`` (model init, training
-batches, held-out batches), so the same call gives the same number on every rank.
+The training is a run of Hylas's own trainer (``hylas.train.trainer``; no second training
+loop): fp32, no checkpoints, data-parallel over the ranks of a torchrun job, the batches
+from MQAR (``MQARSource``, the same samples on every layout). Everything is drawn from
+``seed`` (model init, training batches, held-out batches), so every rank returns the same
+number, and so does every layout.
 
 The probe trains the run's layer pattern, mixers and options at a width of its own
 (``WIDTH``, the run's head size; 0 = the run's width), as Zoology measures recall at
@@ -21,20 +25,22 @@ too. An all-softmax model reaches the lookup after about 20,000 samples (300 ste
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 from hylas.configs.base import ConfigError
 from hylas.model.config import ModelConfig
-from hylas.model.decoder import HylasLM
-from hylas.train.config import TrainConfig
-from hylas.train.experiments.mqar import IGNORE_INDEX, MQARConfig, mqar_batch
-from hylas.train.loss import lm_loss
-from hylas.train.optim import lr_at, param_groups
+from hylas.parallel.mesh import Layout
+from hylas.train.config import Config, ParallelConfig, TrainConfig
+from hylas.train.engine import BatchLayout
+from hylas.train.experiments.mqar import MQARConfig, MQARSource, mqar_accuracy
+from hylas.train.inputs import Data, DataFactory
 
 log = logging.getLogger("hylas")
 
@@ -49,26 +55,6 @@ GRAD_CLIP = 1.0
 EVAL_BATCHES = 16  # held-out batches of BATCH_SIZE samples, pairs queries each
 LOG_EVERY = 50
 MODEL_VOCAB_FLOOR = 260  # ModelConfig refuses smaller vocabularies; extra rows are never seen
-
-
-def evaluate_recall(
-    predict: Callable[[torch.Tensor], torch.Tensor],
-    mqar: MQARConfig,
-    batches: int,
-    batch_size: int,
-    generator: torch.Generator,
-) -> float:
-    """The fraction of query positions where ``predict(input_ids [B, T]) -> logits [B, T, V]``
-    puts its argmax on the bound value, over ``batches`` fresh batches from ``generator``."""
-    hits = total = 0
-    with torch.no_grad():
-        for _ in range(batches):
-            input_ids, labels = mqar_batch(mqar, batch_size, generator)
-            guess = predict(input_ids).argmax(dim=-1).to(labels.device)
-            at = labels != IGNORE_INDEX
-            hits += int((guess[at] == labels[at]).sum())
-            total += int(at.sum())
-    return hits / total
 
 
 def probe_config(model: ModelConfig, vocab_size: int, width: int = WIDTH) -> ModelConfig:
@@ -97,7 +83,7 @@ def probe_config(model: ModelConfig, vocab_size: int, width: int = WIDTH) -> Mod
     ).validate()
 
 
-def recall_accuracy(
+def mqar_recall(
     model: ModelConfig,
     mqar: MQARConfig,
     steps: int = STEPS,
@@ -106,17 +92,23 @@ def recall_accuracy(
     seed: int = 0,
     eval_batches: int = EVAL_BATCHES,
     threads: int | None = None,
-    device: str | torch.device = "cpu",
     width: int = WIDTH,
+    out_dir: str | Path | None = None,
 ) -> dict:
     """Train ``model``'s architecture (vocabulary replaced by MQAR's) from scratch on fresh
-    MQAR batches for ``steps`` AdamW steps, then measure recall on held-out batches.
-    ``width`` narrows the model to that d_model (``probe_config``); 0 keeps its own.
+    MQAR batches for ``steps`` optimizer steps, with Hylas's trainer, then measure recall
+    on held-out batches. ``width`` narrows the model to that d_model (``probe_config``);
+    0 keeps its own.
 
-    Returns {"recall": accuracy at the query positions, "loss": the last step's training
-    loss, "seconds": wall time of the whole call, "steps": steps}. ``threads`` sets torch's
-    intra-op threads for the call (restored after).
+    The run is the trainer's, with no checkpoints: data-parallel over the ranks of a
+    torchrun job (every rank returns the same numbers), fp32, its config and metrics in
+    ``out_dir`` (a temporary directory when None). Returns {"recall": accuracy at the
+    query positions, "loss": the last step's training loss, "seconds": wall time of the
+    whole call, "steps": steps}. ``threads`` sets torch's intra-op threads for the call
+    (restored after).
     """
+    from hylas.train.trainer import Trainer, process_group_scope
+
     t0 = time.perf_counter()
     mqar.validate()
     if steps < 1 or batch_size < 1 or eval_batches < 1:
@@ -125,27 +117,14 @@ def recall_accuracy(
             f"{batch_size}, {eval_batches}"
         )
     old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        cfg = probe_config(model, mqar.vocab_size, width)
-        net = HylasLM(cfg, kernel_backend="auto", seed=seed).to(device)
-        # Training and held-out streams from disjoint seeds, so no seed's held-out batches
-        # are another seed's (or its own) training batches.
-        train_gen = torch.Generator().manual_seed(2 * seed)
-        eval_gen = torch.Generator().manual_seed(2 * seed + 1)
-        opt = torch.optim.AdamW(param_groups(net, WEIGHT_DECAY), lr=lr, betas=(0.9, 0.95))
-        schedule = TrainConfig(
-            steps=steps,
-            lr=lr,
-            warmup_steps=max(1, round(WARMUP_FRACTION * steps)),
-            min_lr_ratio=MIN_LR_RATIO,
-            schedule="cosine",
-        )
+    with contextlib.ExitStack() as stack:
+        if out_dir is None:
+            out_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="hylas-recall-"))
+        cfg = probe_run(model, mqar, steps, batch_size, lr, seed, width, threads, out_dir)
         log.info(
             "recall: %s (%s), MQAR %d pairs in %d tokens (vocab %d), %d steps of %d, seed %d",
-            cfg.pattern,
-            cfg.linear_mixer,
+            cfg.model.pattern,
+            cfg.model.linear_mixer,
             mqar.pairs,
             mqar.seq_len,
             mqar.vocab_size,
@@ -153,33 +132,75 @@ def recall_accuracy(
             batch_size,
             seed,
         )
-        net.train()
-        loss = float("nan")
-        for step in range(steps):
-            input_ids, labels = mqar_batch(mqar, batch_size, train_gen)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, schedule)
-            out = net(input_ids.to(device))
-            step_loss = lm_loss(net, out, labels.to(device))
-            opt.zero_grad(set_to_none=True)
-            step_loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), GRAD_CLIP)
-            opt.step()
-            loss = step_loss.item()
-            if (step + 1) % LOG_EVERY == 0 or step + 1 == steps:
-                log.info(
-                    "recall: step %d/%d, loss %.3f, %.0f s",
-                    step + 1,
-                    steps,
-                    loss,
-                    time.perf_counter() - t0,
+        try:
+            with process_group_scope():
+                trainer = Trainer(cfg, None, data=mqar_data(mqar, seed), checkpoints=False)
+                result = trainer.run()
+                net = trainer.engine.module.eval()
+                eval_gen = torch.Generator().manual_seed(2 * seed + 1)  # see mqar_data
+                recall = mqar_accuracy(
+                    lambda ids: net(ids.to(trainer.device)).logits,
+                    mqar,
+                    eval_batches,
+                    batch_size,
+                    eval_gen,
                 )
-        net.eval()
-        recall = evaluate_recall(
-            lambda ids: net(ids.to(device)).logits, mqar, eval_batches, batch_size, eval_gen
-        )
-    finally:
-        torch.set_num_threads(old_threads)
+        finally:
+            torch.set_num_threads(old_threads)
     seconds = time.perf_counter() - t0
-    log.info("recall: %s %.3f (loss %.3f) in %.0f s", cfg.pattern, recall, loss, seconds)
+    loss = result.last_loss
+    assert loss is not None  # steps >= 1
+    log.info("recall: %s %.3f (loss %.3f) in %.0f s", cfg.model.pattern, recall, loss, seconds)
     return {"recall": recall, "loss": loss, "seconds": seconds, "steps": steps}
+
+
+def mqar_data(mqar: MQARConfig, seed: int) -> DataFactory:
+    """The trainer's data for a probe: MQAR batches from a generator seeded 2 seed (the
+    held-out batches come from 2 seed + 1, so no seed's held-out batches are another
+    seed's, or its own, training batches), no held-out set of the trainer's own."""
+
+    def data(cfg: Config, layout: Layout, batches: BatchLayout) -> Data:
+        gen = torch.Generator().manual_seed(2 * seed)
+        source = MQARSource(mqar, cfg.train.batch_size, gen, layout.dp_rank, layout.dp)
+        description = f"MQAR, {mqar.pairs} pairs in {mqar.seq_len} tokens (vocab {mqar.vocab_size})"
+        return Data(None, source, [], ["mqar"], description)
+
+    return data
+
+
+def probe_run(
+    model: ModelConfig,
+    mqar: MQARConfig,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    width: int,
+    threads: int | None,
+    out_dir: str | Path,
+) -> Config:
+    """The probe's run: its model (``probe_config``), the pinned optimizer settings, fp32,
+    one sequence-parallel rank, no ZeRO, no held-out evaluation, no wandb."""
+    return Config(
+        model=probe_config(model, mqar.vocab_size, width),
+        train=TrainConfig(
+            steps=steps,
+            seq_len=mqar.seq_len,
+            batch_size=batch_size,
+            lr=lr,
+            warmup_steps=max(1, round(WARMUP_FRACTION * steps)),
+            min_lr_ratio=MIN_LR_RATIO,
+            schedule="cosine",
+            weight_decay=WEIGHT_DECAY,
+            beta1=0.9,
+            beta2=0.95,
+            grad_clip=GRAD_CLIP,
+            seed=seed,
+            out_dir=str(out_dir),
+            dtype="float32",
+            eval_batches=0,
+            log_every=LOG_EVERY,
+            threads=threads or 0,
+        ),
+        parallel=ParallelConfig(sp=1, zero_stage=0),
+    ).validate()

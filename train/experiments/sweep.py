@@ -161,7 +161,7 @@ def sweep(opts: SweepOptions) -> list[dict]:
     other ranks of a torchrun job return an empty list).
 
     Under torchrun one process group serves every run: each run is data-parallel through
-    the engine, and the recall seeds of its measures are shared out between the ranks.
+    the engine, and so is each recall probe of its measures.
     Rank 0 decides what is complete (from its view of ``out``) and writes every output.
     """
     import torch.distributed as dist
@@ -213,7 +213,7 @@ def sweep(opts: SweepOptions) -> list[dict]:
             if result.stopped_by:
                 log.info("sweep stopped by %s; run it again to resume", result.stopped_by)
                 return rows
-            row = measure(cfg, result, opts, layout.rank, layout.world, device, group)
+            row = measure(cfg, result, opts, layout.rank, device)
             if rank0:
                 row = {**run, **row, "seconds": round(time.perf_counter() - t0, 1)}
                 atomic_write_text(result_file, json.dumps(row, indent=2) + "\n")
@@ -236,23 +236,26 @@ def _agree(group, *values):
     return comm.broadcast_object(values, src=0, group=group)
 
 
-def measure(cfg, result, opts: SweepOptions, rank=0, world=1, device="cpu", group=None) -> dict:
+def measure(cfg, result, opts: SweepOptions, rank=0, device="cpu") -> dict:
     """The measures of one finished run (see the module docstring), complete on rank 0.
 
-    Rank r trains the recall seeds r, r + world, ...; rank 0 also times decoding and
-    reads the throughput the run logged."""
+    Every rank trains each recall seed's probe, one after another, as a data-parallel run
+    of the trainer (its config and metrics in ``recall/seed<s>`` of the run directory);
+    rank 0 also times decoding and reads the throughput the run logged."""
 
     from hylas.model.decoder import HylasLM
-    from hylas.train.experiments.recall import recall_accuracy
+    from hylas.train.experiments.recall import mqar_recall
 
     task = recall_task(opts)
     budget = {"steps": opts.recall_steps} if opts.recall_steps else {}
     if opts.recall_width is not None:
         budget["width"] = opts.recall_width
-    mine = {
-        s: recall_accuracy(cfg.model, task, seed=s, device=device, **budget)
-        for s in opts.recall_seeds[rank::world]
-    }
+    probes = [
+        mqar_recall(
+            cfg.model, task, seed=s, out_dir=result.run_dir / "recall" / f"seed{s}", **budget
+        )
+        for s in opts.recall_seeds
+    ]
     row = {}
     if rank == 0:
         with torch.device("meta"):  # sizes only: no memory, whatever the recipe
@@ -274,12 +277,6 @@ def measure(cfg, result, opts: SweepOptions, rank=0, world=1, device="cpu", grou
             "parameters": model.num_parameters(),
             "flops_per_token": model.flops_per_token(cfg.train.seq_len),
         }
-    if group is not None:
-        from hylas.parallel import comm
-
-        parts = comm.all_gather_object(mine, group=group)
-        mine = {s: p for part in parts for s, p in part.items()}
-    probes = [mine[s] for s in opts.recall_seeds]
     recalls = [p["recall"] for p in probes]
     row.update(
         recall=statistics.mean(recalls),
